@@ -1,0 +1,184 @@
+"""SQLAlchemy 2 models. Rules live in the schema (CHECK and UNIQUE constraints), so every
+writer, not only this code, is held to them."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on Postgres (indexable, compact), plain JSON on SQLite.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RunStatus(enum.StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"  # written by the producer, not yet published
+    QUEUED = "queued"  # its id is on the broker
+    RUNNING = "running"  # claimed by a worker, lease in lease_expires_at
+    DONE = "done"  # every seed has a durable image row
+    FAILED = "failed"  # gave up; error says why
+    BLOCKED = "blocked"  # refused by the prompt blocklist, never rendered
+
+
+class SafetyStatus(enum.StrEnum):
+    UNCHECKED = "unchecked"  # the model has no safety checker (or it is disabled)
+    SAFE = "safe"
+    FLAGGED = "flagged"
+
+
+def _in(column: str, values: type[enum.StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+def _timestamp(*, nullable: bool = True) -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=nullable)
+
+
+class Run(Base):
+    """One nightly batch."""
+
+    __tablename__ = "runs"
+    __table_args__ = (CheckConstraint(_in("status", RunStatus), name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.ACTIVE)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = _timestamp()
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="run")
+
+
+class CatalogueItem(Base):
+    """One version of a catalogue row, independent of runs.
+
+    Rows are immutable: when an item's fields change, a new version with a new content hash is
+    stored, so jobs rendered from the old fields keep pointing at what they were made from.
+    """
+
+    __tablename__ = "catalogue_items"
+    __table_args__ = (UniqueConstraint("source", "external_key", "content_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(200))
+    external_key: Mapped[str] = mapped_column(String(200))
+    fields: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """One prompt rendered with a sweep of seeds."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JobStatus), name="status"),
+        CheckConstraint("steps >= 1", name="steps_positive"),
+        CheckConstraint("guidance >= 0", name="guidance_non_negative"),
+        CheckConstraint(
+            "width > 0 AND height > 0 AND width % 8 = 0 AND height % 8 = 0", name="size"
+        ),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        Index(None, "run_id", "status"),
+        # The dispatcher's scans: pending jobs in order, and queued jobs by age.
+        Index(None, "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("catalogue_items.id"), index=True)
+    template: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str] = mapped_column(String(500))
+    scheduler: Mapped[str | None] = mapped_column(String(50))
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    seeds: Mapped[list[int]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(
+        String(16), default=JobStatus.PENDING, server_default=JobStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    # Hash of everything that determines the pixels: the same key is never rendered twice.
+    dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[datetime | None] = _timestamp()
+    started_at: Mapped[datetime | None] = _timestamp()
+    lease_expires_at: Mapped[datetime | None] = _timestamp()
+    finished_at: Mapped[datetime | None] = _timestamp()
+
+    run: Mapped[Run] = relationship(back_populates="jobs")
+    item: Mapped[CatalogueItem] = relationship()
+    images: Mapped[list[Image]] = relationship(back_populates="job")
+
+
+class Image(Base):
+    """One rendered seed of a job, stored in object storage."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seed"),
+        CheckConstraint(_in("safety", SafetyStatus), name="safety"),
+        CheckConstraint("bytes > 0", name="bytes_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+    safety: Mapped[str] = mapped_column(String(16))
+    render_seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="images")

@@ -1,0 +1,1 @@
+"""Alembic migrations for the pixelmill schema (``pixelmill db upgrade`` runs them)."""

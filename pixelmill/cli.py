@@ -1,0 +1,304 @@
+"""The ``pixelmill`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pixelmill.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+app = typer.Typer(
+    help="pixelmill: nightly bulk image production with Stable Diffusion.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+model_app = typer.Typer(help="Models.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] invalid settings: {exc}")
+        raise typer.Exit(2) from exc
+    from pixelmill.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _sessions(settings: Settings) -> sessionmaker[Session]:
+    from db.session import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.resolved_database_url))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+    from db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url, revision)
+    console.print(f"database at {revision}: {_safe_url(settings.resolved_database_url)}")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Fail if the models and the migrations disagree."""
+    from db.migrate import check
+
+    check(_settings().resolved_database_url)
+    console.print("models and migrations agree")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
+) -> None:
+    """Write the tiny random Stable Diffusion pipeline (for tests and the demo)."""
+    from worker.tiny_model import build_tiny_pipeline
+
+    path = build_tiny_pipeline(out)
+    console.print(f"tiny model written to {path}")
+
+
+@app.command()
+def produce(
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV file.")],
+    template: Annotated[Path, typer.Option("--template", "-t", help="Template YAML file.")],
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Seeds per job (default: the template's).")
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="Run name (default: file name + time).")] = None,
+    encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8-sig",
+    dispatch_jobs: Annotated[
+        bool, typer.Option("--dispatch/--no-dispatch", help="Publish the new jobs.")
+    ] = True,
+) -> None:
+    """Expand CATALOGUE with the templates into a run of render jobs."""
+    from producer.catalogue import CatalogueError
+    from producer.produce import produce as produce_jobs
+    from producer.templates import TemplateError
+
+    settings = _settings()
+    sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            report = produce_jobs(
+                session,
+                catalogue_path=catalogue,
+                templates_path=template,
+                seeds=seeds,
+                default_model=settings.model,
+                run_name=run,
+                encoding=encoding,
+            )
+    except (CatalogueError, TemplateError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        err.print("nothing was written")
+        raise typer.Exit(2) from exc
+    console.print(
+        f"run {report.run_name!r} (id {report.run_id}): {report.items} items, "
+        f"{report.jobs_new} new jobs, {report.jobs_unchanged} unchanged, "
+        f"{report.images_planned} images planned"
+    )
+    if dispatch_jobs:
+        _dispatch(settings, run_id=report.run_id)
+
+
+def _dispatch(settings: Settings, run_id: int | None = None) -> None:
+    from producer.dispatch import celery_publisher
+    from producer.dispatch import dispatch as dispatch_jobs
+    from worker.celery_app import create_app
+
+    celery = create_app(settings)
+    with _sessions(settings)() as session:
+        report = dispatch_jobs(
+            session,
+            celery_publisher(celery, settings.render_queue),
+            requeue_after=timedelta(seconds=settings.requeue_after_seconds),
+            run_id=run_id,
+        )
+    console.print(f"published {report.published} jobs, re-published {report.republished}")
+
+
+@app.command()
+def dispatch(
+    watch: Annotated[
+        float | None, typer.Option(help="Keep dispatching every WATCH seconds.")
+    ] = None,
+) -> None:
+    """Publish pending jobs (and re-publish queued jobs whose message was lost)."""
+    settings = _settings()
+    while True:
+        _dispatch(settings)
+        if watch is None:
+            return
+        time.sleep(watch)
+
+
+def _worker_argv(settings: Settings, concurrency: int, name: str, loglevel: str) -> list[str]:
+    return [
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={concurrency}",
+        f"--queues={settings.render_queue}",
+        f"--hostname={name}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes (one per GPU).")] = 1,
+    name: Annotated[str, typer.Option(help="Celery node name.")] = "pixelmill@%h",
+    loglevel: str = "INFO",
+) -> None:
+    """Run a render worker (the same as `celery -A worker worker`)."""
+    from worker import app as celery
+
+    settings = _settings()
+    celery.worker_main(_worker_argv(settings, concurrency, name, loglevel))
+
+
+@app.command()
+def status(run: Annotated[str | None, typer.Argument(help="Run name or id.")] = None) -> None:
+    """Jobs by status, images made and failures of RUN (default: the latest run)."""
+    from pixelmill.status import find_run, run_status
+
+    settings = _settings()
+    with _sessions(settings)() as session:
+        found = find_run(session, run)
+        if found is None:
+            err.print(f"[red]error:[/red] no run {run!r}" if run else "no runs yet")
+            raise typer.Exit(1)
+        report = run_status(session, found)
+    table = Table(title=f"run {report.name!r} (id {report.run_id}, {report.status})")
+    table.add_column("job status")
+    table.add_column("jobs", justify="right")
+    for job_status, count in sorted(report.jobs.items()):
+        table.add_row(job_status, str(count))
+    console.print(table)
+    console.print(f"images: {report.images} of {report.images_planned} planned")
+    for job_id, error in report.failures:
+        console.print(f"[red]job {job_id} failed:[/red] {error}")
+
+
+@app.command()
+def demo(
+    examples: Annotated[Path, typer.Option(help="Folder with catalogue.csv, templates.yaml.")] = (
+        Path("examples")
+    ),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the render.")] = 600,
+) -> None:
+    """Run the nightly job end to end on the embedded defaults (SQLite, local folder, a Celery
+    worker on a file-based transport, the tiny model)."""
+    from db.migrate import upgrade
+    from pixelmill.status import find_run, run_status
+    from worker.models import resolve_model
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    console.print(f"model: {resolve_model(settings.model, settings)}")
+    run_name = default_demo_run()
+    produce(
+        examples / "catalogue.csv",
+        template=examples / "templates.yaml",
+        seeds=None,
+        run=run_name,
+        encoding="utf-8-sig",
+        dispatch_jobs=True,
+    )
+    worker_process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            *_worker_argv(settings, 1, "demo@%h", "WARNING"),
+        ],
+        env=os.environ.copy(),
+    )
+    sessions = _sessions(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        with Progress(
+            TextColumn("rendering"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("images", total=None)
+            while True:
+                with sessions() as session:
+                    found = find_run(session, run_name)
+                    assert found is not None
+                    report = run_status(session, found)
+                progress.update(task, total=report.images_planned, completed=report.images)
+                if report.finished:
+                    break
+                if worker_process.poll() is not None:
+                    err.print(f"[red]error:[/red] the worker exited ({worker_process.returncode})")
+                    raise typer.Exit(1)
+                if time.monotonic() > deadline:
+                    err.print(f"[red]error:[/red] not finished after {timeout:.0f} s")
+                    raise typer.Exit(1)
+                time.sleep(0.5)
+    finally:
+        worker_process.send_signal(signal.SIGTERM)
+        worker_process.wait(timeout=60)
+    status(run_name)
+    if report.failures:
+        raise typer.Exit(1)
+    storage = (
+        f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
+        if settings.storage == "s3"
+        else str(settings.resolved_storage_dir)
+    )
+    console.print(f"images:   {storage}")
+    console.print(f"database: {_safe_url(settings.resolved_database_url)}")
+
+
+def default_demo_run() -> str:
+    from datetime import UTC, datetime
+
+    return f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    app()

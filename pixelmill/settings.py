@@ -1,0 +1,79 @@
+"""One typed settings object, read from ``PIXELMILL_*`` environment variables and ``.env``.
+
+Nothing here runs at import time: call :func:`get_settings` where settings are needed, so
+tests and subcommands can build their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The built-in tiny random model: built on first use into the data folder, never downloaded.
+TINY_MODEL = "tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PIXELMILL_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # Where the embedded defaults keep their files (SQLite database, broker, images, models).
+    data_dir: Path = Path("var")
+
+    # Empty means "the embedded default inside data_dir".
+    database_url: str = ""
+    broker_url: str = ""
+
+    storage: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # local storage root; default data_dir/images
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    model: str = TINY_MODEL
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    # A job claimed this long ago and not finished is presumed lost with its worker.
+    job_lease_seconds: int = Field(default=1800, ge=10)
+    # A queued job whose message has not been picked up for this long is published again.
+    requeue_after_seconds: int = Field(default=900, ge=1)
+    render_queue: str = "render"
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("PIXELMILL_S3_BUCKET is required when PIXELMILL_STORAGE=s3")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'pixelmill.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        # kombu's SQLAlchemy transport: a real broker in a file, no server needed.
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "images").resolve()
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return (self.data_dir / "models" / "tiny").resolve()
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and ``.env``), with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

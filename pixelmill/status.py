@@ -1,0 +1,68 @@
+"""What a run has done so far: jobs by status, images made, failures with their errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Image, Job, JobStatus, Run
+
+
+@dataclass
+class RunStatusReport:
+    run_id: int
+    name: str
+    status: str
+    jobs: dict[str, int]
+    images: int
+    images_planned: int
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def total_jobs(self) -> int:
+        return sum(self.jobs.values())
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to do: no job waits or runs."""
+        open_states = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
+        return not any(self.jobs.get(s, 0) for s in open_states)
+
+
+def find_run(session: Session, name_or_id: str | None) -> Run | None:
+    if name_or_id is None:
+        return session.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
+    run = session.scalars(select(Run).where(Run.name == name_or_id)).one_or_none()
+    if run is None and name_or_id.isdigit():
+        run = session.get(Run, int(name_or_id))
+    return run
+
+
+def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStatusReport:
+    counts = session.execute(
+        select(Job.status, func.count()).where(Job.run_id == run.id).group_by(Job.status)
+    )
+    jobs = {job_status: count for job_status, count in counts}
+    images = session.scalar(select(func.count(Image.id)).join(Job).where(Job.run_id == run.id))
+    planned = sum(
+        len(seeds) for seeds in session.scalars(select(Job.seeds).where(Job.run_id == run.id))
+    )
+    failures = list(
+        session.execute(
+            select(Job.id, Job.error)
+            .where(Job.run_id == run.id, Job.status == JobStatus.FAILED)
+            .order_by(Job.id)
+            .limit(max_failures)
+        ).tuples()
+    )
+    return RunStatusReport(
+        run_id=run.id,
+        name=run.name,
+        status=run.status,
+        jobs=jobs,
+        images=images or 0,
+        images_planned=planned,
+        failures=[(job_id, error or "") for job_id, error in failures],
+    )

@@ -1,0 +1,1 @@
+"""Producer side of pixelmill: catalogue CSV + YAML prompt templates -> render jobs."""

@@ -1,0 +1,116 @@
+"""Publish job ids to the broker, only after the database says they are queued.
+
+The order matters: a job moves ``pending -> queued`` in a committed transaction *before* its
+id is published, so a worker never receives an id whose row it cannot see. If the process dies
+between commit and publish, the job sits in ``queued`` with no message; such jobs (and any whose
+message was lost by the broker) are published again once they have waited
+``requeue_after`` without being started. Re-publishing is safe: claiming is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobStatus, Run, RunStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Iterable[int]], None]
+
+
+@dataclass
+class DispatchReport:
+    published: int = 0
+    republished: int = 0
+
+
+def dispatch(
+    session: Session,
+    publish: Publish,
+    *,
+    requeue_after: timedelta,
+    batch_size: int = 500,
+    run_id: int | None = None,
+) -> DispatchReport:
+    report = DispatchReport()
+    while ids := _mark_queued(session, batch_size, run_id):
+        publish(ids)
+        report.published += len(ids)
+    while ids := _mark_stale_requeued(session, requeue_after, batch_size, run_id):
+        publish(ids)
+        report.republished += len(ids)
+        log.warning("re-published %d jobs whose messages were not picked up", len(ids))
+    return report
+
+
+def _active(run_id: int | None) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [
+        Job.run_id.in_(select(Run.id).where(Run.status == RunStatus.ACTIVE))
+    ]
+    if run_id is not None:
+        conditions.append(Job.run_id == run_id)
+    return conditions
+
+
+def _mark_queued(session: Session, limit: int, run_id: int | None) -> list[int]:
+    # SKIP LOCKED: two dispatchers running at once split the pending jobs between them.
+    # (SQLite ignores FOR UPDATE; it serialises writers anyway.)
+    candidates = (
+        select(Job.id)
+        .where(Job.status == JobStatus.PENDING, *_active(run_id))
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(candidates))
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.PENDING)
+            .values(status=JobStatus.QUEUED, queued_at=utcnow())
+        )
+    session.commit()
+    return ids
+
+
+def _mark_stale_requeued(
+    session: Session, requeue_after: timedelta, limit: int, run_id: int | None
+) -> list[int]:
+    now = utcnow()
+    candidates = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.queued_at < now - requeue_after,
+            *_active(run_id),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(candidates))
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.status == JobStatus.QUEUED).values(queued_at=now)
+        )
+    session.commit()
+    return ids
+
+
+def celery_publisher(app: Celery, queue: str) -> Publish:
+    """Publish ids as render tasks over one pooled broker connection."""
+    from worker.celery_app import RENDER_TASK
+
+    def publish(ids: Iterable[int]) -> None:
+        with app.producer_or_acquire() as producer:
+            for job_id in ids:
+                app.send_task(RENDER_TASK, args=[job_id], queue=queue, producer=producer)
+
+    return publish

@@ -1,0 +1,58 @@
+"""The Celery application: configuration for long GPU tasks.
+
+Postgres is the queue of record; messages carry only job ids. The app is configured lazily
+(on first use) from settings, so importing it reads no environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from pixelmill.settings import Settings, get_settings
+
+RENDER_TASK = "pixelmill.render_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker_url = settings.resolved_broker_url
+    transport_options: dict[str, Any] = {}
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Redis re-delivers an unacknowledged message after visibility_timeout: it must be
+        # longer than the longest job, or a second worker would start the same job.
+        transport_options["visibility_timeout"] = max(6 * 3600, 2 * settings.job_lease_seconds)
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.render_queue,
+        "task_routes": {RENDER_TASK: {"queue": settings.render_queue}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Results live in Postgres, not in a result backend.
+        "task_ignore_result": True,
+        # Acknowledge after the task ran: a worker that dies mid-render gives the message back.
+        # Safe because claiming a job is idempotent (see worker.claim).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # A GPU renders one job at a time: never hoard messages another GPU could take.
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app; configured from ``settings``, or from the environment on first use."""
+    app = Celery("pixelmill", include=["worker.tasks"])
+    if settings is not None:
+        app.conf.update(celery_config(settings))
+    else:
+        # weak=False: the receiver is a closure that nothing else keeps alive.
+        app.on_configure.connect(_configure_from_environment, weak=False)
+    return app

@@ -1,0 +1,310 @@
+"""Loading diffusers pipelines and rendering one seed at a time.
+
+A worker keeps a few pipelines warm (:class:`PipelineCache`) and renders every seed of a
+job with :func:`render_seed`. Each seed gets its own generator and a fresh scheduler, so
+an image depends only on (model, params, seed): re-rendering a single seed later (retries,
+"re-roll just this one" in review) reproduces exactly what the sweep produced.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import pathlib
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import diffusers
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+# Imported from its module: under mypy, `from diffusers import DiffusionPipeline` resolves
+# to diffusers' dummy placeholder class.
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import is_accelerate_available
+from packaging.version import Version
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderParams:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str | None = None  # None/"default" = the model's own
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedImage:
+    image: PIL.Image.Image
+    seed: int
+    nsfw: bool | None  # None when the pipeline has no safety checker
+    seconds: float
+
+
+# --- schedulers ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _SchedulerSpec:
+    label: str  # the AUTOMATIC1111 sampler name, written into PNG metadata
+    factory: Callable[[Any], Any]  # scheduler config -> new scheduler instance
+
+
+def _dpmpp_2m(config: Any, *, karras: bool) -> Any:
+    # Force the DPM++ 2M settings: a model's own config may carry another algorithm/order.
+    return DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
+    )
+
+
+_SCHEDULERS: dict[str, _SchedulerSpec] = {
+    "euler": _SchedulerSpec("Euler", EulerDiscreteScheduler.from_config),
+    "euler_a": _SchedulerSpec("Euler a", EulerAncestralDiscreteScheduler.from_config),
+    "ddim": _SchedulerSpec("DDIM", DDIMScheduler.from_config),
+    "dpmpp_2m": _SchedulerSpec("DPM++ 2M", lambda c: _dpmpp_2m(c, karras=False)),
+    "dpmpp_2m_karras": _SchedulerSpec("DPM++ 2M Karras", lambda c: _dpmpp_2m(c, karras=True)),
+    "pndm": _SchedulerSpec("PNDM", PNDMScheduler.from_config),
+}
+
+# Accept both our snake_case names and the A1111 labels, case-insensitively.
+_SCHEDULER_ALIASES: dict[str, str] = {
+    **{name: name for name in _SCHEDULERS},
+    **{spec.label.lower(): name for name, spec in _SCHEDULERS.items()},
+}
+
+KNOWN_SCHEDULERS: tuple[str, ...] = ("default", *_SCHEDULERS)
+
+
+def _canonical_scheduler(name: str | None) -> str | None:
+    """Our canonical scheduler name, None for the model's own; ValueError if unknown."""
+    if name is None or name.strip().lower() in ("", "default"):
+        return None
+    canonical = _SCHEDULER_ALIASES.get(name.strip().lower())
+    if canonical is None:
+        raise ValueError(
+            f"scheduler: unknown scheduler {name!r}; known: {', '.join(KNOWN_SCHEDULERS)}"
+        )
+    return canonical
+
+
+# The scheduler each pipeline was loaded with, so "default" can be restored after a job
+# used another one. Weak keys: evicting a pipeline from the cache must free it.
+_DEFAULT_SCHEDULERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _default_scheduler(pipe: DiffusionPipeline) -> Any:
+    if pipe not in _DEFAULT_SCHEDULERS:
+        # `scheduler` is a component of concrete pipelines, not declared on the base class.
+        _DEFAULT_SCHEDULERS[pipe] = getattr(pipe, "scheduler")  # noqa: B009
+    return _DEFAULT_SCHEDULERS[pipe]
+
+
+def apply_scheduler(pipe: DiffusionPipeline, name: str | None) -> None:
+    """Install a fresh scheduler called ``name`` (None/"default": the model's own) on ``pipe``.
+
+    A new instance every call: schedulers carry per-run state (multistep history, step
+    index), and a fresh one guarantees nothing leaks from one render into the next.
+    Building one from a config is cheap (no weights).
+    """
+    canonical = _canonical_scheduler(name)
+    default = _default_scheduler(pipe)
+    # Always derive from the model's own config (not the currently installed scheduler),
+    # so the result does not depend on which scheduler the previous job used.
+    if canonical is None:
+        scheduler = type(default).from_config(default.config)
+    else:
+        scheduler = _SCHEDULERS[canonical].factory(default.config)
+    # setattr: `scheduler` is not declared on the DiffusionPipeline base class (see above).
+    setattr(pipe, "scheduler", scheduler)  # noqa: B010
+
+
+def scheduler_label(name: str | None, *, pipe: DiffusionPipeline | None = None) -> str:
+    """The AUTOMATIC1111 sampler label for ``name``, e.g. "Euler a" or "DPM++ 2M Karras".
+
+    For the model's own scheduler (None/"default") this is the scheduler's class name,
+    e.g. "PNDMScheduler", which needs ``pipe``; without it the label is "default".
+    """
+    canonical = _canonical_scheduler(name)
+    if canonical is not None:
+        return _SCHEDULERS[canonical].label
+    if pipe is None:
+        return "default"
+    return type(_default_scheduler(pipe)).__name__
+
+
+# --- inputs and devices -------------------------------------------------------------------
+
+
+def check_inputs(params: RenderParams) -> None:
+    """Raise ValueError, naming the offending field, if ``params`` cannot be rendered."""
+    for field in ("width", "height"):
+        value = getattr(params, field)
+        # bool is an int subclass; True is not a size.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8:
+            raise ValueError(f"{field} must be a positive multiple of 8, got {value!r}")
+    if isinstance(params.steps, bool) or not isinstance(params.steps, int) or params.steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {params.steps!r}")
+    guidance = params.guidance
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, int | float)
+        or not math.isfinite(guidance)
+        or guidance < 0
+    ):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if not isinstance(params.prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(params.prompt).__name__}")
+    if not isinstance(params.negative_prompt, str):
+        raise ValueError(
+            f"negative_prompt must be a string, got {type(params.negative_prompt).__name__}"
+        )
+    _canonical_scheduler(params.scheduler)
+
+
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda if available else cpu; "cpu", "cuda", "cuda:N" as given.
+
+    Explicit names are not checked against the hardware: asking for cuda on a host without
+    it fails loudly when the model is moved there, which is what a misconfigured GPU worker
+    should do (rather than silently rendering on CPU).
+    """
+    normalized = name.strip().lower()
+    if normalized == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE_RE.fullmatch(normalized):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return torch.device(normalized)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (half the memory, tensor cores); float32 elsewhere (CPU half is slow)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+# --- loading ------------------------------------------------------------------------------
+
+# "org/name" as on the Hugging Face Hub (no leading ./ or /, exactly one slash).
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warns on the old name;
+# 0.42 is the first version this project verified with `dtype`.
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def load_pipeline(
+    model: str, *, device: torch.device, dtype: torch.dtype | None = None
+) -> DiffusionPipeline:
+    """Load ``model`` (a local diffusers folder, or a Hub id) onto ``device`` in ``dtype``.
+
+    Local folders are loaded with ``local_files_only=True`` so a worker never reaches the
+    network for a model it was told is on disk. The safety checker is kept when present.
+    """
+    dtype = default_dtype(device) if dtype is None else dtype
+    kwargs: dict[str, Any] = {
+        _DTYPE_KWARG: dtype,
+        # Stated explicitly so diffusers doesn't log an "install accelerate" warning.
+        "low_cpu_mem_usage": is_accelerate_available(),
+    }
+    path = pathlib.Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{model}: not a diffusers pipeline folder (no model_index.json)"
+            )
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    elif _HUB_ID_RE.fullmatch(model):
+        # Needs network (or a populated HF cache); honours HF_HUB_OFFLINE.
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    else:
+        raise FileNotFoundError(f"model folder not found: {model}")
+    pipe.set_progress_bar_config(disable=True)
+    # dtype was applied while loading; casting again with .to() would make diffusers warn
+    # (and could undo modules it deliberately keeps in float32).
+    pipe.to(device)
+    _default_scheduler(pipe)  # remember the model's own scheduler before any job swaps it
+    return pipe
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def render_seed(pipe: DiffusionPipeline, params: RenderParams, seed: int) -> RenderedImage:
+    """Render one image for ``seed``. Same (pipe, params, seed) -> pixel-identical image."""
+    check_inputs(params)
+    apply_scheduler(pipe, params.scheduler)
+    # A generator per seed, on the pipeline's device: the initial latents (and any
+    # ancestral noise) depend on this seed alone, not on earlier renders.
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    # Concrete pipelines define __call__; the DiffusionPipeline base class does not.
+    run: Callable[..., Any] = pipe  # type: ignore[assignment]
+    started = time.perf_counter()
+    output = run(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt or None,
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance,
+        width=params.width,
+        height=params.height,
+        num_images_per_prompt=1,
+        generator=generator,
+        output_type="pil",
+    )
+    seconds = time.perf_counter() - started
+    flags = getattr(output, "nsfw_content_detected", None)
+    nsfw = None if flags is None else bool(flags[0])
+    return RenderedImage(image=output.images[0], seed=seed, nsfw=nsfw, seconds=seconds)
+
+
+class PipelineCache:
+    """Keeps up to ``max_models`` pipelines loaded, evicting the least recently used."""
+
+    def __init__(
+        self, *, device: torch.device, dtype: torch.dtype | None = None, max_models: int = 2
+    ) -> None:
+        if max_models < 1:
+            raise ValueError(f"max_models must be >= 1, got {max_models}")
+        self.device = device
+        self.dtype = default_dtype(device) if dtype is None else dtype
+        self.max_models = max_models
+        self._pipes: collections.OrderedDict[str, DiffusionPipeline] = collections.OrderedDict()
+        # Threaded Celery pools could otherwise load the same model twice at once.
+        self._lock = threading.Lock()
+
+    def __contains__(self, model: str) -> bool:
+        return model in self._pipes
+
+    def __len__(self) -> int:
+        return len(self._pipes)
+
+    def get(self, model: str) -> DiffusionPipeline:
+        with self._lock:
+            pipe = self._pipes.get(model)
+            if pipe is not None:
+                self._pipes.move_to_end(model)
+                return pipe
+            # Evict before loading so peak GPU memory holds at most max_models pipelines.
+            while len(self._pipes) >= self.max_models:
+                self._pipes.popitem(last=False)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+            self._pipes[model] = pipe
+            return pipe
