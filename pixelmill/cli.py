@@ -31,8 +31,8 @@ model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths and URLs stay on one line
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings() -> Settings:
@@ -302,3 +302,7 @@ def _safe_url(url: str) -> str:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -49,14 +49,12 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
     planned = sum(
         len(seeds) for seeds in session.scalars(select(Job.seeds).where(Job.run_id == run.id))
     )
-    failures = list(
-        session.execute(
-            select(Job.id, Job.error)
-            .where(Job.run_id == run.id, Job.status == JobStatus.FAILED)
-            .order_by(Job.id)
-            .limit(max_failures)
-        ).tuples()
-    )
+    failures = session.execute(
+        select(Job.id, Job.error)
+        .where(Job.run_id == run.id, Job.status == JobStatus.FAILED)
+        .order_by(Job.id)
+        .limit(max_failures)
+    ).all()
     return RunStatusReport(
         run_id=run.id,
         name=run.name,

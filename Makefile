@@ -1,0 +1,44 @@
+# pixelmill developer commands. `make demo` and `make test` are the two the README promises.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint format typecheck pytest migrations-check clean
+
+# The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
+# CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Run the nightly job end to end on embedded defaults (SQLite, local folder, tiny model).
+demo: install
+	$(BIN)/pixelmill demo
+
+## Lint, type-check and run every test against the real services.
+test: lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest
+
+## Fail if the models and the migrations disagree (the test suite checks this too).
+migrations-check: install
+	$(BIN)/pixelmill db upgrade && $(BIN)/pixelmill db check
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,397 @@
+"""dispatch(): pending -> queued in a committed transaction, then publish; re-publish stale
+queued jobs; several dispatchers split the work with FOR UPDATE SKIP LOCKED."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus, utcnow
+from producer.dispatch import dispatch
+from producer.produce import produce
+
+HOUR = timedelta(hours=1)
+
+
+class Recorder:
+    """A publish callback that records each call's ids.
+
+    ``max_calls`` turns a dispatcher that keeps publishing the same jobs into a test failure
+    instead of a hang.
+    """
+
+    def __init__(self, max_calls: int = 100) -> None:
+        self.calls: list[list[int]] = []
+        self.max_calls = max_calls
+
+    def __call__(self, ids: Iterable[int]) -> None:
+        batch = list(ids)
+        self.calls.append(batch)
+        if len(self.calls) > self.max_calls:
+            pytest.fail(f"publish called more than {self.max_calls} times: {self.calls[:5]}...")
+
+    @property
+    def ids(self) -> list[int]:
+        return [job_id for batch in self.calls for job_id in batch]
+
+
+def make_run(session: Session, status: str = RunStatus.ACTIVE) -> Run:
+    run = Run(name=f"run-{uuid.uuid4().hex[:8]}", source="test.csv", status=status)
+    session.add(run)
+    session.flush()
+    return run
+
+
+def make_jobs(
+    session: Session,
+    run: Run,
+    count: int,
+    *,
+    status: str = JobStatus.PENDING,
+    queued_at: datetime | None = None,
+) -> list[int]:
+    item = CatalogueItem(
+        source="test.csv",
+        external_key=uuid.uuid4().hex,
+        fields={"sku": "x"},
+        content_hash=uuid.uuid4().hex,
+    )
+    session.add(item)
+    jobs = [
+        Job(
+            run=run,
+            item=item,
+            template="t",
+            prompt=f"prompt {i}",
+            negative_prompt="",
+            model="m",
+            scheduler=None,
+            steps=2,
+            guidance=5.0,
+            width=64,
+            height=64,
+            seeds=[i],
+            status=status,
+            queued_at=queued_at,
+            dedupe_key=uuid.uuid4().hex,
+        )
+        for i in range(count)
+    ]
+    session.add_all(jobs)
+    session.commit()
+    return [job.id for job in jobs]
+
+
+def statuses(session: Session, ids: Iterable[int]) -> dict[int, str]:
+    return dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(list(ids)))).all())
+
+
+def queued_ats(session: Session, ids: Iterable[int]) -> dict[int, datetime | None]:
+    return dict(session.execute(select(Job.id, Job.queued_at).where(Job.id.in_(list(ids)))).all())
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_pending_jobs_are_queued_then_published(db_session: Session) -> None:
+    run = make_run(db_session)
+    ids = make_jobs(db_session, run, 7)
+    seen_in_callback: list[dict[int, str]] = []
+
+    def publish(batch: Iterable[int]) -> None:
+        batch = list(batch)
+        # The state change is already visible (and committed: the session is not inside
+        # the dispatcher's transaction any more) when the ids reach the broker.
+        seen_in_callback.append(statuses(db_session, batch))
+        recorder(batch)
+
+    recorder = Recorder()
+    before = utcnow()
+    report = dispatch(db_session, publish, requeue_after=HOUR, batch_size=3)
+
+    assert report.published == 7
+    assert report.republished == 0
+    assert sorted(recorder.ids) == sorted(ids)
+    assert len(recorder.ids) == len(set(recorder.ids))
+    assert [len(batch) for batch in recorder.calls] == [3, 3, 1]
+    assert seen_in_callback == [
+        {job_id: JobStatus.QUEUED for job_id in batch} for batch in recorder.calls
+    ]
+    assert set(statuses(db_session, ids).values()) == {JobStatus.QUEUED}
+    for queued_at in queued_ats(db_session, ids).values():
+        assert queued_at is not None and before <= queued_at <= utcnow()
+
+
+def test_nothing_pending_publishes_nothing(db_session: Session) -> None:
+    run = make_run(db_session)
+    make_jobs(db_session, run, 2, status=JobStatus.DONE, queued_at=utcnow() - 2 * HOUR)
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR)
+    assert (report.published, report.republished) == (0, 0)
+    assert recorder.calls == []
+
+
+def test_paused_and_cancelled_runs_are_not_dispatched(db_session: Session) -> None:
+    active = make_jobs(db_session, make_run(db_session, RunStatus.ACTIVE), 2)
+    held = {
+        status: make_jobs(db_session, make_run(db_session, status), 2)
+        for status in (RunStatus.PAUSED, RunStatus.CANCELLED, RunStatus.FINISHED)
+    }
+    stale_paused = make_jobs(
+        db_session,
+        make_run(db_session, RunStatus.PAUSED),
+        2,
+        status=JobStatus.QUEUED,
+        queued_at=utcnow() - 2 * HOUR,
+    )
+    recorder = Recorder()
+
+    report = dispatch(db_session, recorder, requeue_after=HOUR)
+
+    assert sorted(recorder.ids) == sorted(active)
+    assert (report.published, report.republished) == (2, 0)
+    for ids in held.values():
+        assert set(statuses(db_session, ids).values()) == {JobStatus.PENDING}
+        assert set(queued_ats(db_session, ids).values()) == {None}
+    # A paused run's stale queued jobs are not re-published either.
+    assert not set(recorder.ids) & set(stale_paused)
+    assert set(statuses(db_session, stale_paused).values()) == {JobStatus.QUEUED}
+
+
+def test_resumed_run_is_dispatched(db_session: Session) -> None:
+    run = make_run(db_session, RunStatus.PAUSED)
+    ids = make_jobs(db_session, run, 3)
+    assert dispatch(db_session, Recorder(), requeue_after=HOUR).published == 0
+
+    db_session.execute(update(Run).where(Run.id == run.id).values(status=RunStatus.ACTIVE))
+    db_session.commit()
+    recorder = Recorder()
+    assert dispatch(db_session, recorder, requeue_after=HOUR).published == 3
+    assert sorted(recorder.ids) == sorted(ids)
+
+
+def test_run_id_filter(db_session: Session) -> None:
+    run_a, run_b = make_run(db_session), make_run(db_session)
+    ids_a = make_jobs(db_session, run_a, 3)
+    ids_b = make_jobs(db_session, run_b, 4)
+
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR, run_id=run_a.id)
+    assert report.published == 3
+    assert sorted(recorder.ids) == sorted(ids_a)
+    assert set(statuses(db_session, ids_b).values()) == {JobStatus.PENDING}
+
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR)
+    assert report.published == 4
+    assert sorted(recorder.ids) == sorted(ids_b)
+
+
+# --------------------------------------------------------------------------- re-publishing
+
+
+def test_stale_queued_jobs_are_republished(db_session: Session) -> None:
+    run = make_run(db_session)
+    long_ago = utcnow() - 2 * HOUR
+    stale = make_jobs(db_session, run, 3, status=JobStatus.QUEUED, queued_at=long_ago)
+    fresh_time = utcnow() - timedelta(minutes=10)
+    fresh = make_jobs(db_session, run, 2, status=JobStatus.QUEUED, queued_at=fresh_time)
+    others = {
+        status: make_jobs(db_session, run, 2, status=status, queued_at=long_ago)
+        for status in (JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.BLOCKED)
+    }
+    recorder = Recorder()
+    before = utcnow()
+
+    report = dispatch(db_session, recorder, requeue_after=HOUR, batch_size=2)
+
+    assert report.published == 0
+    assert report.republished == 3
+    assert sorted(recorder.ids) == sorted(stale)
+    assert len(recorder.ids) == len(set(recorder.ids))
+    for queued_at in queued_ats(db_session, stale).values():
+        assert queued_at is not None and before <= queued_at <= utcnow()
+    assert set(statuses(db_session, stale).values()) == {JobStatus.QUEUED}
+    assert set(queued_ats(db_session, fresh).values()) == {fresh_time}
+    for status, ids in others.items():
+        assert set(statuses(db_session, ids).values()) == {status}
+        assert set(queued_ats(db_session, ids).values()) == {long_ago}
+
+    # Just re-published: not stale any more.
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR)
+    assert (report.published, report.republished) == (0, 0)
+    assert recorder.calls == []
+
+
+def test_failed_publish_leaves_jobs_queued_for_republishing(db_session: Session) -> None:
+    run = make_run(db_session)
+    ids = make_jobs(db_session, run, 4)
+
+    def broken(batch: Iterable[int]) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        dispatch(db_session, broken, requeue_after=HOUR)
+    db_session.rollback()  # whatever the caller does after the error, the state stays
+
+    # Not lost: still queued (not back to pending, not vanished) ...
+    assert set(statuses(db_session, ids).values()) == {JobStatus.QUEUED}
+    # ... and not published again while they are fresh ...
+    recorder = Recorder()
+    assert dispatch(db_session, recorder, requeue_after=HOUR).republished == 0
+    assert recorder.calls == []
+
+    # ... but once they have waited requeue_after, they are published again, each once.
+    recorder = Recorder(max_calls=5)
+    report = dispatch(db_session, recorder, requeue_after=timedelta(0))
+    assert report.published == 0
+    assert sorted(recorder.ids) == sorted(ids), recorder.calls
+    assert report.republished == 4
+    assert set(statuses(db_session, ids).values()) == {JobStatus.QUEUED}
+
+
+def test_zero_requeue_after_publishes_each_job_once_per_call(db_session: Session) -> None:
+    """Jobs queued (or re-published) by this very call are not stale within it."""
+    run = make_run(db_session)
+    ids = make_jobs(db_session, run, 3)
+    recorder = Recorder(max_calls=5)
+
+    report = dispatch(db_session, recorder, requeue_after=timedelta(0))
+
+    assert report.published == 3
+    assert report.republished == 0, recorder.calls
+    assert sorted(recorder.ids) == sorted(ids)
+
+
+# --------------------------------------------------------------------------- real database
+
+
+@pytest.fixture
+def committed_engine(fresh_database_url: str) -> Iterator[Engine]:
+    engine = create_engine(fresh_database_url, pool_size=5)
+    yield engine
+    engine.dispose()
+
+
+def produce_committed(engine: Engine, tmp_path: Path, items: int) -> list[int]:
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text(
+        "sku,title\n" + "".join(f"S{i:05d},thing {i}\n" for i in range(items)), "utf-8"
+    )
+    templates = tmp_path / "templates.yaml"
+    templates.write_text(
+        "key: sku\ndefaults: {width: 64, height: 64, steps: 2, seeds: 1}\n"
+        "templates:\n  a:\n    prompt: 'a {{ title }}'\n  b:\n    prompt: 'b {{ title }}'\n",
+        "utf-8",
+    )
+    with Session(engine) as session:
+        report = produce(
+            session,
+            catalogue_path=catalogue,
+            templates_path=templates,
+            seeds=None,
+            default_model="m",
+            run_name="concurrency",
+        )
+    assert report.jobs_new == 2 * items
+    return report.job_ids
+
+
+def test_publish_sees_committed_state_from_another_connection(
+    committed_engine: Engine, tmp_path: Path
+) -> None:
+    ids = produce_committed(committed_engine, tmp_path, 5)
+    seen: list[dict[int, str]] = []
+
+    with committed_engine.connect() as observer, Session(committed_engine) as session:
+
+        def publish(batch: Iterable[int]) -> None:
+            batch = list(batch)
+            # Another connection (a worker) must already see the jobs as queued.
+            rows = observer.execute(select(Job.id, Job.status).where(Job.id.in_(batch))).all()
+            observer.rollback()
+            seen.append(dict(rows))
+
+        report = dispatch(session, publish, requeue_after=HOUR, batch_size=4)
+
+    assert report.published == 10
+    assert [len(batch) for batch in seen] == [4, 4, 2]
+    assert sorted(job_id for batch in seen for job_id in batch) == sorted(ids)
+    assert all(status == JobStatus.QUEUED for batch in seen for status in batch.values())
+
+
+def test_locked_jobs_are_skipped_not_waited_for(committed_engine: Engine, tmp_path: Path) -> None:
+    """A dispatcher skips the rows another one holds (SKIP LOCKED) instead of blocking."""
+    ids = sorted(produce_committed(committed_engine, tmp_path, 10))
+    held = ids[:5]
+    with committed_engine.connect() as other:
+        other.execute(select(Job.id).where(Job.id.in_(held)).with_for_update())
+        with Session(committed_engine) as session:
+            # Blocking on the lock would fail the test instead of hanging it.
+            session.execute(text("SET lock_timeout = '5s'"))
+            recorder = Recorder()
+            report = dispatch(session, recorder, requeue_after=HOUR, batch_size=3)
+            assert sorted(recorder.ids) == ids[5:]
+            assert report.published == 15
+        other.rollback()
+
+    with Session(committed_engine) as session:
+        recorder = Recorder()
+        report = dispatch(session, recorder, requeue_after=HOUR)
+        assert sorted(recorder.ids) == held
+        assert report.published == 5
+
+
+def test_concurrent_dispatchers_split_the_jobs(committed_engine: Engine, tmp_path: Path) -> None:
+    ids = produce_committed(committed_engine, tmp_path, 300)  # 600 jobs
+    sessions = sessionmaker(committed_engine, expire_on_commit=False)
+    barrier = threading.Barrier(2, timeout=30)
+    published: list[list[int]] = [[], []]
+    reports: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def dispatcher(index: int) -> None:
+        try:
+            with sessions() as session:
+                # Open the connection before the barrier so both start at once.
+                session.execute(text("SELECT 1"))
+                session.commit()
+
+                def publish(batch: Iterable[int]) -> None:
+                    published[index].extend(batch)
+
+                barrier.wait()
+                reports[index] = dispatch(session, publish, requeue_after=HOUR, batch_size=7)
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=dispatcher, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a dispatcher hung"
+    if errors:
+        raise errors[0]
+
+    first, second = published
+    assert len(first) == len(set(first))
+    assert len(second) == len(set(second))
+    assert not set(first) & set(second), "a job was published by both dispatchers"
+    assert sorted(first + second) == sorted(ids)
+    assert reports[0].published + reports[1].published == len(ids)
+    assert reports[0].published == len(first) and reports[1].published == len(second)
+    assert first and second, "one dispatcher did all the work: the test did not overlap them"
+
+    with Session(committed_engine) as session:
+        assert set(statuses(session, ids).values()) == {JobStatus.QUEUED}

@@ -1,0 +1,264 @@
+"""claim_job and the fenced writes (extend_lease, finish_job, fail_job) on real Postgres."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus, utcnow
+from worker.claim import ClaimedJob, claim_job, extend_lease, fail_job, finish_job
+
+LEASE = timedelta(minutes=30)
+
+
+def make_run(session: Session, *, status: str = RunStatus.ACTIVE) -> Run:
+    run = Run(name=f"run-{uuid.uuid4().hex}", source="test", status=status)
+    session.add(run)
+    session.flush()
+    return run
+
+
+def make_job(
+    session: Session,
+    run: Run | None = None,
+    *,
+    status: str = JobStatus.QUEUED,
+    seeds: list[int] | None = None,
+) -> Job:
+    run = run if run is not None else make_run(session)
+    item = CatalogueItem(
+        source="test",
+        external_key=f"sku-{uuid.uuid4().hex[:8]}",
+        fields={"name": "lamp"},
+        content_hash=uuid.uuid4().hex * 2,
+    )
+    session.add(item)
+    session.flush()
+    job = Job(
+        run_id=run.id,
+        item_id=item.id,
+        template="studio",
+        prompt="a brass lamp on a table",
+        negative_prompt="blurry",
+        model="tiny",
+        scheduler=None,
+        steps=2,
+        guidance=7.5,
+        width=64,
+        height=64,
+        seeds=seeds if seeds is not None else [1, 2, 3],
+        status=status,
+        dedupe_key=uuid.uuid4().hex * 2,
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def reload(session: Session, job: Job) -> Job:
+    session.expire_all()
+    fresh = session.get(Job, job.id)
+    assert fresh is not None
+    return fresh
+
+
+def expire_lease(session: Session, job_id: int) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(lease_expires_at=utcnow() - timedelta(seconds=5))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.expire_all()
+
+
+@pytest.mark.parametrize("status", [JobStatus.PENDING, JobStatus.QUEUED])
+def test_claim_moves_job_to_running(db_session: Session, status: JobStatus) -> None:
+    job = make_job(db_session, status=status, seeds=[5, 6])
+    before = utcnow()
+
+    claimed = claim_job(db_session, job.id, worker="worker-a", lease=LEASE)
+
+    assert claimed is not None
+    assert claimed.id == job.id
+    assert claimed.run_id == job.run_id
+    assert claimed.attempt == 1
+    assert claimed.seeds == [5, 6]
+    assert (claimed.prompt, claimed.negative_prompt) == ("a brass lamp on a table", "blurry")
+    assert (claimed.model, claimed.scheduler) == ("tiny", None)
+    assert (claimed.steps, claimed.guidance, claimed.width, claimed.height) == (2, 7.5, 64, 64)
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.RUNNING
+    assert row.attempts == 1
+    assert row.worker == "worker-a"
+    assert row.started_at is not None and row.started_at >= before
+    assert row.lease_expires_at is not None
+    assert before + LEASE <= row.lease_expires_at <= utcnow() + LEASE
+    assert row.error is None
+
+
+def test_second_claim_of_running_job_with_live_lease_is_refused(db_session: Session) -> None:
+    job = make_job(db_session)
+    first = claim_job(db_session, job.id, worker="worker-a", lease=LEASE)
+    assert first is not None
+    lease_before = reload(db_session, job).lease_expires_at
+
+    assert claim_job(db_session, job.id, worker="worker-b", lease=LEASE) is None
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.RUNNING
+    assert row.attempts == 1
+    assert row.worker == "worker-a"
+    assert row.lease_expires_at == lease_before
+
+
+@pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.BLOCKED])
+def test_finished_jobs_are_not_claimable(db_session: Session, status: JobStatus) -> None:
+    job = make_job(db_session, status=status)
+
+    assert claim_job(db_session, job.id, worker="worker-a", lease=LEASE) is None
+
+    row = reload(db_session, job)
+    assert row.status == status
+    assert row.attempts == 0
+    assert row.worker is None
+    assert row.lease_expires_at is None
+
+
+@pytest.mark.parametrize("run_status", [RunStatus.PAUSED, RunStatus.CANCELLED, RunStatus.FINISHED])
+def test_jobs_of_an_inactive_run_are_not_claimable(
+    db_session: Session, run_status: RunStatus
+) -> None:
+    run = make_run(db_session, status=run_status)
+    job = make_job(db_session, run, status=JobStatus.QUEUED)
+
+    assert claim_job(db_session, job.id, worker="worker-a", lease=LEASE) is None
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.QUEUED
+    assert row.attempts == 0
+
+
+def test_job_of_paused_run_becomes_claimable_when_run_resumes(db_session: Session) -> None:
+    run = make_run(db_session, status=RunStatus.PAUSED)
+    job = make_job(db_session, run)
+    assert claim_job(db_session, job.id, worker="worker-a", lease=LEASE) is None
+
+    run.status = RunStatus.ACTIVE
+    db_session.commit()
+
+    claimed = claim_job(db_session, job.id, worker="worker-a", lease=LEASE)
+    assert claimed is not None and claimed.attempt == 1
+
+
+def test_unknown_job_is_not_claimable(db_session: Session) -> None:
+    assert claim_job(db_session, 987_654_321, worker="worker-a", lease=LEASE) is None
+
+
+def test_expired_lease_is_taken_over(db_session: Session) -> None:
+    job = make_job(db_session)
+    first = claim_job(db_session, job.id, worker="worker-a", lease=LEASE)
+    assert first is not None
+    expire_lease(db_session, job.id)
+
+    second = claim_job(db_session, job.id, worker="worker-b", lease=LEASE)
+
+    assert second is not None
+    assert second.attempt == 2
+    row = reload(db_session, job)
+    assert row.status == JobStatus.RUNNING
+    assert row.attempts == 2
+    assert row.worker == "worker-b"
+    assert row.lease_expires_at is not None and row.lease_expires_at > utcnow()
+    # ... and the new lease is live again: a third worker is refused.
+    assert claim_job(db_session, job.id, worker="worker-c", lease=LEASE) is None
+
+
+def _taken_over(db_session: Session) -> tuple[Job, ClaimedJob, ClaimedJob]:
+    job = make_job(db_session)
+    old = claim_job(db_session, job.id, worker="worker-a", lease=LEASE)
+    assert old is not None
+    expire_lease(db_session, job.id)
+    new = claim_job(db_session, job.id, worker="worker-b", lease=LEASE)
+    assert new is not None
+    assert (old.attempt, new.attempt) == (1, 2)
+    return job, old, new
+
+
+def _snapshot(row: Job) -> tuple[object, ...]:
+    return (
+        row.status,
+        row.attempts,
+        row.worker,
+        row.error,
+        row.started_at,
+        row.lease_expires_at,
+        row.finished_at,
+    )
+
+
+def test_old_claim_cannot_write_after_takeover(db_session: Session) -> None:
+    job, old, _new = _taken_over(db_session)
+    before = _snapshot(reload(db_session, job))
+
+    assert finish_job(db_session, old) is False
+    assert _snapshot(reload(db_session, job)) == before
+    assert fail_job(db_session, old, "stale worker failure") is False
+    assert _snapshot(reload(db_session, job)) == before
+    assert extend_lease(db_session, old, timedelta(hours=5)) is False
+    assert _snapshot(reload(db_session, job)) == before
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.RUNNING
+    assert row.worker == "worker-b"
+    assert row.error is None
+    assert row.finished_at is None
+
+
+def test_new_claim_can_extend_and_finish(db_session: Session) -> None:
+    job, old, new = _taken_over(db_session)
+    lease_before = reload(db_session, job).lease_expires_at
+    assert lease_before is not None
+
+    assert extend_lease(db_session, new, timedelta(hours=5)) is True
+    row = reload(db_session, job)
+    assert row.lease_expires_at is not None
+    assert row.lease_expires_at > lease_before + timedelta(hours=4)
+
+    assert finish_job(db_session, new) is True
+    row = reload(db_session, job)
+    assert row.status == JobStatus.DONE
+    assert row.finished_at is not None
+    assert row.lease_expires_at is None
+    assert row.attempts == 2
+
+    # Once done, neither claim can write any more, and the job cannot be claimed again.
+    assert fail_job(db_session, new, "late") is False
+    assert fail_job(db_session, old, "late") is False
+    assert extend_lease(db_session, new, LEASE) is False
+    assert claim_job(db_session, job.id, worker="worker-c", lease=LEASE) is None
+    row = reload(db_session, job)
+    assert row.status == JobStatus.DONE
+    assert row.error is None
+
+
+def test_new_claim_can_fail(db_session: Session) -> None:
+    job, old, new = _taken_over(db_session)
+
+    assert fail_job(db_session, new, "boom: " + "x" * 5000) is True
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.FAILED
+    assert row.error is not None and row.error.startswith("boom: ")
+    assert len(row.error) == 4000  # truncated
+    assert row.finished_at is not None
+    assert row.lease_expires_at is None
+    assert finish_job(db_session, old) is False
+    assert finish_job(db_session, new) is False
+    assert reload(db_session, job).status == JobStatus.FAILED
