@@ -10,6 +10,7 @@ tests never skip over a missing service.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -201,11 +202,9 @@ def render_queue(broker_url: str) -> Iterator[str]:
 
     name = f"render-test-{uuid.uuid4().hex[:10]}"
     yield name
-    with BrokerConnection(broker_url) as conn:
-        try:
-            conn.default_channel.queue_delete(name)
-        except Exception:  # the queue may never have been declared
-            pass
+    # The queue may never have been declared if the test failed early.
+    with BrokerConnection(broker_url) as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_delete(name)
 
 
 # --- worker processes ---------------------------------------------------------------------

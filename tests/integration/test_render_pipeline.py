@@ -16,9 +16,9 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus
+from pixelmill.settings import get_settings
 from producer.dispatch import celery_publisher, dispatch
 from producer.produce import produce
-from pixelmill.settings import get_settings
 from tests.conftest import WorkerProcess, settings_env, wait_for
 from worker.celery_app import create_app
 from worker.png import read_parameters

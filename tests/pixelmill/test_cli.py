@@ -44,7 +44,14 @@ def test_produce_then_status(workdir: Path) -> None:
     assert invoke("db", "upgrade")[0] == 0
     (workdir / "cat.csv").write_text("sku,title,colour\nA,mug,red\nB,lamp,black\n")
     code, out = invoke(
-        "produce", "cat.csv", "--template", "templates.yaml", "--seeds", "3", "--run", "r1",
+        "produce",
+        "cat.csv",
+        "--template",
+        "templates.yaml",
+        "--seeds",
+        "3",
+        "--run",
+        "r1",
         "--no-dispatch",
     )
     assert code == 0, out

@@ -27,7 +27,7 @@ def test_put_get_exists_round_trip(storage: Storage) -> None:
 
 
 def test_missing_object_is_a_storage_error(storage: Storage) -> None:
-    with pytest.raises(StorageError, match="no object 'nope.png'"):
+    with pytest.raises(StorageError, match=r"no object 'nope\.png'"):
         storage.get("nope.png")
 
 
