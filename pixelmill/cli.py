@@ -100,9 +100,8 @@ def produce(
     ] = True,
 ) -> None:
     """Expand CATALOGUE with the templates into a run of render jobs."""
-    from producer.catalogue import CatalogueError
+    from producer.errors import InputError
     from producer.produce import produce as produce_jobs
-    from producer.templates import TemplateError
 
     settings = _settings()
     sessions = _sessions(settings)
@@ -117,7 +116,7 @@ def produce(
                 run_name=run,
                 encoding=encoding,
             )
-    except (CatalogueError, TemplateError) as exc:
+    except InputError as exc:
         err.print(f"[red]error:[/red] {exc}")
         err.print("nothing was written")
         raise typer.Exit(2) from exc

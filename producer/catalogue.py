@@ -9,33 +9,16 @@ from __future__ import annotations
 
 import codecs
 import csv
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from producer.errors import InputError
 
-class CatalogueError(ValueError):
+
+class CatalogueError(InputError):
     """A problem with the catalogue file, located by file, line and field."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], line: int | None, field: str | None, reason: str
-    ) -> None:
-        self.path = os.fspath(path)
-        self.line = line
-        self.field = field
-        self.reason = reason
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
-        if self.field is None:
-            return f"{where}: {self.reason}"
-        return f"{where}: field {self.field!r}: {self.reason}"
-
-    def __str__(self) -> str:
-        return self._format()
 
 
 @dataclass(frozen=True)

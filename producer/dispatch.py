@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import ColumnElement, select, update
@@ -40,10 +40,12 @@ def dispatch(
     run_id: int | None = None,
 ) -> DispatchReport:
     report = DispatchReport()
+    # Fixed once per call: jobs re-published in this call are never "stale" again in it.
+    stale_before = utcnow() - requeue_after
     while ids := _mark_queued(session, batch_size, run_id):
         publish(ids)
         report.published += len(ids)
-    while ids := _mark_stale_requeued(session, requeue_after, batch_size, run_id):
+    while ids := _mark_stale_requeued(session, stale_before, batch_size, run_id):
         publish(ids)
         report.republished += len(ids)
         log.warning("re-published %d jobs whose messages were not picked up", len(ids))
@@ -81,14 +83,14 @@ def _mark_queued(session: Session, limit: int, run_id: int | None) -> list[int]:
 
 
 def _mark_stale_requeued(
-    session: Session, requeue_after: timedelta, limit: int, run_id: int | None
+    session: Session, stale_before: datetime, limit: int, run_id: int | None
 ) -> list[int]:
     now = utcnow()
     candidates = (
         select(Job.id)
         .where(
             Job.status == JobStatus.QUEUED,
-            Job.queued_at < now - requeue_after,
+            Job.queued_at < stale_before,
             *_active(run_id),
         )
         .order_by(Job.id)

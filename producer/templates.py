@@ -24,7 +24,6 @@ dicts, so every error can name the line of the node that caused it.
 from __future__ import annotations
 
 import operator
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
 import yaml
+
+from producer.errors import InputError
 
 # Rendered prompts longer than this are certainly a template bug (CLIP reads ~77 tokens).
 MAX_PROMPT_CHARS = 2000
@@ -61,23 +62,8 @@ _TEMPLATE_KEYS = _SETTING_KEYS | {"prompt"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """A problem in the template file, located by file, YAML line and dotted field path."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], line: int | None, field: str | None, reason: str
-    ) -> None:
-        self.path = os.fspath(path)
-        self.line = line
-        self.field = field
-        self.reason = reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
-        if self.field is None:
-            return f"{where}: {self.reason}"
-        return f"{where}: field {self.field!r}: {self.reason}"
 
 
 class RenderError(ValueError):

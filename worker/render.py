@@ -40,8 +40,11 @@ class WorkerRuntime:
     name: str
 
 
-def image_key(job: ClaimedJob, seed: int) -> str:
-    return f"runs/{job.run_id}/jobs/{job.id}/{seed}.png"
+def image_key(job: ClaimedJob, seed: int, sha256: str) -> str:
+    # The content hash is part of the key: if a worker that lost its lease renders the same
+    # seed as its successor (GPU renders need not be bit-exact), each uploads its own object
+    # and the one recorded row always points at the bytes its sha256 describes.
+    return f"runs/{job.run_id}/jobs/{job.id}/{seed}-{sha256[:16]}.png"
 
 
 def render_job(runtime: WorkerRuntime, job_id: int) -> str:
@@ -57,7 +60,9 @@ def render_job(runtime: WorkerRuntime, job_id: int) -> str:
         except Exception as exc:
             session.rollback()
             log.exception("job %s failed", job_id)
-            fail_job(session, job, f"{type(exc).__name__}: {exc}")
+            if not fail_job(session, job, f"{type(exc).__name__}: {exc}"):
+                log.warning("job %s was taken over by another worker before it failed", job_id)
+                return "skipped"
             return "failed"
         if not finish_job(session, job):
             log.warning("job %s was taken over by another worker before it finished", job_id)
@@ -102,15 +107,22 @@ def _render_claimed(
             version=f"pixelmill {pixelmill.__version__}",
         )
         png = encode_png(rendered.image, parameters=parameters)
-        key = image_key(job, seed)
+        sha256 = hashlib.sha256(png).hexdigest()
+        key = image_key(job, seed, sha256)
         runtime.storage.put(key, png, content_type="image/png")
-        _record_image(session, job, seed, key, png, rendered)
+        _record_image(session, job, seed, key, png, sha256, rendered)
         if not extend_lease(session, job, lease):
             raise RuntimeError("lost the job's lease to another worker")
 
 
 def _record_image(
-    session: Session, job: ClaimedJob, seed: int, key: str, png: bytes, rendered: RenderedImage
+    session: Session,
+    job: ClaimedJob,
+    seed: int,
+    key: str,
+    png: bytes,
+    sha256: str,
+    rendered: RenderedImage,
 ) -> None:
     if rendered.nsfw is None:
         safety = SafetyStatus.UNCHECKED
@@ -124,7 +136,7 @@ def _record_image(
                 "job_id": job.id,
                 "seed": seed,
                 "storage_key": key,
-                "sha256": hashlib.sha256(png).hexdigest(),
+                "sha256": sha256,
                 "width": rendered.image.width,
                 "height": rendered.image.height,
                 "bytes": len(png),

@@ -350,6 +350,41 @@ def test_changing_an_unreferenced_field_creates_no_jobs(
     assert row_counts(db_session) == {"runs": 2, "catalogue_items": 4, "jobs": 6}
 
 
+@pytest.mark.parametrize(
+    ("change", "new_jobs"),
+    [
+        ({"seeds": 5}, 6),  # a different seed sweep is different pixels
+        ({"templates": TEMPLATES.replace("steps: 3", "steps: 4")}, 3),  # "scene" only
+        ({"templates": TEMPLATES.replace("guidance: 5.0", "guidance: 6.5")}, 6),
+        ({"templates": TEMPLATES.replace("width: 64", "width: 128")}, 6),
+        ({"templates": TEMPLATES.replace("lowres, blurry", "lowres")}, 6),
+        ({"templates": TEMPLATES.replace("scheduler: euler_a", "scheduler: ddim")}, 3),
+        ({"templates": TEMPLATES.replace("model: custom/model", "model: other/model")}, 3),
+        ({"default_model": "other/default"}, 3),  # "studio" uses the default model
+    ],
+)
+def test_anything_that_changes_pixels_creates_new_jobs(
+    tmp_path: Path, db_session: Session, change: dict[str, Any], new_jobs: int
+) -> None:
+    catalogue_path, templates_path = write_inputs(tmp_path)
+    run_produce(db_session, catalogue_path, templates_path, run_name="night-1")
+    if "templates" in change:
+        templates_path.write_text(change["templates"], encoding="utf-8")
+
+    report = produce(
+        db_session,
+        catalogue_path=catalogue_path,
+        templates_path=templates_path,
+        seeds=change.get("seeds"),
+        default_model=change.get("default_model", DEFAULT_MODEL),
+        run_name="night-2",
+    )
+
+    assert (report.jobs_new, report.jobs_unchanged) == (new_jobs, 6 - new_jobs)
+    assert row_counts(db_session)["jobs"] == 6 + new_jobs
+    assert db_session.scalar(select(func.count()).where(Job.run_id == report.run_id)) == new_jobs
+
+
 # --------------------------------------------------------------------------- bad input
 
 

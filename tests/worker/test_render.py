@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pathlib
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import CatalogueItem, Image, Job, JobStatus, Run, SafetyStatus
+from db.models import CatalogueItem, Image, Job, JobStatus, Run, SafetyStatus, utcnow
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage, S3Storage, Storage, storage_from_settings
+from worker.claim import ClaimedJob, claim_job
 from worker.pipeline import PipelineCache
 from worker.png import read_parameters
 from worker.render import WorkerRuntime, render_job
@@ -126,7 +128,9 @@ def check_images(session: Session, storage: Storage, job: Job, seeds: list[int])
     assert sorted(row.seed for row in rows) == sorted(seeds)
     for row in rows:
         png = storage.get(row.storage_key)
-        assert row.storage_key == f"runs/{job.run_id}/jobs/{job.id}/{row.seed}.png"
+        assert (
+            row.storage_key == f"runs/{job.run_id}/jobs/{job.id}/{row.seed}-{row.sha256[:16]}.png"
+        )
         assert row.sha256 == hashlib.sha256(png).hexdigest()
         assert row.bytes == len(png)
         assert (row.width, row.height) == (64, 64)
@@ -344,3 +348,77 @@ def test_renders_to_s3(
         assert hashlib.sha256(body["Body"].read()).hexdigest() == image.sha256
     # Nothing was written to local disk.
     assert not (tmp_path / "images").exists()
+
+
+class TakeoverOnFirstPut:
+    """Storage that lets another worker take the job over right after the first upload,
+    as if this worker had stalled past its lease."""
+
+    def __init__(self, inner: Storage, sessions: sessionmaker[Session], job_id: int) -> None:
+        self.inner = inner
+        self.sessions = sessions
+        self.job_id = job_id
+        self.puts: list[str] = []
+        self.takeover: ClaimedJob | None = None
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        self.inner.put(key, data, content_type=content_type)
+        self.puts.append(key)
+        if self.takeover is None:
+            with self.sessions() as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+                )
+                session.commit()
+                self.takeover = claim_job(
+                    session, self.job_id, worker="worker-b", lease=timedelta(minutes=30)
+                )
+            assert self.takeover is not None
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def url(self, key: str) -> str:
+        return self.inner.url(key)
+
+
+def _render_with_takeover(
+    runtime: WorkerRuntime, db_session: Session, tiny_model_dir: pathlib.Path
+) -> tuple[str, Job, TakeoverOnFirstPut]:
+    job = make_job(db_session, model=str(tiny_model_dir), seeds=[41, 42, 43])
+    storage = TakeoverOnFirstPut(runtime.storage, runtime.sessions, job.id)
+    result = render_job(dataclasses.replace(runtime, storage=storage), job.id)
+    return result, job, storage
+
+
+def test_lease_lost_mid_render_stops_and_leaves_new_owner_alone(
+    runtime: WorkerRuntime, db_session: Session, tiny_model_dir: pathlib.Path
+) -> None:
+    _result, job, storage = _render_with_takeover(runtime, db_session, tiny_model_dir)
+
+    # The old worker stopped after the seed during which it lost the lease ...
+    rows = images_of(db_session, job.id)
+    assert [row.seed for row in rows] == [41]
+    assert storage.puts == [rows[0].storage_key]
+    # ... and did not touch the job now owned by worker-b.
+    row = reload_job(db_session, job.id)
+    assert row.status == JobStatus.RUNNING
+    assert row.worker == "worker-b"
+    assert row.attempts == 2
+    assert row.error is None
+    assert row.finished_at is None
+
+
+def test_lease_lost_mid_render_is_reported_as_skipped(
+    runtime: WorkerRuntime, db_session: Session, tiny_model_dir: pathlib.Path
+) -> None:
+    # The job did not fail (it is running elsewhere and fail_job was fenced off), so the
+    # result must be "skipped", as when finish_job loses the race.
+    result, _job, _storage = _render_with_takeover(runtime, db_session, tiny_model_dir)
+
+    assert result == "skipped"
