@@ -60,6 +60,7 @@ class JobStatus(enum.StrEnum):
     DONE = "done"  # every seed has a durable image row
     FAILED = "failed"  # gave up; error says why
     BLOCKED = "blocked"  # refused by the prompt blocklist, never rendered
+    CANCELLED = "cancelled"  # its run was cancelled before it started
 
 
 class SafetyStatus(enum.StrEnum):
@@ -86,6 +87,8 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     source: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.ACTIVE)
+    # Higher first: the dispatcher publishes pending jobs of higher-priority runs first.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = _timestamp()
 
@@ -131,6 +134,8 @@ class Job(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     item_id: Mapped[int] = mapped_column(ForeignKey("catalogue_items.id"), index=True)
     template: Mapped[str] = mapped_column(String(200))
+    # The template variant's label ("" when the template has none): seeds and stats use it.
+    variant: Mapped[str] = mapped_column(String(500), default="", server_default="")
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
     model: Mapped[str] = mapped_column(String(500))

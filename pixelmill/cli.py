@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,6 +22,9 @@ from pixelmill.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
+
+    from db.models import Run
+    from producer.produce import ProduceReport
 
 app = typer.Typer(
     help="pixelmill: nightly bulk image production with Stable Diffusion.",
@@ -86,27 +91,61 @@ def model_tiny(
     console.print(f"tiny model written to {path}")
 
 
+# Exit statuses of `produce`: scripts and schedulers tell the outcomes apart by them.
+EXIT_REFUSED = 2  # nothing was written: bad input, --strict with bad rows, --max-jobs exceeded
+EXIT_PARTIAL = 3  # the good rows were written, bad rows were skipped (listed on stderr)
+
+
 @app.command()
 def produce(
-    catalogue: Annotated[Path, typer.Argument(help="Catalogue CSV file.")],
+    catalogue: Annotated[
+        str, typer.Argument(help="Catalogue: a CSV or JSONL file, or a database URL.")
+    ],
     template: Annotated[Path, typer.Option("--template", "-t", help="Template YAML file.")],
     seeds: Annotated[
         int | None, typer.Option(min=1, help="Seeds per job (default: the template's).")
     ] = None,
     run: Annotated[str | None, typer.Option(help="Run name (default: file name + time).")] = None,
-    encoding: Annotated[str, typer.Option(help="Catalogue text encoding.")] = "utf-8-sig",
+    table: Annotated[str | None, typer.Option(help="Table, for a database catalogue.")] = None,
+    query: Annotated[
+        str | None, typer.Option(help="Read-only SQL query, for a database catalogue.")
+    ] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding (e.g. gbk).")] = None,
+    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: sniffed).")] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Write nothing if any row is bad (default: skip bad rows).")
+    ] = False,
+    max_jobs: Annotated[
+        int, typer.Option(min=1, help="Refuse a catalogue that expands to more jobs.")
+    ] = 100_000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show totals and sample prompts; write nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Render again even what an earlier run already rendered.")
+    ] = False,
+    priority: Annotated[int, typer.Option(help="Run priority: higher renders first.")] = 0,
     dispatch_jobs: Annotated[
         bool, typer.Option("--dispatch/--no-dispatch", help="Publish the new jobs.")
     ] = True,
 ) -> None:
     """Expand CATALOGUE with the templates into a run of render jobs."""
+    from pixelmill.blocklist import Blocklist
     from producer.errors import InputError
+    from producer.produce import StrictModeError
     from producer.produce import produce as produce_jobs
 
     settings = _settings()
-    sessions = _sessions(settings)
+    blocklist = (
+        Blocklist.from_file(settings.blocklist_path)
+        if settings.blocklist_path
+        else Blocklist.default()
+    )
     try:
-        with sessions() as session:
+        with (
+            _progress("reading catalogue") as progress,
+            _maybe_session(settings, dry_run) as session,
+        ):
             report = produce_jobs(
                 session,
                 catalogue_path=catalogue,
@@ -115,21 +154,94 @@ def produce(
                 default_model=settings.model,
                 run_name=run,
                 encoding=encoding,
+                delimiter=delimiter,
+                table=table,
+                query=query,
+                strict=strict,
+                max_jobs=max_jobs,
+                dry_run=dry_run,
+                force=force,
+                priority=priority,
+                blocklist=blocklist,
+                progress=progress,
             )
+    except StrictModeError as exc:
+        _print_problems(exc.problems, exc.total)
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_REFUSED) from exc
     except InputError as exc:
         err.print(f"[red]error:[/red] {exc}")
         err.print("nothing was written")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(EXIT_REFUSED) from exc
+    _print_problems(report.problems, report.problems_total)
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    if report.warnings_total > len(report.warnings):
+        err.print(f"... and {report.warnings_total - len(report.warnings)} more warnings")
+    if dry_run:
+        _print_dry_run(report, settings.images_per_second)
+        return
     console.print(
-        f"run {report.run_name!r} (id {report.run_id}): {report.items} items, "
+        f"run {report.run_name!r} (id {report.run_id}): {report.rows} rows, "
+        f"{report.items} items, {report.rows_skipped} rows skipped; "
         f"{report.jobs_new} new jobs, {report.jobs_unchanged} unchanged, "
         f"{report.images_planned} images planned"
     )
     if dispatch_jobs:
         _dispatch(settings, run_id=report.run_id)
+    if not report.complete:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
-def _dispatch(settings: Settings, run_id: int | None = None) -> None:
+def _print_problems(problems: Sequence[object], total: int) -> None:
+    for problem in problems:
+        err.print(f"[red]bad row:[/red] {problem}")
+    if total > len(problems):
+        err.print(f"... and {total - len(problems)} more bad rows")
+
+
+def _print_dry_run(report: ProduceReport, images_per_second: float) -> None:
+    gpu_seconds = report.images_planned / images_per_second
+    console.print(
+        f"dry run (nothing written): {report.rows} rows, {report.items} items, "
+        f"{report.rows_skipped} rows skipped, {report.jobs} jobs, "
+        f"{report.images_planned} images, about {timedelta(seconds=round(gpu_seconds))} "
+        f"of GPU time at {images_per_second:g} images/s"
+    )
+    for name, prompts in report.samples.items():
+        console.print(f"[bold]{name}[/bold]")
+        for prompt in prompts:
+            console.print(f"  {prompt}")
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal; nothing (quiet logs) otherwise."""
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn(label),
+        TextColumn("{task.fields[rows]:,} rows"),
+        TextColumn("{task.fields[jobs]:,} jobs"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, rows=0, jobs=0)
+        yield lambda rows, jobs: bar.update(task, rows=rows, jobs=jobs)
+
+
+@contextmanager
+def _maybe_session(settings: Settings, dry_run: bool) -> Iterator[Session | None]:
+    if dry_run:
+        yield None
+        return
+    with _sessions(settings)() as session:
+        yield session
+
+
+def _dispatch(settings: Settings, run_id: int | None = None, *, quiet: bool = False) -> None:
     from producer.dispatch import celery_publisher
     from producer.dispatch import dispatch as dispatch_jobs
     from worker.celery_app import create_app
@@ -141,8 +253,10 @@ def _dispatch(settings: Settings, run_id: int | None = None) -> None:
             celery_publisher(celery, settings.render_queue),
             requeue_after=timedelta(seconds=settings.requeue_after_seconds),
             run_id=run_id,
+            window=settings.dispatch_window,
         )
-    console.print(f"published {report.published} jobs, re-published {report.republished}")
+    if not quiet:
+        console.print(f"published {report.published} jobs, re-published {report.republished}")
 
 
 @app.command()
@@ -209,6 +323,96 @@ def status(run: Annotated[str | None, typer.Argument(help="Run name or id.")] = 
         console.print(f"[red]job {job_id} failed:[/red] {error}")
 
 
+run_app = typer.Typer(help="Pause, resume, cancel or reprioritise a run.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
+    """List the latest runs."""
+    from producer.runs import list_runs
+
+    with _sessions(_settings())() as session:
+        summaries = list_runs(session, limit=limit)
+    table = Table()
+    for column in ("id", "name", "status", "priority", "created", "jobs", "done", "failed"):
+        table.add_column(column)
+    table.add_column("images", justify="right")
+    for r in summaries:
+        table.add_row(
+            str(r.id),
+            r.name,
+            r.status,
+            str(r.priority),
+            r.created_at,
+            str(r.jobs),
+            str(r.jobs_done),
+            str(r.jobs_failed),
+            str(r.images),
+        )
+    console.print(table)
+
+
+@contextmanager
+def _run_session(name: str) -> Iterator[tuple[Session, Run]]:
+    from pixelmill.status import find_run
+    from producer.runs import RunStateError
+
+    with _sessions(_settings())() as session:
+        run = find_run(session, name)
+        if run is None:
+            err.print(f"[red]error:[/red] no run {name!r}")
+            raise typer.Exit(1)
+        try:
+            yield session, run
+        except RunStateError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+
+
+@run_app.command("pause")
+def run_pause(name: Annotated[str, typer.Argument(help="Run name or id.")]) -> None:
+    """Stop dispatching a run's jobs (running jobs finish; nothing is lost)."""
+    from producer.runs import pause_run
+
+    with _run_session(name) as (session, run):
+        unqueued = pause_run(session, run)
+    console.print(f"run {name!r} paused; {unqueued} queued jobs back to pending")
+
+
+@run_app.command("resume")
+def run_resume(name: Annotated[str, typer.Argument(help="Run name or id.")]) -> None:
+    """Dispatch a paused run's jobs again."""
+    from producer.runs import resume_run
+
+    with _run_session(name) as (session, run):
+        resume_run(session, run)
+    console.print(f"run {name!r} resumed")
+
+
+@run_app.command("cancel")
+def run_cancel(name: Annotated[str, typer.Argument(help="Run name or id.")]) -> None:
+    """Cancel every job of a run that has not started."""
+    from producer.runs import cancel_run
+
+    with _run_session(name) as (session, run):
+        cancelled = cancel_run(session, run)
+    console.print(f"run {name!r} cancelled; {cancelled} jobs will not render")
+
+
+@run_app.command("priority")
+def run_priority(
+    name: Annotated[str, typer.Argument(help="Run name or id.")],
+    priority: Annotated[int, typer.Argument(help="Higher renders first.")],
+) -> None:
+    """Change a run's priority."""
+    from producer.runs import set_priority
+
+    with _run_session(name) as (session, run):
+        set_priority(session, run, priority)
+    console.print(f"run {name!r} priority {priority}")
+
+
 @app.command()
 def demo(
     examples: Annotated[Path, typer.Option(help="Folder with catalogue.csv, templates.yaml.")] = (
@@ -226,14 +430,7 @@ def demo(
     upgrade(settings.resolved_database_url)
     console.print(f"model: {resolve_model(settings.model, settings)}")
     run_name = default_demo_run()
-    produce(
-        examples / "catalogue.csv",
-        template=examples / "templates.yaml",
-        seeds=None,
-        run=run_name,
-        encoding="utf-8-sig",
-        dispatch_jobs=True,
-    )
+    produce(str(examples / "catalogue.csv"), template=examples / "templates.yaml", run=run_name)
     worker_process = subprocess.Popen(
         [
             sys.executable,
@@ -265,6 +462,8 @@ def demo(
                 progress.update(task, total=report.images_planned, completed=report.images)
                 if report.finished:
                     break
+                # The dispatcher keeps a small window on the broker: top it up as jobs finish.
+                _dispatch(settings, quiet=True)
                 if worker_process.poll() is not None:
                     err.print(f"[red]error:[/red] the worker exited ({worker_process.returncode})")
                     raise typer.Exit(1)

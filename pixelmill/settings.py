@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(default=1800, ge=10)
     # A queued job whose message has not been picked up for this long is published again.
     requeue_after_seconds: int = Field(default=900, ge=1)
+    # How many published-but-not-started jobs the dispatcher keeps on the broker: a few per
+    # worker keeps every GPU fed while the backlog stays in Postgres (pausable, reorderable).
+    dispatch_window: int = Field(default=32, ge=1)
+    # Prompt blocklist file (one rule per line, see pixelmill/default_blocklist.txt); empty
+    # means the shipped default list.
+    blocklist_path: Path | None = None
+    # Throughput assumed by `produce --dry-run` to estimate GPU time.
+    images_per_second: float = Field(default=1.0, gt=0)
     render_queue: str = "render"
     log_level: str = "INFO"
 

@@ -5,6 +5,11 @@ id is published, so a worker never receives an id whose row it cannot see. If th
 between commit and publish, the job sits in ``queued`` with no message; such jobs (and any whose
 message was lost by the broker) are published again once they have waited
 ``requeue_after`` without being started. Re-publishing is safe: claiming is idempotent.
+
+Only a small ``window`` of jobs is on the broker at any time (a few per worker): the backlog
+stays in Postgres, where it can be paused, cancelled and reprioritised. Pending jobs of
+higher-priority runs are published first. Run ``pixelmill dispatch --watch`` to keep the
+window topped up.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
@@ -38,11 +43,16 @@ def dispatch(
     requeue_after: timedelta,
     batch_size: int = 500,
     run_id: int | None = None,
+    window: int | None = None,
 ) -> DispatchReport:
+    """Publish pending jobs (at most ``window`` queued at once, None for no limit) and
+    re-publish queued jobs not started within ``requeue_after``."""
     report = DispatchReport()
     # Fixed once per call: jobs re-published in this call are never "stale" again in it.
     stale_before = utcnow() - requeue_after
-    while ids := _mark_queued(session, batch_size, run_id):
+    while (room := _room(session, batch_size, window)) and (
+        ids := _mark_queued(session, room, run_id)
+    ):
         publish(ids)
         report.published += len(ids)
     while ids := _mark_stale_requeued(session, stale_before, batch_size, run_id):
@@ -61,16 +71,28 @@ def _active(run_id: int | None) -> list[ColumnElement[bool]]:
     return conditions
 
 
+def _room(session: Session, batch_size: int, window: int | None) -> int:
+    if window is None:
+        return batch_size
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+    )
+    return max(0, min(batch_size, window - (queued or 0)))
+
+
 def _mark_queued(session: Session, limit: int, run_id: int | None) -> list[int]:
     # SKIP LOCKED: two dispatchers running at once split the pending jobs between them.
     # (SQLite ignores FOR UPDATE; it serialises writers anyway.)
     candidates = (
         select(Job.id)
-        .where(Job.status == JobStatus.PENDING, *_active(run_id))
-        .order_by(Job.id)
+        .join(Run, Run.id == Job.run_id)
+        .where(Job.status == JobStatus.PENDING, Run.status == RunStatus.ACTIVE)
+        .order_by(Run.priority.desc(), Job.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=Job, skip_locked=True)
     )
+    if run_id is not None:
+        candidates = candidates.where(Job.run_id == run_id)
     ids = list(session.scalars(candidates))
     if ids:
         session.execute(

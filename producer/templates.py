@@ -12,10 +12,24 @@ File format::
       height: 512
       seeds: 4               # optional sweep size; the CLI --seeds overrides it
       negative_prompt: "lowres, blurry"
+      preset: photo          # optional, see presets
+      max_variants: 16       # cap on the variants one template may expand to
+      when: null             # optional condition over catalogue fields
+    presets:                 # optional; the prompt formula: style tags, subject, scene
+      photo:
+        before: "best quality, {product photo|studio photo}"   # quality and style tags
+        after: "soft light"                                    # scene details
+        negative_prompt: "text, watermark"
     templates:
       studio:
-        prompt: "best quality, product photo of {{ title }}, {{ colour }}"
+        prompt: "{{ colour }} {{ title }}, {white|grey} background"
+        when: "category == 'mugs' and price|float > 20"
         steps: 25            # any default may be overridden per template
+
+Final prompt = before, prompt, after (joined with ", ", empty parts skipped); final
+negative = preset negative_prompt, template negative_prompt.  Variant syntax ({a|b},
+__wildcard__, see producer.variants) is expanded once at load over all these parts jointly;
+wildcards are read from the ``wildcards/`` folder next to the template file.
 
 The file is walked as a YAML node tree (``yaml.compose``) rather than loaded into plain
 dicts, so every error can name the line of the node that caused it.
@@ -33,11 +47,13 @@ from typing import Any
 import jinja2
 import jinja2.meta
 import jinja2.nodes
+import jinja2.parser
 import jinja2.runtime
 import jinja2.sandbox
 import yaml
 
 from producer.errors import InputError
+from producer.variants import Variant, VariantError, expand_variants
 
 # Rendered prompts longer than this are certainly a template bug (CLIP reads ~77 tokens).
 MAX_PROMPT_CHARS = 2000
@@ -52,11 +68,20 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "height": 512,
     "seeds": None,
     "negative_prompt": "",
+    "when": None,
+    "preset": None,
+    "max_variants": 16,
 }
 
-_TOP_KEYS = frozenset({"key", "defaults", "templates"})
+_TOP_KEYS = frozenset({"key", "defaults", "presets", "templates"})
 _SETTING_KEYS = frozenset(BUILTIN_DEFAULTS)
 _TEMPLATE_KEYS = _SETTING_KEYS | {"prompt"}
+_PRESET_KEYS = frozenset({"before", "after", "negative_prompt"})
+
+# Template parts in the order their variant choices appear in a label.  Keys are the
+# part names VariantError reports; values the output a part ends up in.
+_PROMPT_PARTS = ("before", "prompt", "after")
+_NEGATIVE_PARTS = ("preset_negative_prompt", "negative_prompt")
 
 # Template names end up in job rows, seeds and output paths, so keep them path-safe.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -100,6 +125,8 @@ _ALLOWED_FILTERS = (
     "d",
     "default",
     "first",
+    "float",  # for `when` conditions such as "price|float > 20"
+    "int",
     "join",
     "last",
     "length",
@@ -176,6 +203,30 @@ def _collapse(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class RenderedPrompt:
+    variant: str  # the variant label ("" when the template has no variant syntax)
+    prompt: str
+    negative_prompt: str
+
+
+@dataclass(frozen=True)
+class _CompiledVariant:
+    label: str
+    # Non-empty parts only, compiled once: bulk runs expand every template for every row.
+    prompt_parts: tuple[jinja2.Template, ...]
+    negative_parts: tuple[jinja2.Template, ...]
+
+
+def _expression_fields(source: str) -> frozenset[str]:
+    # What Environment.compile_expression parses, wrapped as a template so jinja2.meta can
+    # list the undeclared names.
+    parser = jinja2.parser.Parser(_ENV, source, state="variable")
+    body = jinja2.nodes.Template([jinja2.nodes.Output([parser.parse_expression()])], lineno=1)
+    body.set_environment(_ENV)
+    return frozenset(jinja2.meta.find_undeclared_variables(body))
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
     prompt: str
@@ -187,41 +238,154 @@ class Template:
     width: int
     height: int
     seeds: int | None
-    # Compiled once here: bulk runs render each template for every catalogue row.
-    _compiled: tuple[jinja2.Template, jinja2.Template] = field(
-        init=False, repr=False, compare=False
-    )
-    _fields: frozenset[str] = field(init=False, repr=False, compare=False)
+    when: str | None = None
+    max_variants: int = 16
+    preset: str | None = None  # the preset's name; its texts are below
+    preset_before: str = ""
+    preset_after: str = ""
+    preset_negative_prompt: str = ""
+    # Where __name__ wildcards are read from (None: wildcards are an error).
+    wildcards: Path | None = None
+    _variants: tuple[_CompiledVariant, ...] = field(init=False, repr=False, compare=False)
+    _when: Callable[..., Any] | None = field(init=False, repr=False, compare=False)
+    _prompt_fields: frozenset[str] = field(init=False, repr=False, compare=False)
+    _when_fields: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names: set[str] = set()
-        for source in (self.prompt, self.negative_prompt):
-            names |= jinja2.meta.find_undeclared_variables(_ENV.parse(source))
-        object.__setattr__(self, "_fields", frozenset(names))
-        object.__setattr__(
-            self,
-            "_compiled",
-            (_ENV.from_string(self.prompt), _ENV.from_string(self.negative_prompt)),
+        """Expands variants and compiles everything once.
+
+        Raises VariantError (naming the part: "prompt", "before", ...) for bad variant syntax
+        and jinja2.TemplateSyntaxError for bad Jinja; the loader turns both into located
+        TemplateErrors.
+        """
+        sources = {
+            "before": self.preset_before,
+            "prompt": self.prompt,
+            "after": self.preset_after,
+            "preset_negative_prompt": self.preset_negative_prompt,
+            "negative_prompt": self.negative_prompt,
+        }
+        names = (*_PROMPT_PARTS, *_NEGATIVE_PARTS)
+        expanded = expand_variants(
+            [(name, sources[name]) for name in names],
+            wildcards=self.wildcards,
+            max_variants=self.max_variants,
         )
+        cache: dict[str, jinja2.Template] = {}
+        fields: set[str] = set()
+        compiled: list[_CompiledVariant] = []
+        for variant in expanded:
+            texts = dict(zip(names, variant.texts, strict=True))
+            parts: dict[str, tuple[jinja2.Template, ...]] = {}
+            for output, part_names in (("prompt", _PROMPT_PARTS), ("neg", _NEGATIVE_PARTS)):
+                templates: list[jinja2.Template] = []
+                for name in part_names:
+                    text = texts[name]
+                    if not text.strip():
+                        continue  # an empty part is skipped, not joined as ", ,"
+                    if text not in cache:
+                        fields |= self._parse_fields(name, text, variant)
+                        cache[text] = _ENV.from_string(text)
+                    templates.append(cache[text])
+                parts[output] = tuple(templates)
+            compiled.append(_CompiledVariant(variant.label, parts["prompt"], parts["neg"]))
+        object.__setattr__(self, "_variants", tuple(compiled))
+        object.__setattr__(self, "_prompt_fields", frozenset(fields))
+        when_fields: frozenset[str] = frozenset()
+        when_fn: Callable[..., Any] | None = None
+        if self.when is not None:
+            when_fn = _ENV.compile_expression(self.when, undefined_to_none=False)
+            when_fields = _expression_fields(self.when)
+        object.__setattr__(self, "_when", when_fn)
+        object.__setattr__(self, "_when_fields", when_fields)
+
+    @staticmethod
+    def _parse_fields(part: str, text: str, variant: Variant) -> frozenset[str]:
+        try:
+            return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(text)))
+        except jinja2.TemplateSyntaxError as exc:
+            if not variant.label:
+                raise  # the text as written is broken: the loader locates the line
+            # The text as written was valid Jinja, so the variant split a Jinja block
+            # (e.g. "{% if x %}{a|b{% endif %}}").
+            raise VariantError(
+                part, f"variant {variant.label!r} is not valid Jinja: {exc.message}"
+            ) from None
+
+    # ------------------------------------------------------------------ introspection
+
+    def variants(self) -> tuple[str, ...]:
+        """Variant labels in expansion order (first construct varies slowest)."""
+        return tuple(variant.label for variant in self._variants)
+
+    def prompt_fields(self) -> frozenset[str]:
+        """Catalogue fields the prompt and negative prompt (any variant) use.
+
+        These must be present and non-empty in every row.
+        """
+        return self._prompt_fields
 
     def fields(self) -> frozenset[str]:
-        """Catalogue fields referenced by the prompt and negative prompt."""
-        return self._fields
+        """Every catalogue field referenced: prompt fields plus those used by `when`.
 
-    def render(self, fields: Mapping[str, str], *, where: str) -> tuple[str, str]:
-        """Returns (prompt, negative_prompt) for one catalogue row.
+        `when`-only fields must exist as columns but may be empty in a row.
+        """
+        return self._prompt_fields | self._when_fields
 
-        Every referenced field must be present and non-empty: an empty cell would silently
+    # ------------------------------------------------------------------ per row
+
+    def applies_to(self, fields: Mapping[str, str], *, where: str) -> bool:
+        """Whether this template should render the row (True when there is no `when`)."""
+        if self._when is None:
+            return True
+        for name in sorted(self._when_fields):
+            if name not in fields:
+                raise RenderError(where, name, "is missing (used by 'when')", self.name)
+        try:
+            return bool(self._when(**fields))
+        except jinja2.sandbox.SecurityError as exc:
+            raise RenderError(
+                where, "when", f"forbidden by the template sandbox: {exc}", self.name
+            ) from None
+        except Exception as exc:
+            # Same reasoning as in expand(): a failing condition is a data error for this row.
+            raise RenderError(where, "when", f"{type(exc).__name__}: {exc}", self.name) from None
+
+    def expand(self, fields: Mapping[str, str], *, where: str) -> list[RenderedPrompt]:
+        """Renders every variant for one catalogue row.
+
+        Every prompt field must be present and non-empty: an empty cell would silently
         produce a prompt such as "product photo of , white background".
         """
-        for name in sorted(self._fields):
+        for name in sorted(self._prompt_fields):
             if name not in fields:
                 raise RenderError(where, name, "is missing", self.name)
             if not fields[name].strip():
                 raise RenderError(where, name, "is empty", self.name)
         context = dict(fields)
-        outputs: list[str] = []
-        for label, compiled in zip(("prompt", "negative_prompt"), self._compiled, strict=True):
+        results: list[RenderedPrompt] = []
+        for variant in self._variants:
+            prompt = self._render_parts(variant.prompt_parts, context, "prompt", where)
+            if not prompt:
+                raise RenderError(where, "prompt", "rendered to an empty prompt", self.name)
+            negative = self._render_parts(variant.negative_parts, context, "negative_prompt", where)
+            results.append(RenderedPrompt(variant.label, prompt, negative))
+        return results
+
+    def render(self, fields: Mapping[str, str], *, where: str) -> tuple[str, str]:
+        """(prompt, negative_prompt) of the first variant; kept for older callers."""
+        first = self.expand(fields, where=where)[0]
+        return first.prompt, first.negative_prompt
+
+    def _render_parts(
+        self,
+        parts: tuple[jinja2.Template, ...],
+        context: dict[str, str],
+        label: str,
+        where: str,
+    ) -> str:
+        texts: list[str] = []
+        for compiled in parts:
             try:
                 text = _collapse(compiled.render(context))
             except jinja2.sandbox.SecurityError as exc:
@@ -234,17 +398,17 @@ class Template:
                 # The template is user content; any failure inside it (1/0, bad filter
                 # argument, recursion) is a data error for this row, not a crash.
                 raise RenderError(where, label, f"{type(exc).__name__}: {exc}", self.name) from None
-            if len(text) > MAX_PROMPT_CHARS:
-                raise RenderError(
-                    where,
-                    label,
-                    f"rendered to {len(text)} characters (limit {MAX_PROMPT_CHARS})",
-                    self.name,
-                )
-            outputs.append(text)
-        if not outputs[0]:
-            raise RenderError(where, "prompt", "rendered to an empty prompt", self.name)
-        return outputs[0], outputs[1]
+            if text:  # a part that renders to nothing is skipped, not joined as ", ,"
+                texts.append(text)
+        result = ", ".join(texts)
+        if len(result) > MAX_PROMPT_CHARS:
+            raise RenderError(
+                where,
+                label,
+                f"rendered to {len(result)} characters (limit {MAX_PROMPT_CHARS})",
+                self.name,
+            )
+        return result
 
 
 @dataclass(frozen=True)
@@ -261,6 +425,13 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+@dataclass(frozen=True)
+class _Preset:
+    # Keyed by template part: "before", "after", "preset_negative_prompt".
+    texts: dict[str, str]
+    sources: dict[str, tuple[str, yaml.Node]]  # part -> (dotted field, value node)
+
+
 class _Loader:
     """Validates the composed YAML tree of one template file."""
 
@@ -268,6 +439,8 @@ class _Loader:
         self.path = path
         # Used only to turn scalar nodes into Python values with YAML 1.1 safe typing.
         self._constructor = yaml.constructor.SafeConstructor()
+        # Kept so errors about a value inherited from defaults can point at its line.
+        self.default_entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
 
     def error(self, node: yaml.Node | None, field: str | None, reason: str) -> TemplateError:
         return TemplateError(self.path, None if node is None else _line(node), field, reason)
@@ -310,6 +483,18 @@ class _Loader:
             if not isinstance(value, str) or not value.strip():
                 raise self.error(node, field, "must be a non-empty string or null")
             return value.strip()
+        if name == "when":
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise self.error(node, field, "must be a non-empty Jinja expression or null")
+            return value.strip()
+        if name == "preset":
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise self.error(node, field, "must be a preset name or null")
+            return value.strip()
         if name == "negative_prompt":
             if value is None:
                 return ""
@@ -344,7 +529,12 @@ class _Loader:
         }
 
     def template(
-        self, name: str, key_node: yaml.Node, node: yaml.Node, defaults: dict[str, Any]
+        self,
+        name: str,
+        key_node: yaml.Node,
+        node: yaml.Node,
+        defaults: dict[str, Any],
+        presets: dict[str, _Preset],
     ) -> Template:
         prefix = f"templates.{name}"
         if not _NAME_RE.fullmatch(name):
@@ -359,42 +549,112 @@ class _Loader:
         if not isinstance(prompt, str) or not prompt.strip():
             raise self.error(prompt_node, f"{prefix}.prompt", "must be a non-empty string")
         values = {**BUILTIN_DEFAULTS, **defaults, **self.settings(entries, prefix)}
-        # Check Jinja syntax (and unknown filters) here so a broken template fails at load
-        # rather than on the first catalogue row.
-        for label, source in (("prompt", prompt), ("negative_prompt", values["negative_prompt"])):
+
+        def locate(setting: str) -> tuple[str, yaml.Node]:
+            # The template's own value wins over defaults; point at whichever was used.
+            if setting in entries:
+                return f"{prefix}.{setting}", entries[setting][1]
+            if setting in self.default_entries:
+                return f"defaults.{setting}", self.default_entries[setting][1]
+            return prefix, node
+
+        # Where each expandable part's text came from: (dotted field, value node).
+        sources: dict[str, tuple[str, yaml.Node]] = {
+            "prompt": (f"{prefix}.prompt", prompt_node),
+            "negative_prompt": locate("negative_prompt"),
+        }
+        preset: _Preset | None = None
+        if values["preset"] is not None:
+            field_name, preset_node = locate("preset")
+            if values["preset"] not in presets:
+                known = ", ".join(sorted(presets)) or "none defined"
+                raise self.error(
+                    preset_node,
+                    field_name,
+                    f"template {name!r}: unknown preset {values['preset']!r} (presets: {known})",
+                )
+            preset = presets[values["preset"]]
+            sources.update(preset.sources)
+
+        # Check Jinja syntax (and unknown filters) on the text as written, so a broken
+        # template fails at load and the error can point at the line inside the text.
+        texts = {
+            "prompt": prompt,
+            "negative_prompt": values["negative_prompt"],
+            **({} if preset is None else preset.texts),
+        }
+        for part, source in texts.items():
             try:
                 _ENV.from_string(source)
             except jinja2.TemplateSyntaxError as exc:
-                raise self.template_syntax_error(
-                    name, label, entries.get(label), node, exc
-                ) from None
-        return Template(name=name, prompt=prompt, **values)
+                raise self.jinja_error(name, sources[part], exc) from None
+        if values["when"] is not None:
+            try:
+                _ENV.compile_expression(values["when"])
+            except jinja2.TemplateSyntaxError as exc:
+                raise self.jinja_error(name, locate("when"), exc) from None
 
-    def template_syntax_error(
-        self,
-        name: str,
-        label: str,
-        entry: tuple[yaml.Node, yaml.Node] | None,
-        template_node: yaml.Node,
-        exc: jinja2.TemplateSyntaxError,
+        try:
+            return Template(
+                name=name,
+                prompt=prompt,
+                preset_before=texts.get("before", ""),
+                preset_after=texts.get("after", ""),
+                preset_negative_prompt=texts.get("preset_negative_prompt", ""),
+                wildcards=self.path.parent / "wildcards",
+                **values,
+            )
+        except VariantError as exc:
+            field_name, where_node = (prefix, key_node) if exc.part is None else sources[exc.part]
+            raise self.error(where_node, field_name, f"template {name!r}: {exc.reason}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise self.error(
+                node, prefix, f"template {name!r}: Jinja syntax error: {exc.message}"
+            ) from None
+
+    def jinja_error(
+        self, name: str, source: tuple[str, yaml.Node], exc: jinja2.TemplateSyntaxError
     ) -> TemplateError:
-        if entry is None:
-            # The text came from defaults.negative_prompt; point at the template using it.
-            field, line = f"defaults.{label}", _line(template_node)
-        else:
-            value_node = entry[1]
-            # Jinja counts lines within the text.  A block scalar (| or >) starts on the line
-            # after its indicator; other scalars start on the node's own line.
-            style = getattr(value_node, "style", None)
-            first = _line(value_node) + (1 if style in ("|", ">") else 0)
-            field, line = f"templates.{name}.{label}", first + exc.lineno - 1
+        field_name, value_node = source
+        # Jinja counts lines within the text.  A block scalar (| or >) starts on the line
+        # after its indicator; other scalars start on the node's own line.
+        style = getattr(value_node, "style", None)
+        first = _line(value_node) + (1 if style in ("|", ">") else 0)
+        part = field_name.rsplit(".", 1)[-1]
         return TemplateError(
             self.path,
-            line,
-            field,
+            first + (exc.lineno or 1) - 1,
+            field_name,
             f"template {name!r}: Jinja syntax error: {exc.message} "
-            f"(line {exc.lineno} of the {label})",
+            f"(line {exc.lineno} of the {part})",
         )
+
+    def presets(self, node: yaml.Node) -> dict[str, _Preset]:
+        result: dict[str, _Preset] = {}
+        for name, (key_node, value_node) in self.mapping(node, "presets", None).items():
+            prefix = f"presets.{name}"
+            if not _NAME_RE.fullmatch(name):
+                raise self.error(
+                    key_node, prefix, "preset name must use only letters, digits, '_', '.', '-'"
+                )
+            # "bare:" with nothing under it is an empty preset (it adds nothing).
+            entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+            if not (isinstance(value_node, yaml.ScalarNode) and self.scalar(value_node) is None):
+                entries = self.mapping(value_node, prefix, _PRESET_KEYS)
+            texts: dict[str, str] = {}
+            sources: dict[str, tuple[str, yaml.Node]] = {}
+            for key, (_k, text_node) in entries.items():
+                text = self.scalar(text_node)
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise self.error(text_node, f"{prefix}.{key}", "must be a string")
+                # The preset's negative prompt is its own part, ahead of the template's.
+                part = "preset_negative_prompt" if key == "negative_prompt" else key
+                texts[part] = text
+                sources[part] = (f"{prefix}.{key}", text_node)
+            result[name] = _Preset(texts=texts, sources=sources)
+        return result
 
     def load(self, text: str) -> TemplateFile:
         try:
@@ -422,7 +682,14 @@ class _Loader:
             node = top["defaults"][1]
             # "defaults:" with nothing under it is null; treat it like an empty mapping.
             if not (isinstance(node, yaml.ScalarNode) and self.scalar(node) is None):
-                defaults = self.settings(self.mapping(node, "defaults", _SETTING_KEYS), "defaults")
+                self.default_entries = self.mapping(node, "defaults", _SETTING_KEYS)
+                defaults = self.settings(self.default_entries, "defaults")
+
+        presets: dict[str, _Preset] = {}
+        if "presets" in top:
+            node = top["presets"][1]
+            if not (isinstance(node, yaml.ScalarNode) and self.scalar(node) is None):
+                presets = self.presets(node)
 
         if "templates" not in top:
             raise self.error(root, "templates", "is required")
@@ -433,7 +700,7 @@ class _Loader:
         if not entries:
             raise self.error(templates_node, "templates", "no templates defined")
         templates = tuple(
-            self.template(name, key_node, value_node, defaults)
+            self.template(name, key_node, value_node, defaults, presets)
             for name, (key_node, value_node) in entries.items()
         )
         return TemplateFile(path=self.path, key=key, templates=templates)
@@ -444,6 +711,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "width": (64, 4096),
     "height": (64, 4096),
     "seeds": (1, 1000),
+    "max_variants": (1, 1000),
 }
 
 

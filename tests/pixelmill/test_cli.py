@@ -55,7 +55,7 @@ def test_produce_then_status(workdir: Path) -> None:
         "--no-dispatch",
     )
     assert code == 0, out
-    assert "2 items, 2 new jobs, 0 unchanged, 6 images planned" in out
+    assert "2 rows, 2 items, 0 rows skipped; 2 new jobs, 0 unchanged, 6 images planned" in out
     code, out = invoke("status", "r1")
     assert code == 0
     assert "pending" in out and "images: 0 of 6 planned" in out

@@ -1,10 +1,35 @@
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+)
 
-from producer.catalogue import CatalogueError, CatalogueRow, CsvCatalogue
+from producer.catalogue import (
+    CatalogueError,
+    CatalogueRow,
+    CsvCatalogue,
+    JsonlCatalogue,
+    SqlCatalogue,
+)
 
 
 def write(tmp_path: Path, data: bytes, name: str = "catalogue.csv") -> Path:
@@ -153,3 +178,439 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_encoding(tmp_path: Path) -> None:
     with pytest.raises(CatalogueError, match="unknown encoding"):
         CsvCatalogue(write(tmp_path, b"sku\n"), encoding="no-such-codec")
+
+
+# --- CSV delimiters -----------------------------------------------------------------------
+
+
+def test_semicolon_is_sniffed(tmp_path: Path) -> None:
+    cat = CsvCatalogue(write(tmp_path, b"sku;title;price\nA1;Red, big mug;9,90\nA2;Cup;3\n"))
+    assert cat.delimiter == ";"
+    assert cat.columns == ["sku", "title", "price"]
+    assert [r.fields for r in cat] == [
+        {"sku": "A1", "title": "Red, big mug", "price": "9,90"},
+        {"sku": "A2", "title": "Cup", "price": "3"},
+    ]
+
+
+def test_tab_is_sniffed(tmp_path: Path) -> None:
+    cat = CsvCatalogue(write(tmp_path, b"sku\ttitle\nA1\tRed; mug, large\nA2\tCup\n"))
+    assert cat.delimiter == "\t"
+    assert [(r.line, r.fields["title"]) for r in cat] == [(2, "Red; mug, large"), (3, "Cup")]
+
+
+def test_single_column_falls_back_to_comma(tmp_path: Path) -> None:
+    # The "|" in the values must not be taken for a delimiter: the header has none.
+    cat = CsvCatalogue(write(tmp_path, b"sku\nA|1\nB|2\n"))
+    assert cat.delimiter == ","
+    assert [r.fields for r in cat] == [{"sku": "A|1"}, {"sku": "B|2"}]
+
+
+def test_given_delimiter_wins_over_sniffing(tmp_path: Path) -> None:
+    path = write(tmp_path, b"sku|title\nA1|a,b\n")
+    assert [r.fields for r in CsvCatalogue(path, delimiter="|")] == [{"sku": "A1", "title": "a,b"}]
+    # Forced to ",", the same file is one column named "sku|title".
+    assert CsvCatalogue(path, delimiter=",").columns == ["sku|title"]
+
+
+def test_bad_delimiter(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="one character"):
+        CsvCatalogue(write(tmp_path, b"sku\n"), delimiter=";;")
+
+
+def test_sniffed_semicolon_with_quoted_newlines_and_bom(tmp_path: Path) -> None:
+    data = '\ufeffsku;title\nA1;"one\ntwo"\nA2;x\n'.encode()
+    rows = list(CsvCatalogue(write(tmp_path, data)))
+    assert [(r.line, r.fields["sku"]) for r in rows] == [(2, "A1"), (4, "A2")]
+    assert rows[0].fields["title"] == "one\ntwo"
+
+
+def test_sniffed_semicolon_gbk(tmp_path: Path) -> None:
+    path = write(tmp_path, "sku;title\nA1;红色杯子\n".encode("gbk"))
+    cat = CsvCatalogue(path, encoding="gbk")
+    assert cat.delimiter == ";"
+    assert [r.fields["title"] for r in cat] == ["红色杯子"]
+
+
+# --- JSON Lines ---------------------------------------------------------------------------
+
+
+def jsonl(tmp_path: Path, text_: str) -> Path:
+    return write(tmp_path, text_.encode(), name="catalogue.jsonl")
+
+
+def test_jsonl_rows_and_lines(tmp_path: Path) -> None:
+    path = jsonl(
+        tmp_path, '{"sku": "A1", "title": "Red mug"}\n\n  \n{"sku": "A2", "title": "Cup"}\n'
+    )
+    cat = JsonlCatalogue(path)
+    assert cat.columns is None
+    assert list(cat) == [
+        CatalogueRow(line=1, fields={"sku": "A1", "title": "Red mug"}),
+        CatalogueRow(line=4, fields={"sku": "A2", "title": "Cup"}),
+    ]
+
+
+def test_jsonl_value_conversion(tmp_path: Path) -> None:
+    line = '{"s": "x", "i": 3, "f": 9.5, "t": true, "n": false, "z": null, "u": "红"}\n'
+    [row] = list(JsonlCatalogue(jsonl(tmp_path, line)))
+    assert row.fields == {
+        "s": "x",
+        "i": "3",
+        "f": "9.5",
+        "t": "true",
+        "n": "false",
+        "z": "",
+        "u": "红",
+    }
+
+
+def test_jsonl_bom_and_crlf(tmp_path: Path) -> None:
+    path = write(tmp_path, '\ufeff{"sku": "A1"}\r\n{"sku": "A2"}'.encode(), "c.ndjson")
+    assert [(r.line, r.fields) for r in JsonlCatalogue(path)] == [
+        (1, {"sku": "A1"}),
+        (2, {"sku": "A2"}),
+    ]
+
+
+def test_jsonl_invalid_json_names_the_line(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, '{"sku": "A1"}\n\n{"sku": "A2",}\n')
+    with pytest.raises(CatalogueError) as err:
+        list(JsonlCatalogue(path))
+    assert (err.value.line, err.value.field) == (3, None)
+    assert str(err.value).startswith(f"{path}:3: not valid JSON")
+
+
+def test_jsonl_nan_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="NaN is not valid JSON") as err:
+        list(JsonlCatalogue(jsonl(tmp_path, '{"sku": "A1", "price": NaN}\n')))
+    assert err.value.line == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("[1, 2]", "an array"), ('"A1"', "a string"), ("null", "null")]
+)
+def test_jsonl_line_must_be_an_object(tmp_path: Path, value: str, kind: str) -> None:
+    path = jsonl(tmp_path, '{"sku": "A1"}\n' + value + "\n")
+    with pytest.raises(CatalogueError) as err:
+        list(JsonlCatalogue(path))
+    assert err.value.line == 2
+    assert err.value.reason == f"expected a JSON object, got {kind}"
+
+
+@pytest.mark.parametrize("nested", ['["red", "blue"]', '{"r": 1}'])
+def test_jsonl_nested_value(tmp_path: Path, nested: str) -> None:
+    path = jsonl(tmp_path, '{"sku": "A1"}\n{"sku": "A2", "colours": ' + nested + "}\n")
+    with pytest.raises(CatalogueError) as err:
+        list(JsonlCatalogue(path))
+    assert (err.value.line, err.value.field) == (2, "colours")
+    assert str(err.value) == f"{path}:2: field 'colours': nested values are not supported"
+
+
+def test_jsonl_duplicate_key(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError) as err:
+        list(JsonlCatalogue(jsonl(tmp_path, '{"sku": "A1", "sku": "A2"}\n')))
+    assert (err.value.line, err.value.field, err.value.reason) == (1, "sku", "duplicate key")
+
+
+def test_jsonl_required_key_checked_per_row(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, '{"sku": "A1", "title": "x"}\n{"sku": "A2"}\n')
+    cat = JsonlCatalogue(path)
+    cat.require_columns(["sku"], who="the template file's 'key'")
+    cat.require_columns(["title"], who="template 'studio'")
+    rows = iter(cat)
+    assert next(rows).fields == {"sku": "A1", "title": "x"}
+    with pytest.raises(CatalogueError) as err:
+        next(rows)
+    assert (err.value.line, err.value.field) == (2, "title")
+    assert str(err.value) == (
+        f"{path}:2: field 'title': key required by template 'studio' is missing (keys: sku)"
+    )
+
+
+def test_jsonl_bad_encoding_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b'{"sku": "A1"}\n{"sku": "\xff"}\n', "c.jsonl")
+    with pytest.raises(CatalogueError) as err:
+        list(JsonlCatalogue(path))
+    assert err.value.line == 2
+    assert "not valid utf-8" in err.value.reason
+
+
+def test_jsonl_gbk(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"sku": "A1", "title": "红色杯子"}\n'.encode("gbk"), "c.jsonl")
+    assert [r.fields["title"] for r in JsonlCatalogue(path, encoding="gbk")] == ["红色杯子"]
+
+
+@pytest.mark.parametrize("data", [b"", b"\n \n"])
+def test_jsonl_empty(tmp_path: Path, data: bytes) -> None:
+    path = write(tmp_path, data, "c.jsonl")
+    with pytest.raises(CatalogueError) as err:
+        JsonlCatalogue(path)
+    assert str(err.value) == f"{path}:1: file is empty"
+
+
+def test_jsonl_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="cannot open"):
+        JsonlCatalogue(tmp_path / "nope.jsonl")
+
+
+# --- SQL ----------------------------------------------------------------------------------
+
+products_meta = MetaData()
+products = Table(
+    "products",
+    products_meta,
+    Column("id", Integer, primary_key=True),
+    Column("sku", String, nullable=False),
+    Column("title", String),
+    Column("price", Numeric(10, 2)),
+)
+
+
+def make_products(url: str, count: int) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            products_meta.create_all(conn)
+            rows = [
+                {"id": n, "sku": f"S{n:05d}", "title": None if n == 2 else f"Item {n}", "price": n}
+                for n in range(1, count + 1)
+            ]
+            # Inserted in reverse, so primary key order is not the insertion order.
+            conn.execute(insert(products), rows[::-1])
+    finally:
+        engine.dispose()
+
+
+def count_products(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(products)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_products(fresh_database_url: str) -> str:
+    make_products(fresh_database_url, 3)
+    return fresh_database_url
+
+
+@pytest.fixture
+def sqlite_products(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+    make_products(url, 3)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def products_url(request: pytest.FixtureRequest) -> str:
+    fixture = "pg_products" if request.param == "postgres" else "sqlite_products"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+EXPECTED = [
+    CatalogueRow(line=1, fields={"id": "1", "sku": "S00001", "title": "Item 1", "price": "1.00"}),
+    CatalogueRow(line=2, fields={"id": "2", "sku": "S00002", "title": "", "price": "2.00"}),
+    CatalogueRow(line=3, fields={"id": "3", "sku": "S00003", "title": "Item 3", "price": "3.00"}),
+]
+
+
+def test_sql_by_table(products_url: str) -> None:
+    cat = SqlCatalogue(products_url, table="products")
+    assert cat.path == "sql:products"
+    assert cat.columns == ["id", "sku", "title", "price"]
+    assert list(cat) == EXPECTED
+    # A second pass reads the table again.
+    assert [r.line for r in cat] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("url", "schema"), [("pg_products", "public"), ("sqlite_products", "main")]
+)
+def test_sql_by_schema_qualified_table(
+    request: pytest.FixtureRequest, url: str, schema: str
+) -> None:
+    cat = SqlCatalogue(request.getfixturevalue(url), table=f"{schema}.products")
+    assert cat.path == f"sql:{schema}.products"
+    assert list(cat) == EXPECTED
+
+
+def test_sql_by_query(products_url: str) -> None:
+    query = (
+        "-- the ones with titles\n"
+        "SELECT sku, title FROM products WHERE title IS NOT NULL ORDER BY sku DESC"
+    )
+    cat = SqlCatalogue(products_url, query=query)
+    assert cat.path == "sql:query"
+    assert cat.columns == ["sku", "title"]
+    assert [(r.line, r.fields) for r in cat] == [
+        (1, {"sku": "S00003", "title": "Item 3"}),
+        (2, {"sku": "S00001", "title": "Item 1"}),
+    ]
+
+
+def test_sql_value_conversion(pg_products: str) -> None:
+    query = (
+        "SELECT true AS yes, false AS no, NULL AS nothing, 2.5::float8 AS f, "
+        "DATE '2024-05-01' AS day, ARRAY[1, 2] AS list"
+    )
+    cat = SqlCatalogue(pg_products, query=query)
+    with pytest.raises(CatalogueError) as err:
+        list(cat)
+    assert (err.value.path, err.value.line, err.value.field) == ("sql:query", 1, "list")
+    assert err.value.reason == "nested values are not supported"
+    [row] = SqlCatalogue(pg_products, query=query.replace(", ARRAY[1, 2] AS list", ""))
+    assert row.fields == {
+        "yes": "true",
+        "no": "false",
+        "nothing": "",
+        "f": "2.5",
+        "day": "2024-05-01",
+    }
+
+
+def test_sql_missing_table(products_url: str) -> None:
+    with pytest.raises(CatalogueError) as err:
+        SqlCatalogue(products_url, table="prodcts")
+    assert str(err.value) == "sql:prodcts: table 'prodcts' does not exist"
+
+
+def test_sql_missing_schema(pg_products: str) -> None:
+    with pytest.raises(CatalogueError) as err:
+        SqlCatalogue(pg_products, table="nope.products")
+    assert err.value.reason == "table 'nope.products' does not exist"
+
+
+def test_sql_table_name_is_quoted(pg_products: str) -> None:
+    with pytest.raises(CatalogueError, match="does not exist"):
+        SqlCatalogue(pg_products, table="products; DROP TABLE products")
+    assert count_products(pg_products) == 3
+
+
+def test_sql_bad_query_is_a_catalogue_error(products_url: str) -> None:
+    with pytest.raises(CatalogueError) as err:
+        SqlCatalogue(products_url, query="SELECT nope FROM products")
+    assert err.value.path == "sql:query"
+    assert err.value.reason.startswith("query failed: ")
+    assert "nope" in err.value.reason
+
+
+def test_sql_duplicate_column_names(products_url: str) -> None:
+    with pytest.raises(CatalogueError) as err:
+        SqlCatalogue(products_url, query="SELECT sku, title AS sku FROM products")
+    assert (err.value.field, err.value.reason) == ("sku", "duplicate column name")
+
+
+def test_sql_require_columns(products_url: str) -> None:
+    cat = SqlCatalogue(products_url, query="SELECT sku, title FROM products")
+    cat.require_columns(["sku"], who="the template file's 'key'")
+    with pytest.raises(CatalogueError) as err:
+        cat.require_columns(["sku", "colour"], who="template 'studio'")
+    assert str(err.value) == (
+        "sql:query: field 'colour': column required by template 'studio' is missing "
+        "(columns: sku, title)"
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM products RETURNING sku",
+        "  /* tidy */ delete from products",
+        "UPDATE products SET title = 'x' RETURNING sku",
+        "DROP TABLE products",
+    ],
+)
+def test_sql_writing_statement_is_refused(products_url: str, query: str) -> None:
+    with pytest.raises(CatalogueError) as err:
+        list(SqlCatalogue(products_url, query=query))
+    assert "read-only" in err.value.reason
+    assert count_products(products_url) == 3
+
+
+def test_sql_writing_cte_is_refused_on_postgres(pg_products: str) -> None:
+    query = "WITH d AS (DELETE FROM products RETURNING sku) SELECT sku FROM d"
+    with pytest.raises(CatalogueError) as err:
+        list(SqlCatalogue(pg_products, query=query))
+    assert "tries to write" in err.value.reason
+    assert count_products(pg_products) == 3
+
+
+def test_sql_writing_function_is_stopped_by_read_only_transaction(pg_products: str) -> None:
+    # A SELECT that writes through a function passes any word check; only the read-only
+    # transaction stops it.
+    engine = create_engine(pg_products)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION wipe() RETURNS bigint LANGUAGE sql AS "
+                "'DELETE FROM products RETURNING 1'"
+            )
+        )
+    engine.dispose()
+    with pytest.raises(CatalogueError) as err:
+        list(SqlCatalogue(pg_products, query="SELECT wipe() AS n"))
+    assert "tries to write" in err.value.reason
+    assert "read-only transaction" in err.value.reason
+    assert count_products(pg_products) == 3
+
+
+def test_sql_table_and_query_exclusive(pg_products: str) -> None:
+    with pytest.raises(CatalogueError, match="give --table or --query"):
+        SqlCatalogue(pg_products)
+    with pytest.raises(CatalogueError, match="give --table or --query"):
+        SqlCatalogue(pg_products, table="products", query="SELECT 1")
+
+
+def test_sql_unreachable_database() -> None:
+    with pytest.raises(CatalogueError) as err:
+        SqlCatalogue("postgresql+psycopg://postgres:secret@127.0.0.1:1/x", table="products")
+    assert err.value.reason.startswith("cannot connect to the database")
+    assert "secret" not in str(err.value)
+
+
+@pytest.fixture
+def cursors() -> Iterator[list[Any]]:
+    """The DBAPI cursors of every statement any engine runs during the test."""
+    seen: list[Any] = []
+
+    def record(conn: Any, cursor: Any, *args: Any) -> None:
+        seen.append(cursor)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_sql_streams_through_a_server_side_cursor(
+    fresh_database_url: str, cursors: list[Any]
+) -> None:
+    make_products(fresh_database_url, 5000)
+    cat = SqlCatalogue(fresh_database_url, table="products", batch_size=250)
+    del cursors[:]
+    rows = iter(cat)
+    first = next(rows)
+    assert first.fields["sku"] == "S00001"
+    [cursor] = [c for c in cursors if isinstance(c, psycopg.ServerCursor)]
+    assert not cursor.closed
+    # After 1,000 rows the server has handed over at most one batch more than that, not
+    # the whole table (rownumber counts the rows fetched from the server so far).
+    head = [first, *itertools.islice(rows, 999)]
+    assert 1000 <= cursor.rownumber <= 1000 + 250
+    numbers = [row.line for row in head] + [row.line for row in rows]
+    assert numbers == list(range(1, 5001))
+    assert cursor.closed
+
+
+def test_sql_abandoned_iteration_closes_the_cursor(
+    fresh_database_url: str, cursors: list[Any]
+) -> None:
+    make_products(fresh_database_url, 600)
+    rows = iter(SqlCatalogue(fresh_database_url, query="SELECT sku FROM products", batch_size=100))
+    assert next(rows).line == 1
+    [cursor] = [c for c in cursors if isinstance(c, psycopg.ServerCursor) and not c.closed]
+    rows.close()  # type: ignore[attr-defined]
+    assert cursor.closed

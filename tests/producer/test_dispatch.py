@@ -303,7 +303,8 @@ def produce_committed(engine: Engine, tmp_path: Path, items: int) -> list[int]:
             run_name="concurrency",
         )
     assert report.jobs_new == 2 * items
-    return report.job_ids
+    with Session(engine) as session:
+        return list(session.scalars(select(Job.id).where(Job.run_id == report.run_id)))
 
 
 def test_publish_sees_committed_state_from_another_connection(

@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus
 from producer.catalogue import CatalogueError
-from producer.produce import DEFAULT_SEEDS, ProduceReport, content_hash, dedupe_key, produce
+from producer.produce import (
+    DEFAULT_SEEDS,
+    ProduceReport,
+    StrictModeError,
+    content_hash,
+    dedupe_key,
+    produce,
+)
 from producer.seeds import seed_sweep
 from producer.templates import TemplateError
 
@@ -81,6 +88,7 @@ def run_produce(
     *,
     seeds: int | None = None,
     run_name: str = "run-1",
+    strict: bool = False,
 ) -> ProduceReport:
     return produce(
         session,
@@ -89,6 +97,7 @@ def run_produce(
         seeds=seeds,
         default_model=DEFAULT_MODEL,
         run_name=run_name,
+        strict=strict,
     )
 
 
@@ -175,7 +184,8 @@ def test_produce_writes_run_items_and_jobs(tmp_path: Path, db_session: Session) 
     assert report.jobs_new == 6
     assert report.jobs_unchanged == 0
     assert report.images_planned == 3 * (2 + 3)
-    assert sorted(report.job_ids) == sorted(job["id"] for job in jobs.values())
+    new_ids = db_session.scalars(select(Job.id).where(Job.run_id == report.run_id)).all()
+    assert sorted(new_ids) == sorted(job["id"] for job in jobs.values())
     assert row_counts(db_session) == {"runs": 1, "catalogue_items": 3, "jobs": 6}
 
 
@@ -291,7 +301,7 @@ def test_reproducing_unchanged_catalogue_creates_no_jobs(
     assert second.items == 3
     assert second.jobs_new == 0
     assert second.jobs_unchanged == 6
-    assert second.job_ids == []
+    assert db_session.scalar(select(func.count()).where(Job.run_id == second.run_id)) == 0
     assert second.images_planned == first.images_planned
     after = row_counts(db_session)
     assert after == {**before, "runs": before["runs"] + 1}  # a new run, nothing else
@@ -318,7 +328,8 @@ def test_changing_one_item_creates_jobs_for_that_item_alone(
         .join(CatalogueItem, CatalogueItem.id == Job.item_id)
         .where(Job.run_id == report.run_id)
     ).all()
-    assert sorted(report.job_ids) == sorted(job.id for job in new_jobs)
+    new_ids = db_session.scalars(select(Job.id).where(Job.run_id == report.run_id)).all()
+    assert sorted(new_ids) == sorted(job.id for job in new_jobs)
     assert {(j.external_key, j.template) for j in new_jobs} == {("A2", "studio"), ("A2", "scene")}
     prompts = {j.template: j.prompt for j in new_jobs}
     assert prompts == {"studio": "photo of floor lamp, blue", "scene": "floor lamp in an office"}
@@ -463,22 +474,88 @@ def test_non_utf8_bytes(tmp_path: Path, db_session: Session, existing_rows: dict
     assert db_session.scalar(select(func.count()).where(Run.name == "bad")) == 0
 
 
-def test_empty_referenced_field(
-    tmp_path: Path, db_session: Session, existing_rows: dict[str, int]
-) -> None:
-    # Rows 2 and 3 are fine (their items are flushed before row 4 fails to render).
-    catalogue = (
+BAD_ROWS = {
+    # name: (catalogue, bad line, field, text in the reason, good items)
+    "empty-referenced-field": (
         "sku,title,colour,scene\n"
         "B1,mug,red,a kitchen\n"
         "B2,lamp,blue,an office\n"
         "B3,chair,   ,a garden\n"
-        "B4,vase,white,a hall\n"
-    )
+        "B4,vase,white,a hall\n",
+        4,
+        "colour",
+        "empty",
+        {"B1", "B2", "B4"},
+    ),
+    "duplicate-key": (
+        "sku,title,colour,scene\n"
+        "B1,mug,red,a kitchen\n"
+        "B2,lamp,blue,an office\n"
+        "B3,chair,green,a garden\n"
+        "B2,other lamp,black,a hall\n",
+        5,
+        "sku",
+        "duplicate item key 'B2' (first seen on line 3)",
+        {"B1", "B2", "B3"},
+    ),
+    "empty-key": (
+        "sku,title,colour,scene\nB1,mug,red,a kitchen\n  ,lamp,blue,an office\n",
+        3,
+        "sku",
+        "empty",
+        {"B1"},
+    ),
+    "ragged-row": (
+        "sku,title,colour,scene\nB1,mug,red,a kitchen\nB2,lamp,blue\nB3,cup,red,a cafe\n",
+        3,
+        None,
+        "row has 3 cells but the header has 4 columns",
+        {"B1", "B3"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_rows_are_skipped_and_reported(
+    tmp_path: Path,
+    db_session: Session,
+    existing_rows: dict[str, int],
+    case: tuple[str, int, str | None, str, set[str]],
+) -> None:
+    catalogue, line, field, reason, good_items = case
     catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
-    with pytest.raises(CatalogueError) as exc:
-        run_produce(db_session, catalogue_path, templates_path, run_name="bad")
-    assert_catalogue_error(exc, catalogue_path, 4, "colour")
-    assert "empty" in str(exc.value)
+    report = run_produce(db_session, catalogue_path, templates_path, run_name="partial")
+    assert not report.complete
+    assert (report.rows_skipped, report.problems_total) == (1, 1)
+    [problem] = report.problems
+    assert isinstance(problem, CatalogueError)
+    assert (Path(problem.path), problem.line, problem.field) == (catalogue_path, line, field)
+    assert reason in str(problem)
+    written = db_session.scalars(
+        select(CatalogueItem.external_key)
+        .join(Job, Job.item_id == CatalogueItem.id)
+        .where(Job.run_id == report.run_id)
+        .distinct()
+    ).all()
+    assert set(written) == good_items
+    assert report.jobs_new == 2 * len(good_items)
+
+
+@pytest.mark.parametrize("case", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_rows_in_strict_mode_write_nothing(
+    tmp_path: Path,
+    db_session: Session,
+    existing_rows: dict[str, int],
+    case: tuple[str, int, str | None, str, set[str]],
+) -> None:
+    catalogue, line, field, reason, _good = case
+    catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
+    with pytest.raises(StrictModeError) as exc:
+        run_produce(db_session, catalogue_path, templates_path, run_name="bad", strict=True)
+    assert exc.value.total == 1
+    [problem] = exc.value.problems
+    assert (Path(problem.path), problem.line, problem.field) == (catalogue_path, line, field)
+    assert reason in str(problem)
     assert row_counts(db_session) == existing_rows
 
 
@@ -487,45 +564,6 @@ def test_empty_unreferenced_field_is_fine(tmp_path: Path, db_session: Session) -
     catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
     report = run_produce(db_session, catalogue_path, templates_path)
     assert (report.items, report.jobs_new) == (1, 2)
-
-
-def test_duplicate_item_key(
-    tmp_path: Path, db_session: Session, existing_rows: dict[str, int]
-) -> None:
-    catalogue = (
-        "sku,title,colour,scene\n"
-        "B1,mug,red,a kitchen\n"
-        "B2,lamp,blue,an office\n"
-        "B3,chair,green,a garden\n"
-        "B2,other lamp,black,a hall\n"
-    )
-    catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
-    with pytest.raises(CatalogueError) as exc:
-        run_produce(db_session, catalogue_path, templates_path, run_name="bad")
-    assert_catalogue_error(exc, catalogue_path, 5, "sku")
-    message = str(exc.value)
-    assert "'B2'" in message
-    assert "line 3" in message  # where the key was first seen
-    assert row_counts(db_session) == existing_rows
-
-
-def test_empty_item_key(tmp_path: Path, db_session: Session, existing_rows: dict[str, int]) -> None:
-    catalogue = "sku,title,colour,scene\nB1,mug,red,a kitchen\n  ,lamp,blue,an office\n"
-    catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
-    with pytest.raises(CatalogueError) as exc:
-        run_produce(db_session, catalogue_path, templates_path, run_name="bad")
-    assert_catalogue_error(exc, catalogue_path, 3, "sku")
-    assert "empty" in str(exc.value)
-    assert row_counts(db_session) == existing_rows
-
-
-def test_ragged_row(tmp_path: Path, db_session: Session, existing_rows: dict[str, int]) -> None:
-    catalogue = "sku,title,colour,scene\nB1,mug,red,a kitchen\nB2,lamp,blue\n"
-    catalogue_path, templates_path = write_inputs(tmp_path, catalogue)
-    with pytest.raises(CatalogueError) as exc:
-        run_produce(db_session, catalogue_path, templates_path, run_name="bad")
-    assert_catalogue_error(exc, catalogue_path, 3, None)
-    assert row_counts(db_session) == existing_rows
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from producer.templates import RenderError, Template, TemplateError, load_templates
+from producer.templates import (
+    RenderedPrompt,
+    RenderError,
+    Template,
+    TemplateError,
+    load_templates,
+)
 
 GOOD = """\
 key: item_id
@@ -353,3 +359,162 @@ def test_too_long_output() -> None:
 def test_prompt_rendering_to_nothing_is_an_error() -> None:
     with pytest.raises(RenderError, match="empty prompt"):
         make("{% if colour == 'blue' %}blue{% endif %}").render({"colour": "red"}, where="c:2")
+
+
+# ----------------------------------------------------------------------------- when
+
+
+WHEN = """\
+defaults:
+  when: "category == 'shoes'"
+templates:
+  shoes:
+    prompt: "{{ title }}"
+  pricey:
+    prompt: "{{ title }}"
+    when: "category == 'shoes' and price|float > 20"
+  always:
+    prompt: "{{ title }}"
+    when: null
+"""
+
+
+def test_when_true_false_and_defaults(tmp_path: Path) -> None:
+    shoes, pricey, always = load_templates(write(tmp_path, WHEN)).templates
+    cheap = {"title": "x", "category": "shoes", "price": "10"}
+    dear = {"title": "x", "category": "shoes", "price": "25.5"}
+    hat = {"title": "x", "category": "hats", "price": "99"}
+    assert [shoes.applies_to(r, where="c:2") for r in (cheap, dear, hat)] == [True, True, False]
+    assert [pricey.applies_to(r, where="c:2") for r in (cheap, dear, hat)] == [False, True, False]
+    assert always.when is None and always.applies_to(hat, where="c:2") is True
+    # An empty when-only field is fine: float("") falls back to 0.0.
+    assert pricey.applies_to({**dear, "price": ""}, where="c:2") is False
+
+
+def test_when_fields_vs_prompt_fields(tmp_path: Path) -> None:
+    _shoes, pricey, _always = load_templates(write(tmp_path, WHEN)).templates
+    assert pricey.prompt_fields() == frozenset({"title"})
+    assert pricey.fields() == frozenset({"title", "category", "price"})
+    # Empty when-only fields do not stop the prompt from rendering.
+    (out,) = pricey.expand({"title": "boot", "category": "", "price": ""}, where="c:2")
+    assert out.prompt == "boot"
+
+
+def test_when_missing_field_and_eval_error(tmp_path: Path) -> None:
+    _shoes, pricey, _always = load_templates(write(tmp_path, WHEN)).templates
+    with pytest.raises(RenderError) as err:
+        pricey.applies_to({"title": "x", "category": "shoes"}, where="c.csv:4")
+    assert (err.value.field, err.value.where) == ("price", "c.csv:4")
+    path = write(tmp_path, 'templates:\n  t:\n    prompt: x\n    when: "1 / (n|int)"\n')
+    (t,) = load_templates(path).templates
+    assert t.applies_to({"n": "2"}, where="c:2") is True
+    with pytest.raises(RenderError) as err:
+        t.applies_to({"n": "0"}, where="c.csv:5")
+    assert err.value.field == "when" and "ZeroDivisionError" in err.value.reason
+
+
+def test_when_sandbox_escape_fails(tmp_path: Path) -> None:
+    path = write(tmp_path, 'templates:\n  t:\n    prompt: x\n    when: "a.__class__"\n')
+    (t,) = load_templates(path).templates
+    with pytest.raises(RenderError) as err:
+        t.applies_to({"a": "x"}, where="c:2")
+    assert err.value.field == "when" and "sandbox" in err.value.reason
+    assert "<class" not in str(err.value)
+
+
+def test_when_syntax_error_at_load(tmp_path: Path) -> None:
+    err = load_error(tmp_path, 'templates:\n  t:\n    prompt: x\n    when: "price >"\n')
+    assert (err.line, err.field) == (4, "templates.t.when")
+    assert "syntax error" in err.reason and "'t'" in err.reason
+    err = load_error(tmp_path, 'defaults:\n  when: "a|center"\ntemplates:\n  t:\n    prompt: x\n')
+    assert (err.line, err.field) == (2, "defaults.when")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+PRESETS = """\
+presets:
+  photo:
+    before: "best quality, {{ style }}"
+    after: "soft light"
+    negative_prompt: "watermark"
+  painting:
+    before: "{oil|watercolour} painting"
+  bare:
+defaults:
+  negative_prompt: "blurry"
+  preset: photo
+templates:
+  a:
+    prompt: "{{ title }}"
+  b:
+    prompt: "{{ title }}"
+    preset: painting
+    negative_prompt: "{text|logo}"
+  c:
+    prompt: "{{ title }}"
+    preset: null
+"""
+
+
+def test_presets_join_parts(tmp_path: Path) -> None:
+    a, b, c = load_templates(write(tmp_path, PRESETS)).templates
+    row = {"title": "mug", "style": "photo"}
+    assert a.preset == "photo"
+    assert a.expand(row, where="c:2") == [
+        RenderedPrompt("", "best quality, photo, mug, soft light", "watermark, blurry")
+    ]
+    assert [(r.variant, r.prompt, r.negative_prompt) for r in b.expand(row, where="c:2")] == [
+        ("oil / text", "oil painting, mug", "text"),
+        ("oil / logo", "oil painting, mug", "logo"),
+        ("watercolour / text", "watercolour painting, mug", "text"),
+        ("watercolour / logo", "watercolour painting, mug", "logo"),
+    ]
+    assert c.render(row, where="c:2") == ("mug", "blurry")
+
+
+def test_preset_part_rendering_empty_is_skipped() -> None:
+    t = Template(
+        name="t",
+        prompt="{{ title }}",
+        negative_prompt="",
+        model=None,
+        scheduler=None,
+        steps=20,
+        guidance=7.0,
+        width=512,
+        height=512,
+        seeds=None,
+        preset="p",
+        preset_before="{% if hq == 'y' %}masterpiece{% endif %}",
+        preset_after="studio",
+    )
+    assert t.render({"title": "mug", "hq": "n"}, where="c:2") == ("mug, studio", "")
+    assert t.render({"title": "mug", "hq": "y"}, where="c:2") == ("masterpiece, mug, studio", "")
+
+
+def test_unknown_preset(tmp_path: Path) -> None:
+    err = load_error(
+        tmp_path, "presets:\n  p: {}\ntemplates:\n  t:\n    prompt: x\n    preset: q\n"
+    )
+    assert (err.line, err.field) == (6, "templates.t.preset")
+    assert "'q'" in err.reason and "unknown preset" in err.reason
+    err = load_error(tmp_path, "defaults:\n  preset: q\ntemplates:\n  t:\n    prompt: x\n")
+    assert (err.line, err.field) == (2, "defaults.preset")
+
+
+def test_preset_errors_point_at_preset(tmp_path: Path) -> None:
+    err = load_error(tmp_path, "presets:\n  p:\n    befor: x\ntemplates:\n  t:\n    prompt: x\n")
+    assert (err.line, err.field) == (3, "presets.p.befor")
+    text = 'presets:\n  p:\n    after: "{{ x }"\ntemplates:\n  t:\n    prompt: x\n    preset: p\n'
+    err = load_error(tmp_path, text)
+    assert (err.line, err.field) == (3, "presets.p.after")
+    text = 'presets:\n  p:\n    after: "__nope__"\ntemplates:\n  t:\n    prompt: x\n    preset: p\n'
+    err = load_error(tmp_path, text)
+    assert (err.line, err.field) == (3, "presets.p.after") and "__nope__" in err.reason
+
+
+def test_fields_include_preset_fields(tmp_path: Path) -> None:
+    a, _b, _c = load_templates(write(tmp_path, PRESETS)).templates
+    assert a.prompt_fields() == frozenset({"title", "style"})

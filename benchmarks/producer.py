@@ -1,0 +1,151 @@
+"""Producer benchmark: 250,000 catalogue rows x 2 templates x 2 variants = 1,000,000 jobs.
+
+Runs the real `pixelmill produce` (a child process, so its peak RSS is its own) into a fresh
+Postgres database, then, in the same run, times a raw COPY of the very same job rows into a
+scratch table: the floor for writing that much data. Prints jobs/s, peak RSS and the ratio
+producer/raw-COPY (target: >= 0.5, RSS < 500 MB).
+
+    .venv/bin/python benchmarks/producer.py [--rows 250000] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+TEMPLATES = """\
+key: sku
+defaults:
+  steps: 25
+  width: 512
+  height: 512
+  seeds: 4
+  negative_prompt: "lowres, blurry, watermark, text"
+templates:
+  studio:
+    prompt: >-
+      best quality, product photography, {{ colour }} {{ title }} made of {{ material }},
+      {white|light grey} seamless background, soft studio lighting
+  lifestyle:
+    prompt: >-
+      best quality, editorial photo, {{ colour }} {{ title }} in {{ scene }},
+      {morning|golden hour} light, shallow depth of field
+"""
+
+TITLES = ["canvas sneaker", "leather tote", "desk lamp", "ceramic mug", "wool scarf", "armchair"]
+COLOURS = ["red", "navy", "sage green", "cognac", "matte black", "ivory", "mustard"]
+MATERIALS = ["canvas", "leather", "aluminium", "stoneware", "merino wool", "oak"]
+SCENES = ["a sunlit street", "a marble table", "a tidy office", "a rustic kitchen", "a park"]
+
+JOB_COLUMNS = (
+    "run_id, item_id, template, variant, prompt, negative_prompt, model, scheduler, steps, "
+    "guidance, width, height, seeds, status, attempts, dedupe_key, created_at"
+)
+
+
+def write_catalogue(path: Path, rows: int) -> None:
+    rng = random.Random(7)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sku", "title", "colour", "material", "scene"])
+        for i in range(rows):
+            writer.writerow(
+                [
+                    f"SKU-{i:07d}",
+                    rng.choice(TITLES),
+                    rng.choice(COLOURS),
+                    rng.choice(MATERIALS),
+                    rng.choice(SCENES),
+                ]
+            )
+
+
+def fresh_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=250_000)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+
+    url = fresh_database(args.postgres, "pixelmill_bench")
+    sa_url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    env = {**os.environ, "PIXELMILL_DATABASE_URL": sa_url}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        catalogue, templates = work / "catalogue.csv", work / "templates.yaml"
+        write_catalogue(catalogue, args.rows)
+        templates.write_text(TEMPLATES)
+        pixelmill = [sys.executable, "-m", "pixelmill.cli"]
+        subprocess.run([*pixelmill, "db", "upgrade"], env=env, check=True, capture_output=True)
+
+        started = time.perf_counter()
+        produced = subprocess.run(
+            [
+                *pixelmill,
+                "produce",
+                str(catalogue),
+                "--template",
+                str(templates),
+                "--run",
+                "bench",
+                "--max-jobs",
+                str(args.rows * 4 + 1),
+                "--no-dispatch",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        producer_seconds = time.perf_counter() - started
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if produced.returncode != 0:
+            print(produced.stdout, produced.stderr, file=sys.stderr)
+            return 1
+
+    with psycopg.connect(url) as conn:
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]  # type: ignore[index]
+        # The same rows, as bytes in COPY format, then COPY them into a bare scratch table.
+        buffer = io.BytesIO()
+        with conn.cursor().copy(f"COPY (SELECT {JOB_COLUMNS} FROM jobs) TO STDOUT") as copy:
+            for chunk in copy:
+                buffer.write(chunk)
+        conn.execute("CREATE TABLE scratch_jobs (LIKE jobs INCLUDING DEFAULTS)")
+        conn.commit()
+        data = buffer.getvalue()
+        started = time.perf_counter()
+        with conn.cursor().copy(f"COPY scratch_jobs ({JOB_COLUMNS}) FROM STDIN") as copy:
+            for offset in range(0, len(data), 1 << 20):
+                copy.write(data[offset : offset + (1 << 20)])
+        conn.commit()
+        copy_seconds = time.perf_counter() - started
+
+    producer_rate = jobs / producer_seconds
+    copy_rate = jobs / copy_seconds
+    print(f"rows:            {args.rows:,}")
+    print(f"jobs:            {jobs:,}")
+    print(f"producer:        {producer_seconds:8.2f} s  {producer_rate:12,.0f} jobs/s")
+    print(f"raw COPY:        {copy_seconds:8.2f} s  {copy_rate:12,.0f} jobs/s")
+    print(f"ratio producer/raw-COPY: {producer_rate / copy_rate:.2f}  (target >= 0.5)")
+    print(f"producer peak RSS: {peak_rss_mb:.0f} MB  (target < 500 MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
