@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format typecheck pytest migrations-check clean
+.PHONY: install demo test lint format typecheck pytest migrations-check bench clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
 # CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
@@ -39,6 +39,10 @@ pytest: install
 ## Fail if the models and the migrations disagree (the test suite checks this too).
 migrations-check: install
 	$(BIN)/pixelmill db upgrade && $(BIN)/pixelmill db check
+
+## Producer throughput and memory against a raw COPY (needs Postgres; a few minutes).
+bench: install
+	$(BIN)/python benchmarks/producer.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -119,18 +119,19 @@ def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
     """Hash of everything that determines a job's pixels (plus ``salt`` for forced renders)."""
     parts = [
         job["model"],
-        job["scheduler"],
-        job["steps"],
-        job["guidance"],
-        job["width"],
-        job["height"],
+        str(job["scheduler"]),
+        str(job["steps"]),
+        repr(float(job["guidance"])),
+        str(job["width"]),
+        str(job["height"]),
         job["prompt"],
         job["negative_prompt"],
-        job["seeds"],
+        ",".join(map(str, job["seeds"])),
+        salt,
     ]
-    if salt:
-        parts.append(salt)
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()
+    # Length-prefixed parts: unambiguous whatever characters the prompts contain.
+    encoded = "".join(f"{len(part)}:{part}" for part in parts)
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
 def default_run_name(catalogue: str | Path) -> str:
@@ -197,6 +198,7 @@ class Producer:
         self.label = str(source.path)
         self.report = ProduceReport(run_name=options.run_name or "", dry_run=options.dry_run)
         self.token_counters: dict[str, TokenCounter] = {}
+        self.fitting_negatives: set[str] = set()
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
             source.require_columns(sorted(template.fields()), who=f"template {template.name!r}")
@@ -244,6 +246,9 @@ class Producer:
             )
             session.add(run)
             session.flush()
+        elif run.status == RunStatus.FINISHED:
+            run.status = RunStatus.ACTIVE  # more jobs for a run that had finished
+            run.finished_at = None
         return run
 
     # --- expansion -------------------------------------------------------------------------
@@ -353,7 +358,13 @@ class Producer:
                 )
         counter = self._token_counter(job["model"])
         for part in ("prompt", "negative_prompt"):
+            if part == "negative_prompt" and job[part] in self.fitting_negatives:
+                continue  # negative prompts repeat across jobs: count each text once
             tokens = counter.over_window(job[part])
+            if part == "negative_prompt" and tokens is None:
+                if len(self.fitting_negatives) > 10_000:
+                    self.fitting_negatives.clear()  # bounded memory
+                self.fitting_negatives.add(job[part])
             if tokens is not None:
                 self.report.add_warning(
                     InputError(

@@ -87,7 +87,7 @@ class Staging:
                     job["guidance"],
                     job["width"],
                     job["height"],
-                    json.dumps(job["seeds"]),
+                    "[" + ",".join(map(str, job["seeds"])) + "]",  # JSON, without json.dumps
                     job["dedupe_key"],
                 )
             )

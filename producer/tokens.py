@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # transformers takes a second to import; only exact counting needs it
+    from transformers import CLIPTokenizer
 
 CLIP_WINDOW = 75  # tokens available to the prompt (77 minus BOS and EOS)
 
@@ -41,6 +43,9 @@ _PIECES = re.compile(
 # A word up to this many UTF-8 bytes is usually one token in CLIP's vocabulary; a longer one
 # is split, roughly every four bytes.
 _SHORT_WORD_BYTES = 8
+# The same rules for ASCII text: contractions, letter runs, single digits, "_", punctuation.
+_ASCII_PIECES = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[a-z]+|\d|_|[^\s\w]")
+_ASCII_LONG_WORDS = re.compile(rf"(?<![a-z])[a-z]{{{_SHORT_WORD_BYTES + 1},}}")
 _BYTES_PER_LONG_WORD_TOKEN = 4
 
 
@@ -74,8 +79,14 @@ def estimate_tokens(text: str) -> int:
     rare words and non-Latin scripts can be off by more in either direction. Never above
     :func:`token_bound`.
     """
+    normalized = _clip_normalize(text)
+    if normalized.isascii():
+        # The common case, in C: one token per piece, plus the extra tokens of long words.
+        pieces = _ASCII_PIECES.findall(normalized)
+        long_words = _ASCII_LONG_WORDS.findall(normalized)
+        return len(pieces) + sum(len(w) // _BYTES_PER_LONG_WORD_TOKEN - 1 for w in long_words)
     total = 0
-    for piece in _PIECES.finditer(_clip_normalize(text)):
+    for piece in _PIECES.finditer(normalized):
         kind = piece.lastgroup
         if kind == "cjk":
             total += _CJK_TOKENS_PER_CHAR
@@ -151,6 +162,8 @@ def _load_tokenizer(tokenizer_dir: Path) -> CLIPTokenizer:
             f"{tokenizer_dir}: no CLIP tokenizer here "
             "(expected tokenizer.json, or vocab.json and merges.txt)"
         )
+    from transformers import CLIPTokenizer
+
     try:
         # local_files_only: a folder is never a hub id here, and nothing may be downloaded.
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

@@ -107,8 +107,22 @@ def finish_job(session: Session, job: ClaimedJob) -> bool:
         .where(*_fenced(job))
         .values(status=JobStatus.DONE, finished_at=now, lease_expires_at=None)
     )
+    _finish_run_if_complete(session, job.run_id)
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _finish_run_if_complete(session: Session, run_id: int) -> None:
+    """The last job of an active run to end marks the run finished."""
+    open_jobs = select(Job.id).where(
+        Job.run_id == run_id,
+        Job.status.in_([JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING]),
+    )
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.ACTIVE, ~open_jobs.exists())
+        .values(status=RunStatus.FINISHED, finished_at=utcnow())
+    )
 
 
 def fail_job(session: Session, job: ClaimedJob, error: str) -> bool:
@@ -119,5 +133,6 @@ def fail_job(session: Session, job: ClaimedJob, error: str) -> bool:
             status=JobStatus.FAILED, error=error[:4000], finished_at=utcnow(), lease_expires_at=None
         )
     )
+    _finish_run_if_complete(session, job.run_id)
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -194,10 +194,13 @@ def test_example_files_produce(db_session: Session) -> None:
     report = run_produce(db_session, examples / "catalogue.csv", examples / "templates.yaml")
     items = db_session.scalar(select(func.count()).select_from(CatalogueItem))
     assert report.items == items and items > 0
-    assert report.jobs_new == 2 * items
-    assert report.images_planned == 2 * 2 * items
+    # studio has two variants (backgrounds), lifestyle one; two seeds each.
+    assert report.jobs_new == 3 * items
+    assert report.images_planned == 3 * 2 * items
     models = set(db_session.scalars(select(Job.model)))
     assert models == {"tiny"}
+    variants = set(db_session.scalars(select(Job.variant)))
+    assert variants == {"white", "light grey", ""}
 
 
 # --------------------------------------------------------------------------- seeds

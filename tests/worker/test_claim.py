@@ -262,3 +262,32 @@ def test_new_claim_can_fail(db_session: Session) -> None:
     assert finish_job(db_session, old) is False
     assert finish_job(db_session, new) is False
     assert reload(db_session, job).status == JobStatus.FAILED
+
+
+def test_the_last_job_to_end_finishes_its_run(db_session: Session) -> None:
+    run = make_run(db_session)
+    first, second = make_job(db_session, run), make_job(db_session, run)
+    claim_a = claim_job(db_session, first.id, worker="a", lease=LEASE)
+    claim_b = claim_job(db_session, second.id, worker="b", lease=LEASE)
+    assert claim_a is not None and claim_b is not None
+
+    assert finish_job(db_session, claim_a)
+    db_session.refresh(run)
+    assert (run.status, run.finished_at) == (RunStatus.ACTIVE, None)  # one job still running
+
+    assert fail_job(db_session, claim_b, "boom")  # a failed job ends too
+    db_session.refresh(run)
+    assert run.status == RunStatus.FINISHED
+    assert run.finished_at is not None
+
+
+def test_a_paused_run_is_not_marked_finished(db_session: Session) -> None:
+    run = make_run(db_session)
+    job = make_job(db_session, run)
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE)
+    assert claim is not None
+    run.status = RunStatus.PAUSED
+    db_session.commit()
+    assert finish_job(db_session, claim)
+    db_session.refresh(run)
+    assert run.status == RunStatus.PAUSED

@@ -16,7 +16,7 @@ import torch
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import CatalogueItem, Image, Job, JobStatus, Run, SafetyStatus, utcnow
+from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus, SafetyStatus, utcnow
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage, S3Storage, Storage, storage_from_settings
 from worker.claim import ClaimedJob, claim_job
@@ -263,8 +263,11 @@ def test_all_seeds_already_recorded_finishes_without_rendering(
     job = make_job(db_session, model=str(tiny_model_dir), seeds=[1, 2])
     assert render_job(runtime, job.id) == "done"
     rows_before = [(row.id, row.sha256) for row in images_of(db_session, job.id)]
-    # Simulate a worker that died after its last image but before finish_job.
-    reload_job(db_session, job.id).status = JobStatus.QUEUED
+    # Simulate a worker that died after its last image but before finish_job (so its run
+    # was never marked finished either).
+    row = reload_job(db_session, job.id)
+    row.status = JobStatus.QUEUED
+    row.run.status = RunStatus.ACTIVE
     db_session.commit()
 
     assert render_job(runtime, job.id) == "done"
