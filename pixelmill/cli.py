@@ -180,6 +180,9 @@ def produce(
         err.print(f"... and {report.warnings_total - len(report.warnings)} more warnings")
     if dry_run:
         _print_dry_run(report, settings.images_per_second)
+        # The same exit statuses as a real run, so a dry run can validate a catalogue.
+        if not report.complete:
+            raise typer.Exit(EXIT_REFUSED if strict else EXIT_PARTIAL)
         return
     console.print(
         f"run {report.run_name!r} (id {report.run_id}): {report.rows} rows, "
@@ -334,12 +337,10 @@ def runs(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
 
     with _sessions(_settings())() as session:
         summaries = list_runs(session, limit=limit)
-    table = Table()
-    for column in ("id", "name", "status", "priority", "created", "jobs", "done", "failed"):
-        table.add_column(column)
-    table.add_column("images", justify="right")
-    for r in summaries:
-        table.add_row(
+    # Plain aligned columns (like `docker ps`): readable in a terminal, greppable in a log.
+    header = ("ID", "NAME", "STATUS", "PRIORITY", "CREATED", "JOBS", "DONE", "FAILED", "IMAGES")
+    rows = [
+        (
             str(r.id),
             r.name,
             r.status,
@@ -350,7 +351,15 @@ def runs(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
             str(r.jobs_failed),
             str(r.images),
         )
-    console.print(table)
+        for r in summaries
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        console.print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(),
+            markup=False,
+            highlight=False,
+        )
 
 
 @contextmanager

@@ -199,6 +199,10 @@ class Producer:
         self.report = ProduceReport(run_name=options.run_name or "", dry_run=options.dry_run)
         self.token_counters: dict[str, TokenCounter] = {}
         self.fitting_negatives: set[str] = set()
+        # --force: a salt unique to this produce, so its jobs never match earlier ones.
+        self.force_salt = (
+            f"force:{options.run_name}:{datetime.now(UTC).isoformat()}" if options.force else ""
+        )
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
             source.require_columns(sorted(template.fields()), who=f"template {template.name!r}")
@@ -246,6 +250,10 @@ class Producer:
             )
             session.add(run)
             session.flush()
+        elif run.status == RunStatus.CANCELLED:
+            raise InputError(
+                self.label, None, None, f"run {name!r} was cancelled; choose another --run name"
+            )
         elif run.status == RunStatus.FINISHED:
             run.status = RunStatus.ACTIVE  # more jobs for a run that had finished
             run.finished_at = None
@@ -340,7 +348,7 @@ class Producer:
             "seeds": seed_sweep(key, template.name, count, variant=variant),
             "item_key": key,
         }
-        salt = f"force:{self.options.run_name}" if self.options.force else ""
+        salt = self.force_salt
         job["dedupe_key"] = dedupe_key(job, salt)
         return job
 

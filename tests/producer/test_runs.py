@@ -1,0 +1,263 @@
+"""Operating on runs (list, pause, resume, cancel) and how the dispatcher honours them: the
+window of queued jobs and run priority."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus
+from producer.dispatch import dispatch
+from producer.runs import RunStateError, cancel_run, list_runs, pause_run, resume_run
+
+HOUR = timedelta(hours=1)
+
+
+class Recorder:
+    """A publish callback that records each call's ids (fails instead of looping forever)."""
+
+    def __init__(self, max_calls: int = 100) -> None:
+        self.calls: list[list[int]] = []
+        self.max_calls = max_calls
+
+    def __call__(self, ids: Iterable[int]) -> None:
+        self.calls.append(list(ids))
+        if len(self.calls) > self.max_calls:
+            pytest.fail(f"publish called more than {self.max_calls} times")
+
+    @property
+    def ids(self) -> list[int]:
+        return [job_id for batch in self.calls for job_id in batch]
+
+
+def make_run(
+    session: Session, status: str = RunStatus.ACTIVE, *, priority: int = 0, name: str = ""
+) -> Run:
+    run = Run(
+        name=name or f"run-{uuid.uuid4().hex[:8]}",
+        source="test.csv",
+        status=status,
+        priority=priority,
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def make_jobs(
+    session: Session, run: Run, count: int, *, status: str = JobStatus.PENDING
+) -> list[int]:
+    item = CatalogueItem(
+        source="test.csv",
+        external_key=uuid.uuid4().hex,
+        fields={"sku": "x"},
+        content_hash=uuid.uuid4().hex,
+    )
+    session.add(item)
+    jobs = [
+        Job(
+            run=run,
+            item=item,
+            template="t",
+            prompt=f"prompt {i}",
+            negative_prompt="",
+            model="m",
+            scheduler=None,
+            steps=2,
+            guidance=5.0,
+            width=64,
+            height=64,
+            seeds=[i, i + 100],
+            status=status,
+            dedupe_key=uuid.uuid4().hex,
+        )
+        for i in range(count)
+    ]
+    session.add_all(jobs)
+    session.commit()
+    return [job.id for job in jobs]
+
+
+def add_image(session: Session, job_id: int, seed: int) -> None:
+    session.add(
+        Image(
+            job_id=job_id,
+            seed=seed,
+            storage_key=f"images/{job_id}/{seed}.png",
+            sha256="0" * 64,
+            width=64,
+            height=64,
+            bytes=100,
+            safety="unchecked",
+            render_seconds=0.1,
+        )
+    )
+    session.commit()
+
+
+def set_status(session: Session, ids: Iterable[int], status: str) -> None:
+    session.execute(update(Job).where(Job.id.in_(list(ids))).values(status=status))
+    session.commit()
+
+
+def statuses(session: Session, ids: Iterable[int]) -> dict[int, str]:
+    session.expire_all()
+    return dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(list(ids)))).all())
+
+
+def run_dispatch(session: Session, *, window: int | None = None) -> Recorder:
+    recorder = Recorder()
+    dispatch(session, recorder, requeue_after=HOUR, window=window)
+    return recorder
+
+
+# --------------------------------------------------------------------------- list
+
+
+def test_list_runs_counts_jobs_and_images(db_session: Session) -> None:
+    busy = make_run(db_session, name="busy", priority=2)
+    done = make_jobs(db_session, busy, 2, status=JobStatus.DONE)
+    make_jobs(db_session, busy, 1, status=JobStatus.FAILED)
+    make_jobs(db_session, busy, 1, status=JobStatus.RUNNING)
+    make_jobs(db_session, busy, 3, status=JobStatus.PENDING)
+    add_image(db_session, done[0], 1)
+    add_image(db_session, done[0], 2)
+    add_image(db_session, done[1], 1)
+    empty = make_run(db_session, RunStatus.PAUSED, name="empty")
+
+    summaries = {summary.name: summary for summary in list_runs(db_session)}
+
+    assert set(summaries) == {"busy", "empty"}
+    b = summaries["busy"]
+    assert (b.id, b.status, b.priority) == (busy.id, "active", 2)
+    assert (b.jobs, b.jobs_done, b.jobs_failed, b.images) == (7, 2, 1, 3)
+    e = summaries["empty"]
+    assert (e.id, e.status) == (empty.id, "paused")
+    assert (e.jobs, e.jobs_done, e.jobs_failed, e.images) == (0, 0, 0, 0)
+    # Newest first, limited.
+    assert [s.name for s in list_runs(db_session)] == ["empty", "busy"]
+    assert [s.name for s in list_runs(db_session, limit=1)] == ["empty"]
+
+
+# --------------------------------------------------------------------------- pause, resume
+
+
+def test_pause_unqueues_and_dispatch_skips_the_run_until_resumed(db_session: Session) -> None:
+    paused = make_run(db_session)
+    other = make_run(db_session)
+    paused_ids = make_jobs(db_session, paused, 4)
+    # Two of the paused run's jobs are already on the broker.
+    first = run_dispatch(db_session, window=2)
+    assert sorted(first.ids) == sorted(paused_ids[:2])
+    other_ids = make_jobs(db_session, other, 3)
+
+    requeued = pause_run(db_session, paused)
+
+    assert requeued == 2
+    assert db_session.scalar(select(Run.status).where(Run.id == paused.id)) == "paused"
+    assert set(statuses(db_session, paused_ids).values()) == {JobStatus.PENDING}
+    queued_at = db_session.scalars(select(Job.queued_at).where(Job.id.in_(paused_ids))).all()
+    assert queued_at == [None] * 4
+
+    while_paused = run_dispatch(db_session)
+    assert sorted(while_paused.ids) == sorted(other_ids)
+    assert set(statuses(db_session, paused_ids).values()) == {JobStatus.PENDING}
+
+    resume_run(db_session, paused)
+
+    assert db_session.scalar(select(Run.status).where(Run.id == paused.id)) == "active"
+    after_resume = run_dispatch(db_session)
+    assert sorted(after_resume.ids) == sorted(paused_ids)
+    assert set(statuses(db_session, paused_ids).values()) == {JobStatus.QUEUED}
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_cancels_jobs_not_started_and_cannot_be_resumed(db_session: Session) -> None:
+    run = make_run(db_session)
+    pending = make_jobs(db_session, run, 3)
+    queued = make_jobs(db_session, run, 2, status=JobStatus.QUEUED)
+    running = make_jobs(db_session, run, 1, status=JobStatus.RUNNING)
+    done = make_jobs(db_session, run, 1, status=JobStatus.DONE)
+    bystander = make_run(db_session)
+    untouched = make_jobs(db_session, bystander, 2)
+
+    cancelled = cancel_run(db_session, run)
+
+    assert cancelled == 5
+    row = db_session.execute(select(Run.status, Run.finished_at).where(Run.id == run.id)).one()
+    assert row.status == "cancelled" and row.finished_at is not None
+    after = statuses(db_session, pending + queued + running + done + untouched)
+    assert {after[i] for i in pending + queued} == {JobStatus.CANCELLED}
+    assert after[running[0]] == JobStatus.RUNNING
+    assert after[done[0]] == JobStatus.DONE
+    assert {after[i] for i in untouched} == {JobStatus.PENDING}
+
+    with pytest.raises(RunStateError, match="resume"):
+        resume_run(db_session, run)
+    with pytest.raises(RunStateError, match="pause"):
+        pause_run(db_session, run)
+    assert db_session.scalar(select(Run.status).where(Run.id == run.id)) == "cancelled"
+    assert run_dispatch(db_session).ids == sorted(untouched)
+
+
+# --------------------------------------------------------------------------- window
+
+
+def test_dispatch_window_keeps_at_most_window_jobs_queued(db_session: Session) -> None:
+    run = make_run(db_session)
+    ids = make_jobs(db_session, run, 10)
+
+    first = run_dispatch(db_session, window=3)
+
+    assert first.ids == ids[:3]
+    after = statuses(db_session, ids)
+    assert [i for i in ids if after[i] == JobStatus.QUEUED] == ids[:3]
+
+    # Nothing moved on: a second dispatch publishes nothing.
+    assert run_dispatch(db_session, window=3).ids == []
+
+    # A worker claims one and finishes another.
+    set_status(db_session, [ids[0]], JobStatus.RUNNING)
+    set_status(db_session, [ids[1]], JobStatus.DONE)
+
+    topped_up = run_dispatch(db_session, window=3)
+
+    assert topped_up.ids == ids[3:5]
+    after = statuses(db_session, ids)
+    assert [i for i in ids if after[i] == JobStatus.QUEUED] == [ids[2], ids[3], ids[4]]
+    assert [i for i in ids if after[i] == JobStatus.PENDING] == ids[5:]
+
+
+# --------------------------------------------------------------------------- priority
+
+
+def test_higher_priority_run_is_published_first(db_session: Session) -> None:
+    early = make_run(db_session, priority=0)
+    early_ids = make_jobs(db_session, early, 3)
+    urgent = make_run(db_session, priority=5)
+    urgent_ids = make_jobs(db_session, urgent, 3)
+
+    windowed = run_dispatch(db_session, window=3)
+    assert windowed.ids == urgent_ids
+
+    set_status(db_session, urgent_ids, JobStatus.DONE)
+    rest = run_dispatch(db_session, window=3)
+    assert rest.ids == early_ids
+
+
+def test_priority_orders_one_batch(db_session: Session) -> None:
+    early = make_run(db_session, priority=0)
+    early_ids = make_jobs(db_session, early, 2)
+    urgent = make_run(db_session, priority=5)
+    urgent_ids = make_jobs(db_session, urgent, 2)
+
+    recorder = run_dispatch(db_session)
+
+    assert recorder.ids == urgent_ids + early_ids
