@@ -46,8 +46,14 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
     )
     jobs = {job_status: count for job_status, count in counts}
     images = session.scalar(select(func.count(Image.id)).join(Job).where(Job.run_id == run.id))
-    planned = sum(
-        len(seeds) for seeds in session.scalars(select(Job.seeds).where(Job.run_id == run.id))
+    # Counted in the database: a run can have a million jobs.
+    array_length = (
+        func.jsonb_array_length
+        if session.get_bind().dialect.name == "postgresql"
+        else func.json_array_length
+    )
+    planned = session.scalar(
+        select(func.coalesce(func.sum(array_length(Job.seeds)), 0)).where(Job.run_id == run.id)
     )
     failures = session.execute(
         select(Job.id, Job.error)
@@ -61,6 +67,6 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
         status=run.status,
         jobs=jobs,
         images=images or 0,
-        images_planned=planned,
+        images_planned=int(planned or 0),
         failures=[(job_id, error or "") for job_id, error in failures],
     )
