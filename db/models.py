@@ -58,7 +58,8 @@ class JobStatus(enum.StrEnum):
     QUEUED = "queued"  # its id is on the broker
     RUNNING = "running"  # claimed by a worker, lease in lease_expires_at
     DONE = "done"  # every seed has a durable image row
-    FAILED = "failed"  # gave up; error says why
+    FAILED = "failed"  # a deterministic error (bad input, missing model); error says why
+    DEAD = "dead"  # out of attempts (max_attempts); error holds the last attempt's error
     BLOCKED = "blocked"  # refused by the prompt blocklist, never rendered
     CANCELLED = "cancelled"  # its run was cancelled before it started
 
@@ -172,11 +173,16 @@ class Image(Base):
         UniqueConstraint("job_id", "seed"),
         CheckConstraint(_in("safety", SafetyStatus), name="safety"),
         CheckConstraint("bytes > 0", name="bytes_positive"),
+        # Only a flagged image may have no object (PIXELMILL_FLAGGED_IMAGES=drop): every other
+        # row points at a stored object.
+        CheckConstraint("storage_key <> '' OR safety = 'flagged'", name="stored_unless_flagged"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     seed: Mapped[int] = mapped_column(BigInteger)
+    # "" for a flagged image that was dropped (not stored); flagged images that are kept live
+    # under the "quarantine/" prefix.
     storage_key: Mapped[str] = mapped_column(String(500))
     sha256: Mapped[str] = mapped_column(String(64))
     width: Mapped[int] = mapped_column(Integer)

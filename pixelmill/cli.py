@@ -248,9 +248,18 @@ def _dispatch(settings: Settings, run_id: int | None = None, *, quiet: bool = Fa
     from producer.dispatch import celery_publisher
     from producer.dispatch import dispatch as dispatch_jobs
     from worker.celery_app import create_app
+    from worker.claim import reap_expired
 
     celery = create_app(settings)
     with _sessions(settings)() as session:
+        # Jobs whose worker died (lease expired) go back to pending, or dead after
+        # max_attempts, before the window is topped up.
+        reaped = reap_expired(session, max_attempts=settings.max_attempts)
+        if reaped.requeued or reaped.dead:
+            err.print(
+                f"re-queued {len(reaped.requeued)} jobs whose worker stopped; "
+                f"{len(reaped.dead)} out of attempts are dead"
+            )
         report = dispatch_jobs(
             session,
             celery_publisher(celery, settings.render_queue),
@@ -277,30 +286,39 @@ def dispatch(
         time.sleep(watch)
 
 
-def _worker_argv(settings: Settings, concurrency: int, name: str, loglevel: str) -> list[str]:
-    return [
-        "worker",
-        "--pool=prefork",
-        f"--concurrency={concurrency}",
-        f"--queues={settings.render_queue}",
-        f"--hostname={name}",
-        f"--loglevel={loglevel}",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes (one per GPU).")] = 1,
+    gpus: Annotated[
+        str | None, typer.Option(help="Start one worker process per GPU, e.g. 0,1,2,3.")
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Processes of a single worker (without --gpus).")
+    ] = 1,
     name: Annotated[str, typer.Option(help="Celery node name.")] = "pixelmill@%h",
     loglevel: str = "INFO",
 ) -> None:
-    """Run a render worker (the same as `celery -A worker worker`)."""
-    from worker import app as celery
+    """Run render workers (one per GPU with --gpus; else the same as `celery -A worker
+    worker`). The model is loaded in each worker process, never in this one."""
+    from worker.launch import parse_gpus, run_gpu_workers, worker_argv
 
     settings = _settings()
-    celery.worker_main(_worker_argv(settings, concurrency, name, loglevel))
+    if gpus is not None:
+        try:
+            gpu_list = parse_gpus(gpus)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--gpus") from exc
+        raise typer.Exit(
+            run_gpu_workers(
+                gpu_list, queue=settings.render_queue, name=name.split("@")[0], loglevel=loglevel
+            )
+        )
+    from worker import app as celery
+
+    celery.worker_main(
+        worker_argv(
+            queue=settings.render_queue, hostname=name, concurrency=concurrency, loglevel=loglevel
+        )
+    )
 
 
 @app.command()
@@ -433,6 +451,7 @@ def demo(
     worker on a file-based transport, the tiny model)."""
     from db.migrate import upgrade
     from pixelmill.status import find_run, run_status
+    from worker.launch import worker_argv
     from worker.models import resolve_model
 
     settings = _settings()
@@ -447,7 +466,7 @@ def demo(
             "celery",
             "-A",
             "worker",
-            *_worker_argv(settings, 1, "demo@%h", "WARNING"),
+            *worker_argv(queue=settings.render_queue, hostname="demo@%h", loglevel="WARNING"),
         ],
         env=os.environ.copy(),
     )

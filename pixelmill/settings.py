@@ -43,8 +43,10 @@ class Settings(BaseSettings):
     model: str = TINY_MODEL
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
-    # A job claimed this long ago and not finished is presumed lost with its worker.
-    job_lease_seconds: int = Field(default=1800, ge=10)
+    # A running job whose lease has not been extended for this long is presumed lost with its
+    # worker and re-queued by the dispatcher's reaper. The worker's heartbeat extends the lease
+    # every third of it while the job renders, so jobs may run far longer than this.
+    job_lease_seconds: int = Field(default=300, ge=10)
     # A queued job whose message has not been picked up for this long is published again.
     requeue_after_seconds: int = Field(default=900, ge=1)
     # How many published-but-not-started jobs the dispatcher keeps on the broker: a few per
@@ -53,6 +55,22 @@ class Settings(BaseSettings):
     # Prompt blocklist file (one rule per line, see pixelmill/default_blocklist.txt); empty
     # means the shipped default list.
     blocklist_path: Path | None = None
+    # Celery's soft time limit of a render task (the task is interrupted and the job retried):
+    # longer than the longest job. The hard limit (the process is killed) is a little longer.
+    job_time_limit_seconds: int = Field(default=7200, ge=10)
+    # A job is claimed at most this many times: a claim that would exceed it (the job failed
+    # or lost its worker that often) makes it `dead` with its last error instead.
+    max_attempts: int = Field(default=3, ge=1)
+    # Celery's worker_max_tasks_per_child: recycle a worker process after this many jobs
+    # (None: never). Each new process loads its model again.
+    worker_max_tasks_per_child: int | None = Field(default=None, ge=1)
+    # Run the model's safety checker on every image (False: load pipelines without it and
+    # record images as `unchecked`).
+    safety_checker: bool = True
+    # What happens to an image the safety checker flags: "quarantine" stores it under the
+    # `quarantine/` key prefix, "drop" stores nothing (the row has an empty storage_key).
+    # Either way its row says `flagged`.
+    flagged_images: Literal["quarantine", "drop"] = "quarantine"
     # Throughput assumed by `produce --dry-run` to estimate GPU time.
     images_per_second: float = Field(default=1.0, gt=0)
     render_queue: str = "render"
@@ -63,6 +81,17 @@ class Settings(BaseSettings):
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("PIXELMILL_S3_BUCKET is required when PIXELMILL_STORAGE=s3")
         return self
+
+    @property
+    def task_soft_time_limit(self) -> int:
+        """Seconds a render task may run before it is interrupted (and retried)."""
+        return self.job_time_limit_seconds
+
+    @property
+    def task_time_limit(self) -> int:
+        """Seconds after which the worker process running a task is killed."""
+        soft = self.task_soft_time_limit
+        return soft + max(30, soft // 10)
 
     @property
     def resolved_database_url(self) -> str:

@@ -57,7 +57,10 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
     )
     failures = session.execute(
         select(Job.id, Job.error)
-        .where(Job.run_id == run.id, Job.status == JobStatus.FAILED)
+        .where(
+            Job.run_id == run.id,
+            Job.status.in_([JobStatus.FAILED, JobStatus.DEAD, JobStatus.BLOCKED]),
+        )
         .order_by(Job.id)
         .limit(max_failures)
     ).all()

@@ -39,7 +39,13 @@ def list_runs(session: Session, *, limit: int = 50) -> list[RunSummary]:
             Job.run_id,
             func.count().label("jobs"),
             func.sum(case((Job.status == JobStatus.DONE, 1), else_=0)).label("done"),
-            func.sum(case((Job.status == JobStatus.FAILED, 1), else_=0)).label("failed"),
+            # Every way a job can end without images: failed, dead (out of attempts), blocked.
+            func.sum(
+                case(
+                    (Job.status.in_([JobStatus.FAILED, JobStatus.DEAD, JobStatus.BLOCKED]), 1),
+                    else_=0,
+                )
+            ).label("failed"),
         )
         .group_by(Job.run_id)
         .subquery()

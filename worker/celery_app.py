@@ -21,8 +21,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if broker_url.startswith(("redis://", "rediss://")):
         # Redis re-delivers an unacknowledged message after visibility_timeout: it must be
         # longer than the longest job, or a second worker would start the same job.
-        transport_options["visibility_timeout"] = max(6 * 3600, 2 * settings.job_lease_seconds)
-    return {
+        # (A duplicate would be harmless, see worker.claim, but would waste a message.)
+        transport_options["visibility_timeout"] = max(6 * 3600, 2 * settings.task_time_limit)
+    config: dict[str, Any] = {
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -40,7 +41,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
+        # Long GPU tasks: interrupt a task past its soft limit (SoftTimeLimitExceeded: the job
+        # goes back for another attempt), kill its process past the hard limit.
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        # When the broker connection drops, the broker re-delivers unacknowledged messages:
+        # stop the tasks they belong to rather than render them twice (the claim would fence
+        # off the loser's writes anyway, but its GPU time would be wasted).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
     }
+    if settings.worker_max_tasks_per_child is not None:
+        config["worker_max_tasks_per_child"] = settings.worker_max_tasks_per_child
+    return config
 
 
 def _configure_from_environment(sender: Celery, **_: Any) -> None:

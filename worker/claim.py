@@ -8,10 +8,10 @@ whose job was taken over cannot overwrite the new owner's outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
@@ -33,18 +33,46 @@ class ClaimedJob:
     seeds: list[int]
 
 
-def claim_job(session: Session, job_id: int, *, worker: str, lease: timedelta) -> ClaimedJob | None:
-    """Move the job to ``running`` if nobody holds it; None if it is done or held elsewhere."""
-    now = utcnow()
-    claimable = or_(
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    return or_(
         Job.status.in_([JobStatus.PENDING, JobStatus.QUEUED]),
         # A running job whose lease ran out was lost with its worker: take it over.
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
-    active_run = Job.run_id.in_(select(Run.id).where(Run.status == RunStatus.ACTIVE))
+
+
+def _active_run() -> ColumnElement[bool]:
+    return Job.run_id.in_(select(Run.id).where(Run.status == RunStatus.ACTIVE))
+
+
+def _lease_expired_error() -> ColumnElement[str]:
+    """The error a job lost with its worker is left with: names the attempt and the worker."""
+    return (
+        literal("lease expired: worker ", String)
+        + func.coalesce(Job.worker, "?")
+        + literal(" stopped during attempt ", String)
+        + cast(Job.attempts, String)
+    )
+
+
+def claim_job(
+    session: Session,
+    job_id: int,
+    *,
+    worker: str,
+    lease: timedelta,
+    max_attempts: int | None = None,
+) -> ClaimedJob | None:
+    """Move the job to ``running`` if nobody holds it; None if it is done or held elsewhere,
+    or (with ``max_attempts``) if it has already been attempted that often: see
+    :func:`bury_exhausted`."""
+    now = utcnow()
+    conditions = [Job.id == job_id, _claimable(now), _active_run()]
+    if max_attempts is not None:
+        conditions.append(Job.attempts < max_attempts)
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, active_run)
+        .where(*conditions)
         .values(
             status=JobStatus.RUNNING,
             attempts=Job.attempts + 1,
@@ -87,6 +115,71 @@ def claim_job(session: Session, job_id: int, *, worker: str, lease: timedelta) -
     )
 
 
+def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:
+    """Make a claimable job that has had ``max_attempts`` attempts ``dead``, keeping its last
+    error (or saying its last worker was lost). True if it did."""
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _claimable(now), _active_run(), Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.DEAD,
+            error=func.coalesce(Job.error, _lease_expired_error()),
+            finished_at=now,
+            lease_expires_at=None,
+        )
+        .returning(Job.run_id)
+    ).one_or_none()
+    if row is not None:
+        _finish_run_if_complete(session, row.run_id)
+    session.commit()
+    return row is not None
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    requeued: list[int] = field(default_factory=list)  # back to pending for another attempt
+    dead: list[int] = field(default_factory=list)  # out of attempts
+
+
+def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = None) -> ReapReport:
+    """Running jobs whose lease expired were lost with their worker (killed, hung, cut off):
+    re-queue them (``pending``, so the dispatcher publishes them again) or, once they have had
+    ``max_attempts`` attempts, make them ``dead``. Each keeps an error saying what happened.
+
+    A worker that is in fact still running such a job is fenced off (its claim's status and
+    attempt no longer match), so it stops at its next seed and records nothing more.
+    """
+    now = utcnow() if now is None else now
+    expired = [Job.status == JobStatus.RUNNING, Job.lease_expires_at < now]
+    dead_rows = session.execute(
+        update(Job)
+        .where(*expired, Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.DEAD,
+            error=_lease_expired_error(),
+            finished_at=now,
+            lease_expires_at=None,
+        )
+        .returning(Job.id, Job.run_id)
+    ).all()
+    requeued = session.scalars(
+        update(Job)
+        .where(*expired, Job.attempts < max_attempts)
+        .values(
+            status=JobStatus.PENDING,
+            error=_lease_expired_error(),
+            lease_expires_at=None,
+            queued_at=None,
+        )
+        .returning(Job.id)
+    ).all()
+    for run_id in {row.run_id for row in dead_rows}:
+        _finish_run_if_complete(session, run_id)
+    session.commit()
+    return ReapReport(requeued=sorted(requeued), dead=sorted(row.id for row in dead_rows))
+
+
 def _fenced(job: ClaimedJob) -> list[ColumnElement[bool]]:
     return [Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempts == job.attempt]
 
@@ -125,14 +218,31 @@ def _finish_run_if_complete(session: Session, run_id: int) -> None:
     )
 
 
-def fail_job(session: Session, job: ClaimedJob, error: str) -> bool:
+def fail_job(
+    session: Session, job: ClaimedJob, error: str, *, status: JobStatus = JobStatus.FAILED
+) -> bool:
+    """End the job as ``status`` (failed, dead or blocked) with ``error``. False if the job
+    is no longer ours."""
+    if status not in (JobStatus.FAILED, JobStatus.DEAD, JobStatus.BLOCKED):
+        raise ValueError(f"fail_job cannot end a job as {status!r}")
     result = session.execute(
         update(Job)
         .where(*_fenced(job))
-        .values(
-            status=JobStatus.FAILED, error=error[:4000], finished_at=utcnow(), lease_expires_at=None
-        )
+        .values(status=status, error=error[:4000], finished_at=utcnow(), lease_expires_at=None)
     )
     _finish_run_if_complete(session, job.run_id)
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_job(session: Session, job: ClaimedJob, error: str) -> bool:
+    """Give the job back for another attempt (``pending``: the dispatcher publishes it again),
+    keeping ``error``. Images already recorded stay: the next attempt renders the rest.
+    False if the job is no longer ours."""
+    result = session.execute(
+        update(Job)
+        .where(*_fenced(job))
+        .values(status=JobStatus.PENDING, error=error[:4000], lease_expires_at=None, queued_at=None)
+    )
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import pathlib
 import re
@@ -209,13 +210,56 @@ _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
 
+def _has_safety_checker(path: pathlib.Path) -> bool:
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    entry = index.get("safety_checker") if isinstance(index, dict) else None
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def _without_safety_checker(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Not loaded at all (a real checker is a 1.2 GB CLIP model), and no "you disabled the
+    # safety checker" notice: that is what the setting asks for.
+    return {**kwargs, "safety_checker": None, "requires_safety_checker": False}
+
+
+def keep_flagged_pixels(pipe: DiffusionPipeline) -> None:
+    """Make the pipeline's safety checker flag images without blacking them out.
+
+    diffusers replaces a flagged image with a black one. pixelmill records the flag itself
+    (the image row says ``flagged``, the object goes to quarantine or nowhere), so reviewers
+    of the quarantine need the real pixels, and a black image can never be mistaken for a
+    result. No-op for pipelines without a checker.
+    """
+    if getattr(pipe, "safety_checker", None) is None or not hasattr(pipe, "run_safety_checker"):
+        return
+    check = pipe.run_safety_checker
+
+    def run_safety_checker(image: Any, device: Any, dtype: Any) -> tuple[Any, Any]:
+        kept = image.clone() if isinstance(image, torch.Tensor) else image.copy()
+        _checked, flags = check(image, device, dtype)
+        return kept, flags
+
+    # An instance attribute: DiffusionPipeline.__setattr__ only treats config components
+    # specially.
+    setattr(pipe, "run_safety_checker", run_safety_checker)  # noqa: B010
+
+
 def load_pipeline(
-    model: str, *, device: torch.device, dtype: torch.dtype | None = None
+    model: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    safety_checker: bool = True,
 ) -> DiffusionPipeline:
     """Load ``model`` (a local diffusers folder, or a Hub id) onto ``device`` in ``dtype``.
 
     Local folders are loaded with ``local_files_only=True`` so a worker never reaches the
-    network for a model it was told is on disk. The safety checker is kept when present.
+    network for a model it was told is on disk. The safety checker is kept when present
+    (it flags images without blacking them out, see :func:`keep_flagged_pixels`), unless
+    ``safety_checker`` is False: then it is not loaded and images come out unchecked.
     """
     dtype = default_dtype(device) if dtype is None else dtype
     kwargs: dict[str, Any] = {
@@ -229,9 +273,13 @@ def load_pipeline(
             raise FileNotFoundError(
                 f"{model}: not a diffusers pipeline folder (no model_index.json)"
             )
+        if not safety_checker and _has_safety_checker(path):
+            kwargs = _without_safety_checker(kwargs)
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     elif _HUB_ID_RE.fullmatch(model):
         # Needs network (or a populated HF cache); honours HF_HUB_OFFLINE.
+        if not safety_checker:
+            kwargs = _without_safety_checker(kwargs)
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     else:
         raise FileNotFoundError(f"model folder not found: {model}")
@@ -240,6 +288,8 @@ def load_pipeline(
     # (and could undo modules it deliberately keeps in float32).
     pipe.to(device)
     _default_scheduler(pipe)  # remember the model's own scheduler before any job swaps it
+    if safety_checker:
+        keep_flagged_pixels(pipe)
     return pipe
 
 
@@ -277,11 +327,17 @@ class PipelineCache:
     """Keeps up to ``max_models`` pipelines loaded, evicting the least recently used."""
 
     def __init__(
-        self, *, device: torch.device, dtype: torch.dtype | None = None, max_models: int = 2
+        self,
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        max_models: int = 2,
+        safety_checker: bool = True,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
         self.device = device
+        self.safety_checker = safety_checker
         self.dtype = default_dtype(device) if dtype is None else dtype
         self.max_models = max_models
         self._pipes: collections.OrderedDict[str, DiffusionPipeline] = collections.OrderedDict()
@@ -305,6 +361,8 @@ class PipelineCache:
                 self._pipes.popitem(last=False)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-            pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+            pipe = load_pipeline(
+                model, device=self.device, dtype=self.dtype, safety_checker=self.safety_checker
+            )
             self._pipes[model] = pipe
             return pipe

@@ -27,6 +27,7 @@ def build_runtime() -> WorkerRuntime:
     from pixelmill.settings import get_settings
     from pixelmill.storage import storage_from_settings
     from worker.pipeline import PipelineCache, resolve_device
+    from worker.render import blocklist_for
 
     settings = get_settings()
     _quiet_libraries()
@@ -35,8 +36,10 @@ def build_runtime() -> WorkerRuntime:
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.resolved_database_url)),
         storage=storage_from_settings(settings),
-        pipelines=PipelineCache(device=device),
+        pipelines=PipelineCache(device=device, safety_checker=settings.safety_checker),
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
+        # Read at start: a bad blocklist file stops the worker instead of failing every job.
+        blocklist=blocklist_for(settings),
     )
 
 
