@@ -269,3 +269,10 @@ def _default() -> Blocklist:
     return Blocklist.from_lines(
         _decode_lines(resource.read_bytes(), str(resource)), source=str(resource)
     )
+
+
+@functools.cache
+def load_blocklist(path: Path | None) -> Blocklist:
+    """The blocklist at ``path`` (settings.blocklist_path), or the shipped one for None.
+    Read once per file and process: the producer and every worker process share it."""
+    return Blocklist.default() if path is None else Blocklist.from_file(path)

@@ -130,17 +130,13 @@ def produce(
     ] = True,
 ) -> None:
     """Expand CATALOGUE with the templates into a run of render jobs."""
-    from pixelmill.blocklist import Blocklist
+    from pixelmill.blocklist import load_blocklist
     from producer.errors import InputError
     from producer.produce import StrictModeError
     from producer.produce import produce as produce_jobs
 
     settings = _settings()
-    blocklist = (
-        Blocklist.from_file(settings.blocklist_path)
-        if settings.blocklist_path
-        else Blocklist.default()
-    )
+    blocklist = load_blocklist(settings.blocklist_path)
     try:
         with (
             _progress("reading catalogue") as progress,

@@ -48,6 +48,24 @@ class CatalogueRow:
     problem: CatalogueError | None = None
 
 
+def _require_columns(
+    path: str | Path,
+    line: int | None,
+    columns: list[str],
+    needed: Iterable[str],
+    who: str,
+) -> None:
+    present = set(columns)
+    for name in needed:
+        if name not in present:
+            raise CatalogueError(
+                path,
+                line,
+                name,
+                f"column required by {who} is missing (columns: {', '.join(columns)})",
+            )
+
+
 def _raise_problems(rows: Generator[CatalogueRow]) -> Iterator[CatalogueRow]:
     """Plain iteration over a catalogue stops at the first bad record."""
     try:
@@ -238,16 +256,8 @@ class CsvCatalogue:
             yield CatalogueRow(line=line, fields=dict(zip(self.columns, values, strict=True)))
 
     def require_columns(self, needed: Iterable[str], *, who: str) -> None:
-        """Fails on the first column in ``needed`` that the header lacks."""
-        present = set(self.columns)
-        for name in needed:
-            if name not in present:
-                raise CatalogueError(
-                    self.path,
-                    1,
-                    name,
-                    f"column required by {who} is missing (columns: {', '.join(self.columns)})",
-                )
+        """Fails on the first column in ``needed`` that the header (line 1) lacks."""
+        _require_columns(self.path, 1, self.columns, needed, who)
 
 
 class _UnsupportedValue(Exception):
@@ -570,12 +580,4 @@ class SqlCatalogue:
 
     def require_columns(self, needed: Iterable[str], *, who: str) -> None:
         """Fails on the first column in ``needed`` that the table or query lacks."""
-        present = set(self.columns)
-        for name in needed:
-            if name not in present:
-                raise CatalogueError(
-                    self.path,
-                    None,
-                    name,
-                    f"column required by {who} is missing (columns: {', '.join(self.columns)})",
-                )
+        _require_columns(self.path, None, self.columns, needed, who)

@@ -12,13 +12,11 @@ checker flags are recorded as ``flagged`` and stored under ``quarantine/`` (or n
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -27,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import pixelmill
 from db.models import Image, JobStatus, SafetyStatus
 from db.upsert import insert_ignoring_conflicts
-from pixelmill.blocklist import Blocklist
+from pixelmill.blocklist import Blocklist, load_blocklist
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
 from worker.claim import (
@@ -80,16 +78,6 @@ def image_key(job: ClaimedJob, seed: int, sha256: str) -> str:
     return f"runs/{job.run_id}/jobs/{job.id}/{seed}-{sha256[:16]}.png"
 
 
-@functools.cache
-def _blocklist_from(path: Path | None) -> Blocklist:
-    return Blocklist.default() if path is None else Blocklist.from_file(path)
-
-
-def blocklist_for(settings: Settings) -> Blocklist:
-    """The blocklist ``settings`` name (read once per file and process)."""
-    return _blocklist_from(settings.blocklist_path)
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, JobInputError) and exc.__cause__ is not None:
         exc = exc.__cause__
@@ -102,7 +90,11 @@ def render_job(runtime: WorkerRuntime, job_id: int) -> str:
     ``dead`` (out of attempts)."""
     settings = runtime.settings
     lease = timedelta(seconds=settings.job_lease_seconds)
-    blocklist = runtime.blocklist if runtime.blocklist is not None else blocklist_for(settings)
+    blocklist = (
+        runtime.blocklist
+        if runtime.blocklist is not None
+        else load_blocklist(settings.blocklist_path)
+    )
     with runtime.sessions() as session:
         job = claim_job(
             session, job_id, worker=runtime.name, lease=lease, max_attempts=settings.max_attempts

@@ -24,10 +24,10 @@ _runtime: WorkerRuntime | None = None
 
 def build_runtime() -> WorkerRuntime:
     from db.session import make_engine, make_sessionmaker
+    from pixelmill.blocklist import load_blocklist
     from pixelmill.settings import get_settings
     from pixelmill.storage import storage_from_settings
     from worker.pipeline import PipelineCache, resolve_device
-    from worker.render import blocklist_for
 
     settings = get_settings()
     _quiet_libraries()
@@ -39,7 +39,7 @@ def build_runtime() -> WorkerRuntime:
         pipelines=PipelineCache(device=device, safety_checker=settings.safety_checker),
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
         # Read at start: a bad blocklist file stops the worker instead of failing every job.
-        blocklist=blocklist_for(settings),
+        blocklist=load_blocklist(settings.blocklist_path),
     )
 
 

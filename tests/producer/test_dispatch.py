@@ -4,7 +4,6 @@ queued jobs; several dispatchers split the work with FOR UPDATE SKIP LOCKED."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,80 +13,12 @@ import pytest
 from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus, utcnow
+from db.models import Job, JobStatus, Run, RunStatus, utcnow
 from producer.dispatch import dispatch
 from producer.produce import produce
+from tests.producer.jobs import Recorder, make_jobs, make_run
 
 HOUR = timedelta(hours=1)
-
-
-class Recorder:
-    """A publish callback that records each call's ids.
-
-    ``max_calls`` turns a dispatcher that keeps publishing the same jobs into a test failure
-    instead of a hang.
-    """
-
-    def __init__(self, max_calls: int = 100) -> None:
-        self.calls: list[list[int]] = []
-        self.max_calls = max_calls
-
-    def __call__(self, ids: Iterable[int]) -> None:
-        batch = list(ids)
-        self.calls.append(batch)
-        if len(self.calls) > self.max_calls:
-            pytest.fail(f"publish called more than {self.max_calls} times: {self.calls[:5]}...")
-
-    @property
-    def ids(self) -> list[int]:
-        return [job_id for batch in self.calls for job_id in batch]
-
-
-def make_run(session: Session, status: str = RunStatus.ACTIVE) -> Run:
-    run = Run(name=f"run-{uuid.uuid4().hex[:8]}", source="test.csv", status=status)
-    session.add(run)
-    session.flush()
-    return run
-
-
-def make_jobs(
-    session: Session,
-    run: Run,
-    count: int,
-    *,
-    status: str = JobStatus.PENDING,
-    queued_at: datetime | None = None,
-) -> list[int]:
-    item = CatalogueItem(
-        source="test.csv",
-        external_key=uuid.uuid4().hex,
-        fields={"sku": "x"},
-        content_hash=uuid.uuid4().hex,
-    )
-    session.add(item)
-    jobs = [
-        Job(
-            run=run,
-            item=item,
-            template="t",
-            prompt=f"prompt {i}",
-            negative_prompt="",
-            model="m",
-            scheduler=None,
-            steps=2,
-            guidance=5.0,
-            width=64,
-            height=64,
-            seeds=[i],
-            status=status,
-            queued_at=queued_at,
-            dedupe_key=uuid.uuid4().hex,
-        )
-        for i in range(count)
-    ]
-    session.add_all(jobs)
-    session.commit()
-    return [job.id for job in jobs]
 
 
 def statuses(session: Session, ids: Iterable[int]) -> dict[int, str]:

@@ -3,7 +3,6 @@ window of queued jobs and run priority."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -11,76 +10,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus
+from db.models import Image, Job, JobStatus, Run, RunStatus
 from producer.dispatch import dispatch
 from producer.runs import RunStateError, cancel_run, list_runs, pause_run, resume_run
+from tests.producer.jobs import Recorder, make_jobs, make_run
 
 HOUR = timedelta(hours=1)
-
-
-class Recorder:
-    """A publish callback that records each call's ids (fails instead of looping forever)."""
-
-    def __init__(self, max_calls: int = 100) -> None:
-        self.calls: list[list[int]] = []
-        self.max_calls = max_calls
-
-    def __call__(self, ids: Iterable[int]) -> None:
-        self.calls.append(list(ids))
-        if len(self.calls) > self.max_calls:
-            pytest.fail(f"publish called more than {self.max_calls} times")
-
-    @property
-    def ids(self) -> list[int]:
-        return [job_id for batch in self.calls for job_id in batch]
-
-
-def make_run(
-    session: Session, status: str = RunStatus.ACTIVE, *, priority: int = 0, name: str = ""
-) -> Run:
-    run = Run(
-        name=name or f"run-{uuid.uuid4().hex[:8]}",
-        source="test.csv",
-        status=status,
-        priority=priority,
-    )
-    session.add(run)
-    session.flush()
-    return run
-
-
-def make_jobs(
-    session: Session, run: Run, count: int, *, status: str = JobStatus.PENDING
-) -> list[int]:
-    item = CatalogueItem(
-        source="test.csv",
-        external_key=uuid.uuid4().hex,
-        fields={"sku": "x"},
-        content_hash=uuid.uuid4().hex,
-    )
-    session.add(item)
-    jobs = [
-        Job(
-            run=run,
-            item=item,
-            template="t",
-            prompt=f"prompt {i}",
-            negative_prompt="",
-            model="m",
-            scheduler=None,
-            steps=2,
-            guidance=5.0,
-            width=64,
-            height=64,
-            seeds=[i, i + 100],
-            status=status,
-            dedupe_key=uuid.uuid4().hex,
-        )
-        for i in range(count)
-    ]
-    session.add_all(jobs)
-    session.commit()
-    return [job.id for job in jobs]
 
 
 def add_image(session: Session, job_id: int, seed: int) -> None:
@@ -121,10 +56,10 @@ def run_dispatch(session: Session, *, window: int | None = None) -> Recorder:
 
 def test_list_runs_counts_jobs_and_images(db_session: Session) -> None:
     busy = make_run(db_session, name="busy", priority=2)
-    done = make_jobs(db_session, busy, 2, status=JobStatus.DONE)
-    make_jobs(db_session, busy, 1, status=JobStatus.FAILED)
-    make_jobs(db_session, busy, 1, status=JobStatus.RUNNING)
-    make_jobs(db_session, busy, 3, status=JobStatus.PENDING)
+    done = make_jobs(db_session, busy, 2, status=JobStatus.DONE, seeds_per_job=2)
+    make_jobs(db_session, busy, 1, status=JobStatus.FAILED, seeds_per_job=2)
+    make_jobs(db_session, busy, 1, status=JobStatus.RUNNING, seeds_per_job=2)
+    make_jobs(db_session, busy, 3, status=JobStatus.PENDING, seeds_per_job=2)
     add_image(db_session, done[0], 1)
     add_image(db_session, done[0], 2)
     add_image(db_session, done[1], 1)
@@ -150,11 +85,11 @@ def test_list_runs_counts_jobs_and_images(db_session: Session) -> None:
 def test_pause_unqueues_and_dispatch_skips_the_run_until_resumed(db_session: Session) -> None:
     paused = make_run(db_session)
     other = make_run(db_session)
-    paused_ids = make_jobs(db_session, paused, 4)
+    paused_ids = make_jobs(db_session, paused, 4, seeds_per_job=2)
     # Two of the paused run's jobs are already on the broker.
     first = run_dispatch(db_session, window=2)
     assert sorted(first.ids) == sorted(paused_ids[:2])
-    other_ids = make_jobs(db_session, other, 3)
+    other_ids = make_jobs(db_session, other, 3, seeds_per_job=2)
 
     requeued = pause_run(db_session, paused)
 
@@ -181,12 +116,12 @@ def test_pause_unqueues_and_dispatch_skips_the_run_until_resumed(db_session: Ses
 
 def test_cancel_cancels_jobs_not_started_and_cannot_be_resumed(db_session: Session) -> None:
     run = make_run(db_session)
-    pending = make_jobs(db_session, run, 3)
-    queued = make_jobs(db_session, run, 2, status=JobStatus.QUEUED)
-    running = make_jobs(db_session, run, 1, status=JobStatus.RUNNING)
-    done = make_jobs(db_session, run, 1, status=JobStatus.DONE)
+    pending = make_jobs(db_session, run, 3, seeds_per_job=2)
+    queued = make_jobs(db_session, run, 2, status=JobStatus.QUEUED, seeds_per_job=2)
+    running = make_jobs(db_session, run, 1, status=JobStatus.RUNNING, seeds_per_job=2)
+    done = make_jobs(db_session, run, 1, status=JobStatus.DONE, seeds_per_job=2)
     bystander = make_run(db_session)
-    untouched = make_jobs(db_session, bystander, 2)
+    untouched = make_jobs(db_session, bystander, 2, seeds_per_job=2)
 
     cancelled = cancel_run(db_session, run)
 
@@ -212,7 +147,7 @@ def test_cancel_cancels_jobs_not_started_and_cannot_be_resumed(db_session: Sessi
 
 def test_dispatch_window_keeps_at_most_window_jobs_queued(db_session: Session) -> None:
     run = make_run(db_session)
-    ids = make_jobs(db_session, run, 10)
+    ids = make_jobs(db_session, run, 10, seeds_per_job=2)
 
     first = run_dispatch(db_session, window=3)
 
@@ -240,9 +175,9 @@ def test_dispatch_window_keeps_at_most_window_jobs_queued(db_session: Session) -
 
 def test_higher_priority_run_is_published_first(db_session: Session) -> None:
     early = make_run(db_session, priority=0)
-    early_ids = make_jobs(db_session, early, 3)
+    early_ids = make_jobs(db_session, early, 3, seeds_per_job=2)
     urgent = make_run(db_session, priority=5)
-    urgent_ids = make_jobs(db_session, urgent, 3)
+    urgent_ids = make_jobs(db_session, urgent, 3, seeds_per_job=2)
 
     windowed = run_dispatch(db_session, window=3)
     assert windowed.ids == urgent_ids
@@ -254,9 +189,9 @@ def test_higher_priority_run_is_published_first(db_session: Session) -> None:
 
 def test_priority_orders_one_batch(db_session: Session) -> None:
     early = make_run(db_session, priority=0)
-    early_ids = make_jobs(db_session, early, 2)
+    early_ids = make_jobs(db_session, early, 2, seeds_per_job=2)
     urgent = make_run(db_session, priority=5)
-    urgent_ids = make_jobs(db_session, urgent, 2)
+    urgent_ids = make_jobs(db_session, urgent, 2, seeds_per_job=2)
 
     recorder = run_dispatch(db_session)
 
