@@ -189,6 +189,15 @@ class Image(Base):
     height: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(Integer)
     safety: Mapped[str] = mapped_column(String(16))
+    # The checker's score where it gives one (the diffusers checker gives only a verdict).
+    safety_score: Mapped[float | None] = mapped_column(Float)
+    # A small JPEG/PNG preview for review grids, written by the worker beside the image; None
+    # for images stored before thumbnails existed and for dropped flagged images.
+    thumbnail_key: Mapped[str | None] = mapped_column(String(500))
+    # The model's identity: sha256 over its weight files (worker.models.model_identity), and the
+    # library versions that rendered it, so an image can be reproduced or explained later.
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    versions: Mapped[dict[str, str] | None] = mapped_column(JSONType)
     render_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
