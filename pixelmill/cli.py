@@ -522,6 +522,13 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+# Subcommands owned by other parts of the system. Each part keeps its commands in its own
+# module with a `register(app)` function and imports its heavy dependencies inside the
+# commands, so `pixelmill --help` stays fast.
+# --- review app (review/cli.py) ---
+# --- monitoring (monitoring/cli.py) ---
+
+
 def main() -> None:
     app()
 
