@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -202,3 +204,135 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+# --- review (review/) ----------------------------------------------------------------------
+
+
+class ReviewStatus(enum.StrEnum):
+    OPEN = "open"  # waiting for a reviewer (or claimed: see claimed_by / claim_expires_at)
+    REROLLING = "rerolling"  # "none of these": more seeds are rendering; reopens when done
+    DONE = "done"  # submitted
+
+
+class Decision(enum.StrEnum):
+    KEEP = "keep"
+    REJECT = "reject"
+
+
+class ReviewAction(enum.StrEnum):
+    KEEP = "keep"
+    REJECT = "reject"
+    UNDO = "undo"
+    SUBMIT = "submit"
+    REROLL = "reroll"
+
+
+class Reviewer(Base):
+    """A person who reviews images; admins may also export and read stats."""
+
+    __tablename__ = "reviewers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # argon2id, in the PHC string format (parameters and salt included).
+    password_hash: Mapped[str] = mapped_column(String(200))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewItem(Base):
+    """One catalogue item in one run: the unit of review, and the queue's claim row.
+
+    Created when the item's jobs in the run have all ended (review.queue.sync_queue). A
+    reviewer claims the lowest open row whose claim is free or expired (FOR UPDATE SKIP LOCKED
+    on Postgres); the (run_id, status, id) index makes that an index range scan that stops at
+    the first free row, whatever the size of the run.
+    """
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "item_id"),
+        CheckConstraint(_in("status", ReviewStatus), name="status"),
+        CheckConstraint("rerolls >= 0", name="rerolls_non_negative"),
+        CheckConstraint(
+            "(claimed_by IS NULL) = (claim_expires_at IS NULL)", name="claim_has_expiry"
+        ),
+        Index(None, "run_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("catalogue_items.id"))
+    status: Mapped[str] = mapped_column(
+        String(16), default=ReviewStatus.OPEN, server_default=ReviewStatus.OPEN.value
+    )
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("reviewers.id"), index=True)
+    claim_expires_at: Mapped[datetime | None] = _timestamp()
+    # How many times "none of these" queued more seeds for this item.
+    rerolls: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    submitted_by: Mapped[int | None] = mapped_column(ForeignKey("reviewers.id"))
+    submitted_at: Mapped[datetime | None] = _timestamp()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    item: Mapped[CatalogueItem] = relationship()
+
+
+class ImageReview(Base):
+    """The current decision on one image (undo deletes or restores it)."""
+
+    __tablename__ = "image_reviews"
+    __table_args__ = (
+        CheckConstraint(_in("decision", Decision), name="decision"),
+        # Export and stats: the keepers (or all decisions) of a run.
+        Index(None, "run_id", "decision"),
+    )
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    review_item_id: Mapped[int] = mapped_column(
+        ForeignKey("review_items.id", ondelete="CASCADE"), index=True
+    )
+    decision: Mapped[str] = mapped_column(String(16))
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewEvent(Base):
+    """Append-only log of every review action, with who and when: the audit trail, what undo
+    walks back, and what throughput is measured from."""
+
+    __tablename__ = "review_events"
+    __table_args__ = (
+        CheckConstraint(_in("action", ReviewAction), name="action"),
+        CheckConstraint(
+            "previous IS NULL OR " + _in("previous", Decision), name="previous_decision"
+        ),
+        Index(None, "review_item_id", "id"),
+        Index(None, "run_id", "reviewer_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    review_item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id", ondelete="CASCADE"))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"))
+    action: Mapped[str] = mapped_column(String(16))
+    # keep/reject: the image's decision before this event (None: undecided), which undo restores.
+    previous: Mapped[str | None] = mapped_column(String(16))
+    # Set on a keep/reject event once undo has walked it back.
+    undone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewSync(Base):
+    """When review.queue.sync_queue last looked at a run's jobs. A finished run whose
+    finished_at is unchanged since has no new items: its (large) scan is skipped."""
+
+    __tablename__ = "review_sync"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    run_finished_at: Mapped[datetime | None] = _timestamp()
+    synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
