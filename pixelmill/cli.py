@@ -526,6 +526,9 @@ def _safe_url(url: str) -> str:
 # module with a `register(app)` function and imports its heavy dependencies inside the
 # commands, so `pixelmill --help` stays fast.
 # --- review app (review/cli.py) ---
+from review.cli import register as _register_review  # noqa: E402
+
+_register_review(app)
 # --- monitoring (monitoring/cli.py) ---
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in tiny random model: built on first use into the data folder, never downloaded.
@@ -75,6 +75,22 @@ class Settings(BaseSettings):
     images_per_second: float = Field(default=1.0, gt=0)
     render_queue: str = "render"
     log_level: str = "INFO"
+    # Review app (review/, `pixelmill review`).
+    review_host: str = "127.0.0.1"
+    review_port: int = Field(default=8080, ge=1, le=65535)
+    # Signs session cookies; every review process must share it (at least 32 characters).
+    # Required with PIXELMILL_DATABASE_URL; the embedded setup generates one in data_dir.
+    review_secret_key: SecretStr | None = None
+    # A claimed item left this long without a decision goes back to the queue; every decision
+    # renews the claim.
+    review_claim_lease_seconds: int = Field(default=600, ge=10)
+    # Lifetime of the presigned S3 URLs of the review pages' images.
+    review_url_seconds: int = Field(default=900, ge=10, le=604800)
+    review_session_hours: float = Field(default=12.0, gt=0)
+    # Mark the session cookie Secure: set it when the app is served over HTTPS.
+    review_secure_cookies: bool = False
+    # How often the app looks for items whose jobs have all ended (the queue's intake).
+    review_sync_seconds: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _check_s3(self) -> Settings:

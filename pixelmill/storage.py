@@ -108,6 +108,16 @@ class S3Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def presigned_url(self, key: str, *, expires_in: int) -> str:
+        """A GET URL for the object that works without credentials for ``expires_in`` seconds
+        (signed locally: no request to S3)."""
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_in,
+        )
+        return url
+
 
 def make_s3_client(settings: Settings) -> S3Client:
     import boto3

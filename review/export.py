@@ -1,0 +1,150 @@
+"""Export a run's keepers: one row per kept image (CSV or JSON Lines), optionally copying the
+images under the ``approved/`` prefix of the same storage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import CatalogueItem, Decision, Image, ImageReview, Job, Reviewer, Run
+from pixelmill.storage import Storage
+
+Format = Literal["csv", "jsonl"]
+FORMATS: tuple[Format, ...] = ("csv", "jsonl")
+APPROVED_PREFIX = "approved/"
+
+COLUMNS = (
+    "item_key",
+    "storage_url",
+    "approved_url",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "model",
+    "template",
+    "variant",
+    "width",
+    "height",
+    "sha256",
+    "image_id",
+    "reviewer",
+    "decided_at",
+)
+
+# A spreadsheet runs a cell starting with one of these as a formula (or DDE): such cells get a
+# leading apostrophe, which spreadsheets show as text (OWASP's CSV injection advice).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def escape_cell(value: object) -> object:
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+@dataclass
+class Keeper:
+    values: dict[str, Any]
+    storage_key: str
+
+
+def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
+    rows = session.execute(
+        select(
+            CatalogueItem.external_key,
+            Image.storage_key,
+            Job.prompt,
+            Job.negative_prompt,
+            Image.seed,
+            Job.model,
+            Job.template,
+            Job.variant,
+            Image.width,
+            Image.height,
+            Image.sha256,
+            Image.id,
+            Reviewer.name,
+            ImageReview.decided_at,
+        )
+        .select_from(ImageReview)
+        .join(Image, Image.id == ImageReview.image_id)
+        .join(Job, Job.id == Image.job_id)
+        .join(CatalogueItem, CatalogueItem.id == Job.item_id)
+        .join(Reviewer, Reviewer.id == ImageReview.reviewer_id)
+        .where(ImageReview.run_id == run.id, ImageReview.decision == Decision.KEEP)
+        .order_by(CatalogueItem.external_key, Image.id)
+        .execution_options(yield_per=5_000)
+    )
+    for row in rows:
+        yield Keeper(
+            values={
+                "item_key": row.external_key,
+                "storage_url": storage.url(row.storage_key),
+                "approved_url": "",
+                "prompt": row.prompt,
+                "negative_prompt": row.negative_prompt,
+                "seed": int(row.seed),
+                "model": row.model,
+                "template": row.template,
+                "variant": row.variant,
+                "width": row.width,
+                "height": row.height,
+                "sha256": row.sha256,
+                "image_id": row.id,
+                "reviewer": row.name,
+                "decided_at": row.decided_at.isoformat(),
+            },
+            storage_key=row.storage_key,
+        )
+
+
+def approved_key(storage_key: str) -> str:
+    return APPROVED_PREFIX + storage_key
+
+
+def copy_approved(storage: Storage, keeper: Keeper) -> None:
+    """Copy the kept image under approved/ (skipped if the copy is there already) and point
+    the row's approved_url at it."""
+    target = approved_key(keeper.storage_key)
+    if not storage.exists(target):
+        storage.put(target, storage.get(keeper.storage_key), content_type="image/png")
+    keeper.values["approved_url"] = storage.url(target)
+
+
+def export_lines(
+    session: Session, run: Run, storage: Storage, fmt: str, *, copy: bool = False
+) -> Iterator[str]:
+    """The export, a line (or CSV record) at a time, so a large run streams."""
+    if fmt not in FORMATS:
+        raise ExportError(f"export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(COLUMNS)
+        yield _drain(buffer)
+    for keeper in keepers(session, run, storage):
+        if copy:
+            copy_approved(storage, keeper)
+        if fmt == "csv":
+            writer.writerow([escape_cell(keeper.values[c]) for c in COLUMNS])
+            yield _drain(buffer)
+        else:
+            yield json.dumps(keeper.values, ensure_ascii=False) + "\n"
+
+
+def _drain(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text

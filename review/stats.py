@@ -1,0 +1,145 @@
+"""Per-run review figures: progress, keep rates per template and variant, reviewer speed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Decision,
+    Image,
+    ImageReview,
+    Job,
+    ReviewAction,
+    Reviewer,
+    ReviewEvent,
+    ReviewItem,
+    Run,
+    SafetyStatus,
+)
+
+# A pause longer than this between two decisions is a break, not review time: it counts as
+# this long when measuring how many decisions a reviewer makes per hour of work.
+IDLE_GAP_SECONDS = 300.0
+
+
+def rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+@dataclass
+class KeepRate:
+    images: int = 0
+    reviewed: int = 0
+    kept: int = 0
+
+    @property
+    def keep_rate(self) -> float | None:
+        """Kept images over reviewed images (None before any review)."""
+        return rate(self.kept, self.reviewed)
+
+    def add(self, other: KeepRate) -> None:
+        self.images += other.images
+        self.reviewed += other.reviewed
+        self.kept += other.kept
+
+
+@dataclass
+class ReviewerSpeed:
+    name: str
+    decisions: int
+    active_seconds: float
+
+    @property
+    def decisions_per_hour(self) -> float | None:
+        if self.active_seconds <= 0:
+            return None
+        return self.decisions * 3600.0 / self.active_seconds
+
+
+@dataclass
+class RunStats:
+    run_id: int
+    run_name: str
+    totals: KeepRate
+    flagged: int
+    items: dict[str, int]
+    templates: dict[str, KeepRate] = field(default_factory=dict)
+    variants: dict[tuple[str, str], KeepRate] = field(default_factory=dict)
+    reviewers: list[ReviewerSpeed] = field(default_factory=list)
+
+
+def run_stats(session: Session, run: Run) -> RunStats:
+    kept = func.sum(case((ImageReview.decision == Decision.KEEP, 1), else_=0))
+    flagged = func.sum(case((Image.safety == SafetyStatus.FLAGGED, 1), else_=0))
+    rows = session.execute(
+        select(
+            Job.template,
+            Job.variant,
+            func.count(Image.id),
+            func.count(ImageReview.image_id),
+            func.coalesce(kept, 0),
+            func.coalesce(flagged, 0),
+        )
+        .select_from(Image)
+        .join(Job, Job.id == Image.job_id)
+        .outerjoin(ImageReview, ImageReview.image_id == Image.id)
+        .where(Job.run_id == run.id)
+        .group_by(Job.template, Job.variant)
+        .order_by(Job.template, Job.variant)
+    ).all()
+    totals = KeepRate()
+    flagged_total = 0
+    templates: dict[str, KeepRate] = {}
+    variants: dict[tuple[str, str], KeepRate] = {}
+    for template, variant, images, reviewed, kept_count, flagged_count in rows:
+        figures = KeepRate(int(images), int(reviewed), int(kept_count))
+        variants[(template, variant)] = figures
+        templates.setdefault(template, KeepRate()).add(figures)
+        totals.add(figures)
+        flagged_total += int(flagged_count)
+    items = dict(
+        session.execute(
+            select(ReviewItem.status, func.count())
+            .where(ReviewItem.run_id == run.id)
+            .group_by(ReviewItem.status)
+        ).all()
+    )
+    return RunStats(
+        run_id=run.id,
+        run_name=run.name,
+        totals=totals,
+        flagged=flagged_total,
+        items={status: int(count) for status, count in items.items()},
+        templates=templates,
+        variants=variants,
+        reviewers=reviewer_speeds(session, run.id),
+    )
+
+
+def reviewer_speeds(session: Session, run_id: int) -> list[ReviewerSpeed]:
+    """Decisions (keep or reject) per reviewer and the time they spent making them: the gaps
+    between consecutive decisions, each capped at IDLE_GAP_SECONDS."""
+    events = session.execute(
+        select(Reviewer.name, ReviewEvent.created_at)
+        .join(Reviewer, Reviewer.id == ReviewEvent.reviewer_id)
+        .where(
+            ReviewEvent.run_id == run_id,
+            ReviewEvent.action.in_([ReviewAction.KEEP, ReviewAction.REJECT]),
+        )
+        .order_by(ReviewEvent.reviewer_id, ReviewEvent.created_at)
+        .execution_options(yield_per=10_000)
+    )
+    speeds: dict[str, ReviewerSpeed] = {}
+    previous: dict[str, datetime] = {}
+    for name, at in events:
+        speed = speeds.setdefault(name, ReviewerSpeed(name, 0, 0.0))
+        speed.decisions += 1
+        if name in previous:
+            gap = (at - previous[name]).total_seconds()
+            speed.active_seconds += min(max(gap, 0.0), IDLE_GAP_SECONDS)
+        previous[name] = at
+    return sorted(speeds.values(), key=lambda s: s.name)

@@ -1,0 +1,237 @@
+"""Reading what the pages and the API show: runs with their review progress, one item with
+its images and decisions, the event log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy.orm import Session, aliased
+
+from db.models import (
+    CatalogueItem,
+    Image,
+    ImageReview,
+    Job,
+    Reviewer,
+    ReviewEvent,
+    ReviewItem,
+    ReviewStatus,
+    Run,
+    SafetyStatus,
+)
+from review.images import ImageUrls
+from review.queue import NotFoundError
+from review.schemas import (
+    EventOut,
+    ImageOut,
+    KeepRateOut,
+    ReviewerOut,
+    ReviewItemOut,
+    ReviewItemRow,
+    RunSummary,
+    StatsOut,
+    TemplateRateOut,
+    decision_value,
+)
+from review.stats import KeepRate, RunStats
+
+
+def run_summaries(
+    session: Session, *, limit: int = 100, run_id: int | None = None
+) -> list[RunSummary]:
+    def count(status: ReviewStatus) -> ColumnElement[Any]:
+        return func.coalesce(func.sum(case((ReviewItem.status == status, 1), else_=0)), 0)
+
+    counts = (
+        select(
+            ReviewItem.run_id,
+            count(ReviewStatus.OPEN).label("open"),
+            count(ReviewStatus.REROLLING).label("rerolling"),
+            count(ReviewStatus.DONE).label("done"),
+        )
+        .group_by(ReviewItem.run_id)
+        .subquery()
+    )
+    query = (
+        select(Run, counts.c.open, counts.c.rerolling, counts.c.done)
+        .outerjoin(counts, counts.c.run_id == Run.id)
+        .order_by(Run.id.desc())
+        .limit(limit)
+    )
+    if run_id is not None:
+        query = query.where(Run.id == run_id)
+    rows = session.execute(query).all()
+    return [
+        RunSummary(
+            id=run.id,
+            name=run.name,
+            status=run.status,
+            created_at=run.created_at,
+            items_open=int(open_ or 0),
+            items_rerolling=int(rerolling or 0),
+            items_done=int(done or 0),
+        )
+        for run, open_, rerolling, done in rows
+    ]
+
+
+def get_run(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFoundError(f"run {run_id} does not exist")
+    return run
+
+
+def item_view(
+    session: Session, review_item_id: int, urls: ImageUrls, *, show_flagged: bool = False
+) -> ReviewItemOut:
+    claimer = aliased(Reviewer)
+    row = session.execute(
+        select(ReviewItem, Run.name, CatalogueItem, claimer.name)
+        .join(Run, Run.id == ReviewItem.run_id)
+        .join(CatalogueItem, CatalogueItem.id == ReviewItem.item_id)
+        .outerjoin(claimer, claimer.id == ReviewItem.claimed_by)
+        .where(ReviewItem.id == review_item_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFoundError(f"review item {review_item_id} does not exist")
+    item, run_name, catalogue_item, claimed_by = row
+    decider = aliased(Reviewer)
+    images = session.execute(
+        select(Image, Job, ImageReview.decision, decider.name)
+        .join(Job, Job.id == Image.job_id)
+        .outerjoin(ImageReview, ImageReview.image_id == Image.id)
+        .outerjoin(decider, decider.id == ImageReview.reviewer_id)
+        .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
+        .order_by(Job.template, Job.variant, Job.id, Image.seed)
+    ).all()
+    shown: list[ImageOut] = []
+    hidden = 0
+    for image, job, decision, decided_by in images:
+        if image.safety == SafetyStatus.FLAGGED and not show_flagged:
+            hidden += 1
+            continue
+        url = urls.url(image.storage_key)
+        shown.append(
+            ImageOut(
+                id=image.id,
+                job_id=job.id,
+                seed=int(image.seed),
+                template=job.template,
+                variant=job.variant,
+                prompt=job.prompt,
+                model=job.model,
+                width=image.width,
+                height=image.height,
+                safety=image.safety,
+                url=url,
+                thumbnail_url=urls.url(image.thumbnail_key) if image.thumbnail_key else url,
+                decision=decision_value(decision),
+                decided_by=decided_by,
+            )
+        )
+    return ReviewItemOut(
+        id=item.id,
+        run_id=item.run_id,
+        run_name=run_name,
+        item_id=item.item_id,
+        item_key=catalogue_item.external_key,
+        fields=catalogue_item.fields,
+        status=item.status,
+        claimed_by=claimed_by,
+        claim_expires_at=item.claim_expires_at,
+        rerolls=item.rerolls,
+        flagged_hidden=hidden,
+        images=shown,
+    )
+
+
+def item_rows(
+    session: Session, run_id: int, *, status: str | None, after: int, limit: int
+) -> list[ReviewItemRow]:
+    claimer = aliased(Reviewer)
+    submitter = aliased(Reviewer)
+    query = (
+        select(ReviewItem, CatalogueItem.external_key, claimer.name, submitter.name)
+        .join(CatalogueItem, CatalogueItem.id == ReviewItem.item_id)
+        .outerjoin(claimer, claimer.id == ReviewItem.claimed_by)
+        .outerjoin(submitter, submitter.id == ReviewItem.submitted_by)
+        .where(ReviewItem.run_id == run_id, ReviewItem.id > after)
+        .order_by(ReviewItem.id)
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(ReviewItem.status == status)
+    return [
+        ReviewItemRow(
+            id=item.id,
+            item_key=key,
+            status=item.status,
+            claimed_by=claimed_by,
+            claim_expires_at=item.claim_expires_at,
+            rerolls=item.rerolls,
+            submitted_by=submitted_by,
+            submitted_at=item.submitted_at,
+        )
+        for item, key, claimed_by, submitted_by in session.execute(query)
+    ]
+
+
+def events(session: Session, run_id: int, *, after: int, limit: int) -> list[EventOut]:
+    rows = session.execute(
+        select(ReviewEvent, Reviewer.name)
+        .join(Reviewer, Reviewer.id == ReviewEvent.reviewer_id)
+        .where(ReviewEvent.run_id == run_id, ReviewEvent.id > after)
+        .order_by(ReviewEvent.id)
+        .limit(limit)
+    )
+    return [
+        EventOut(
+            id=event.id,
+            review_item_id=event.review_item_id,
+            image_id=event.image_id,
+            reviewer=name,
+            action=event.action,
+            previous=event.previous,
+            undone=event.undone,
+            created_at=event.created_at,
+        )
+        for event, name in rows
+    ]
+
+
+def _rate(figures: KeepRate) -> KeepRateOut:
+    return KeepRateOut(
+        images=figures.images,
+        reviewed=figures.reviewed,
+        kept=figures.kept,
+        keep_rate=figures.keep_rate,
+    )
+
+
+def stats_view(stats: RunStats) -> StatsOut:
+    return StatsOut(
+        run_id=stats.run_id,
+        run_name=stats.run_name,
+        totals=_rate(stats.totals),
+        flagged=stats.flagged,
+        items=stats.items,
+        templates=[
+            TemplateRateOut(template=name, **_rate(figures).model_dump())
+            for name, figures in stats.templates.items()
+        ],
+        variants=[
+            TemplateRateOut(template=template, variant=variant, **_rate(figures).model_dump())
+            for (template, variant), figures in stats.variants.items()
+        ],
+        reviewers=[
+            ReviewerOut(
+                reviewer=speed.name,
+                decisions=speed.decisions,
+                active_hours=speed.active_seconds / 3600.0,
+                decisions_per_hour=speed.decisions_per_hour,
+            )
+            for speed in stats.reviewers
+        ],
+    )
