@@ -13,8 +13,8 @@ from db.models import (
     ImageReview,
     Job,
     JobStatus,
-    ReviewEvent,
     Reviewer,
+    ReviewEvent,
     ReviewItem,
     ReviewStatus,
     Run,
@@ -34,9 +34,7 @@ def test_items_enter_the_queue_once_all_their_jobs_ended(session: Session) -> No
     first_job.status = JobStatus.RUNNING
     for job in made.jobs:
         if job.item_id == made.items[2].id:
-            session.execute(
-                update(Job).where(Job.id == job.id).values(status=JobStatus.FAILED)
-            )
+            session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.FAILED))
     session.commit()
 
     report = sync_queue(session)
@@ -166,9 +164,7 @@ def test_hold_takes_over_an_expired_claim(session: Session, alice: Reviewer, bob
     assert item_id is not None
     with pytest.raises(ClaimError):
         hold(session, item_id, reviewer_id=bob.id, lease=LEASE)
-    session.execute(
-        update(ReviewItem).values(claim_expires_at=utcnow() - timedelta(seconds=1))
-    )
+    session.execute(update(ReviewItem).values(claim_expires_at=utcnow() - timedelta(seconds=1)))
     session.commit()
     assert hold(session, item_id, reviewer_id=bob.id, lease=LEASE).claimed_by == bob.id
     session.commit()

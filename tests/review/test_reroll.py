@@ -1,0 +1,141 @@
+""" "None of these": new jobs with fresh seeds, published by the dispatcher like any other, and
+the item back in the queue once they have rendered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Decision,
+    ImageReview,
+    Job,
+    JobStatus,
+    Reviewer,
+    ReviewItem,
+    ReviewStatus,
+    Run,
+    RunStatus,
+)
+from pixelmill.storage import Storage
+from producer.dispatch import dispatch
+from review.images import ImageUrls
+from review.queue import ReviewError, claim_next, decide, sync_queue
+from review.reroll import reroll
+from review.views import item_view
+from tests.review.factory import add_images, make_run
+
+LEASE = timedelta(minutes=10)
+
+
+def test_reroll_queues_fresh_seeds_and_the_item_comes_back(
+    session: Session, storage: Storage, alice: Reviewer
+) -> None:
+    made = make_run(session, items=2, templates=("studio", "outdoor"), seeds=3)
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+    review_item = session.get(ReviewItem, item_id)
+    assert review_item is not None
+    old_jobs = [job for job in made.jobs if job.item_id == review_item.item_id]
+    first_image = made.images_of(made.items[0])[0]
+    decide(session, item_id, first_image.id, Decision.REJECT, reviewer_id=alice.id, lease=LEASE)
+
+    new_ids = reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+
+    assert len(new_ids) == 2  # one per template
+    new_jobs = list(session.scalars(select(Job).where(Job.id.in_(new_ids)).order_by(Job.id)))
+    for new, old in zip(new_jobs, old_jobs, strict=True):
+        assert new.status == JobStatus.PENDING
+        assert (new.run_id, new.item_id, new.template, new.prompt, new.model) == (
+            old.run_id,
+            old.item_id,
+            old.template,
+            old.prompt,
+            old.model,
+        )
+        assert len(new.seeds) == 3 and not set(new.seeds) & set(old.seeds)
+        assert new.dedupe_key != old.dedupe_key
+    # Every undecided image of the item was rejected; the item waits; the run is active again.
+    decisions = session.scalars(
+        select(ImageReview.decision).where(ImageReview.review_item_id == item_id)
+    ).all()
+    assert decisions == ["reject"] * 6
+    session.refresh(review_item)
+    assert (review_item.status, review_item.rerolls, review_item.claimed_by) == (
+        ReviewStatus.REROLLING,
+        1,
+        None,
+    )
+    run = session.get(Run, made.run.id)
+    assert run is not None
+    session.refresh(run)
+    assert run.status == RunStatus.ACTIVE and run.finished_at is None
+
+    # The dispatcher publishes them through its normal path.
+    published: list[int] = []
+
+    def publish(ids: Iterable[int]) -> None:
+        published.extend(ids)
+
+    dispatch(session, publish, requeue_after=timedelta(minutes=15))
+    assert sorted(published) == sorted(new_ids)
+
+    # Not offered while its seeds render...
+    sync_queue(session)
+    other = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert other is not None and other != item_id
+    session.execute(
+        update(ReviewItem)
+        .where(ReviewItem.id == other)
+        .values(status="done", claimed_by=None, claim_expires_at=None)
+    )
+    session.commit()
+    assert sync_queue(session).reopened == 0
+    # ...and back once they have rendered, with the new images undecided.
+    for job in new_jobs:
+        job.status = JobStatus.DONE
+        add_images(session, job, None)
+    session.commit()
+    assert sync_queue(session).reopened == 1
+    assert claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE) == item_id
+    view = item_view(session, item_id, ImageUrls(storage, expires_in=60))
+    assert len(view.images) == 12
+    assert sum(image.decision is None for image in view.images) == 6
+
+
+def test_a_second_reroll_takes_the_next_seeds(session: Session, alice: Reviewer) -> None:
+    made = make_run(session, items=1, templates=("studio",), seeds=2)
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+    first = reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+    for job in session.scalars(select(Job).where(Job.id.in_(first))):
+        job.status = JobStatus.DONE
+        add_images(session, job, None)
+    session.commit()
+    sync_queue(session)
+    assert claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE) == item_id
+    second = reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+    seeds = [set(job.seeds) for job in session.scalars(select(Job).order_by(Job.id))]
+    assert len(seeds) == 3 and not (
+        seeds[0] & seeds[1] or seeds[1] & seeds[2] or seeds[0] & seeds[2]
+    )
+    assert second != first
+
+
+def test_reroll_is_refused_for_a_cancelled_run(session: Session, alice: Reviewer) -> None:
+    made = make_run(session, items=1)
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+    made.run.status = RunStatus.CANCELLED
+    session.commit()
+    jobs_before = len(session.scalars(select(Job.id)).all())
+    with pytest.raises(ReviewError, match="was cancelled"):
+        reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+    assert len(session.scalars(select(Job.id)).all()) == jobs_before

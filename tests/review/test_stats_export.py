@@ -1,0 +1,171 @@
+"""Keep-rate figures, reviewer speed, and the export (CSV escaping, JSONL, approved/ copies)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from db.models import Decision, Reviewer, ReviewEvent, utcnow
+from pixelmill.storage import Storage
+from review.export import ExportError, escape_cell, export_lines
+from review.queue import claim_next, decide, submit, sync_queue
+from review.stats import IDLE_GAP_SECONDS, run_stats
+from tests.review.conftest import log_in
+from tests.review.factory import MadeRun, make_run
+
+LEASE = timedelta(minutes=10)
+
+
+def _review(session: Session, made: MadeRun, reviewer: Reviewer, keep: dict[str, int]) -> None:
+    """Review every item: keep the first ``keep[template]`` images of each template."""
+    sync_queue(session)
+    while (
+        item_id := claim_next(session, run_id=made.run.id, reviewer_id=reviewer.id, lease=LEASE)
+    ) is not None:
+        item = next(i for i in made.items if i.id == _item_of(session, item_id))
+        per_template: dict[str, int] = {}
+        for image in made.images_of(item):
+            if image.safety == "flagged":
+                continue  # hidden in the grid: nobody decides on them
+            job = next(j for j in made.jobs if j.id == image.job_id)
+            seen = per_template.get(job.template, 0)
+            per_template[job.template] = seen + 1
+            decision = Decision.KEEP if seen < keep.get(job.template, 0) else Decision.REJECT
+            decide(session, item_id, image.id, decision, reviewer_id=reviewer.id, lease=LEASE)
+        submit(session, item_id, reviewer_id=reviewer.id, lease=LEASE)
+
+
+def _item_of(session: Session, review_item_id: int) -> int:
+    from db.models import ReviewItem
+
+    item = session.get(ReviewItem, review_item_id)
+    assert item is not None
+    return item.item_id
+
+
+def test_keep_rates_per_run_template_and_variant(session: Session, alice: Reviewer) -> None:
+    made = make_run(
+        session, items=4, templates=("studio", "outdoor"), variants=("a", "b"), seeds=4,
+        flagged_seeds=1,
+    )  # fmt: skip
+    # Per item and template: variants a and b, 4 seeds each, 1 flagged each: 6 visible.
+    _review(session, made, alice, keep={"studio": 3, "outdoor": 0})
+
+    stats = run_stats(session, made.run)
+    assert stats.totals.images == 4 * 2 * 2 * 4 == 64
+    assert stats.flagged == 16
+    assert stats.totals.reviewed == 48  # flagged images are not reviewed
+    assert stats.totals.kept == 12
+    assert stats.totals.keep_rate == pytest.approx(12 / 48)
+    assert stats.templates["studio"].kept == 12
+    assert stats.templates["studio"].keep_rate == pytest.approx(0.5)
+    assert stats.templates["outdoor"].keep_rate == 0.0
+    # The first 3 studio images of each item are variant a's 3 visible seeds.
+    assert stats.variants[("studio", "a")].keep_rate == pytest.approx(1.0)
+    assert stats.variants[("studio", "b")].keep_rate == pytest.approx(0.0)
+    assert stats.items == {"done": 4}
+
+
+def test_an_unreviewed_run_has_no_keep_rate(session: Session) -> None:
+    made = make_run(session, items=1)
+    stats = run_stats(session, made.run)
+    assert stats.totals.reviewed == 0 and stats.totals.keep_rate is None
+
+
+def test_decisions_per_hour_count_work_not_breaks(session: Session, alice: Reviewer) -> None:
+    made = make_run(session, items=1, templates=("studio",), seeds=4)
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+    for image in made.images:
+        decide(session, item_id, image.id, Decision.REJECT, reviewer_id=alice.id, lease=LEASE)
+    # Decisions 10 s apart, then a one-hour lunch before the last.
+    start = utcnow()
+    offsets = [0, 10, 20, 20 + 3600]
+    for event_id, offset in zip(
+        sorted(e.id for e in session.query(ReviewEvent).all()), offsets, strict=True
+    ):
+        session.execute(
+            update(ReviewEvent)
+            .where(ReviewEvent.id == event_id)
+            .values(created_at=start + timedelta(seconds=offset))
+        )
+    session.commit()
+    (speed,) = run_stats(session, made.run).reviewers
+    assert speed.name == "alice" and speed.decisions == 4
+    assert speed.active_seconds == pytest.approx(20 + IDLE_GAP_SECONDS)
+    assert speed.decisions_per_hour == pytest.approx(4 * 3600 / (20 + IDLE_GAP_SECONDS))
+
+
+@pytest.mark.parametrize(
+    ("value", "escaped"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1+2", "'+1+2"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tcmd", "'\tcmd"),
+        ("red shoe", "red shoe"),
+        (12, 12),
+    ],
+)
+def test_formula_cells_are_escaped(value: object, escaped: object) -> None:
+    assert escape_cell(value) == escaped
+
+
+def test_export_csv_and_jsonl_with_approved_copies(
+    session: Session, storage: Storage, alice: Reviewer
+) -> None:
+    made = make_run(session, items=2, templates=("studio",), seeds=2, storage=storage,
+                    key_prefix="=cmd|' /C calc'!A")  # fmt: skip
+    _review(session, made, alice, keep={"studio": 1})
+
+    text = "".join(export_lines(session, made.run, storage, "csv", copy=True))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["item_key"].startswith("'=cmd")  # a spreadsheet shows it as text
+        assert row["prompt"].startswith("photo of item")
+        assert row["model"] == "tiny" and int(row["seed"]) >= 0
+        assert row["storage_url"].startswith("file://")
+        key = row["approved_url"].split("/images/", 1)[1]
+        assert key.startswith("approved/runs/")
+        assert storage.get(key) == storage.get(key.removeprefix("approved/"))
+
+    lines = list(export_lines(session, made.run, storage, "jsonl"))
+    records = [json.loads(line) for line in lines]
+    assert [r["item_key"] for r in records] == [r["item_key"].lstrip("'") for r in rows]
+    assert records[0]["item_key"].startswith("=cmd")  # JSON is data, not a spreadsheet
+    assert {r["seed"] for r in records} == {int(r["seed"]) for r in rows}
+    with pytest.raises(ExportError, match="'xlsx'"):
+        list(export_lines(session, made.run, storage, "xlsx"))
+
+
+def test_admins_export_and_read_stats_in_the_app(
+    client: TestClient, session: Session, storage: Storage, alice: Reviewer, boss: Reviewer
+) -> None:
+    made = make_run(session, items=1, templates=("studio",), seeds=2, storage=storage)
+    _review(session, made, alice, keep={"studio": 1})
+    token = log_in(client, "boss")
+    download = client.get(f"/runs/{made.run.id}/export?format=csv")
+    assert download.status_code == 200
+    assert "attachment" in download.headers["content-disposition"]
+    assert len(list(csv.DictReader(io.StringIO(download.text)))) == 1
+    copied = client.post(
+        f"/runs/{made.run.id}/export",
+        data={"csrf_token": token, "format": "jsonl", "copy_approved": "true"},
+    )
+    record = json.loads(copied.text.splitlines()[0])
+    assert "approved/" in record["approved_url"]
+    stats = client.get(f"/api/runs/{made.run.id}/stats").json()
+    assert stats["totals"] == {"images": 2, "reviewed": 2, "kept": 1, "keep_rate": 0.5}
+    assert stats["templates"][0]["template"] == "studio"
+    page = client.get(f"/runs/{made.run.id}/stats")
+    assert page.status_code == 200 and "50.0%" in page.text
