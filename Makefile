@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format typecheck pytest migrations-check bench clean
+.PHONY: install demo test lint format typecheck pytest migrations-check bench review bench-review clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
 # CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
@@ -43,6 +43,14 @@ migrations-check: install
 ## Producer throughput and memory against a raw COPY (needs Postgres; a few minutes).
 bench: install
 	$(BIN)/python benchmarks/producer.py
+
+## Serve the review app on the embedded defaults (add an account: pixelmill reviewer add NAME).
+review: install
+	$(BIN)/pixelmill review
+
+## Review "next item" and grid page at 1,000 and 1,000,000 images (needs Postgres; minutes).
+bench-review: install
+	$(BIN)/python benchmarks/review.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
