@@ -275,6 +275,11 @@ def dispatch(
 ) -> None:
     """Publish pending jobs (and re-publish queued jobs whose message was lost)."""
     settings = _settings()
+    if watch is not None and settings.dispatch_metrics_port:
+        # A long-running dispatcher serves its counters (PIXELMILL_DISPATCH_METRICS_PORT).
+        from monitoring.server import start_metrics_server
+
+        start_metrics_server(settings.dispatch_metrics_port)
     while True:
         _dispatch(settings)
         if watch is None:
@@ -530,6 +535,9 @@ from review.cli import register as _register_review  # noqa: E402
 
 _register_review(app)
 # --- monitoring (monitoring/cli.py) ---
+from monitoring.cli import register as _register_monitoring  # noqa: E402
+
+_register_monitoring(app)
 
 
 def main() -> None:

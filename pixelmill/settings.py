@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     review_secure_cookies: bool = False
     # How often the app looks for items whose jobs have all ended (the queue's intake).
     review_sync_seconds: float = Field(default=10.0, gt=0)
+    # Prometheus: the port of a worker host's /metrics (every GPU worker and pool process on
+    # the host, merged; 0: not served), of `dispatch --watch` (0: not served), and of
+    # `pixelmill exporter` (run progress read from Postgres on each scrape).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    dispatch_metrics_port: int = Field(default=0, ge=0, le=65535)
+    exporter_port: int = Field(default=9466, ge=0, le=65535)
+    # Where a worker host's processes write their metrics files (prometheus-client's
+    # multiprocess mode); default data_dir/prometheus. Emptied when the host's workers start.
+    prometheus_multiproc_dir: Path | None = None
+    # A run should be finished this many hours after it was produced: the exporter publishes
+    # the deadline and an alert fires when the projected finish is later.
+    run_deadline_hours: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _check_s3(self) -> Settings:
@@ -121,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "images").resolve()
+
+    @property
+    def resolved_prometheus_multiproc_dir(self) -> Path:
+        return (self.prometheus_multiproc_dir or self.data_dir / "prometheus").resolve()
 
     @property
     def tiny_model_dir(self) -> Path:

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
+from monitoring.metrics import JOBS_PUBLISHED, JOBS_REPUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ def dispatch(
     ):
         publish(ids)
         report.published += len(ids)
+        JOBS_PUBLISHED.inc(len(ids))
     while ids := _mark_stale_requeued(session, stale_before, batch_size, run_id):
         publish(ids)
         report.republished += len(ids)
+        JOBS_REPUBLISHED.inc(len(ids))
         log.warning("re-published %d jobs whose messages were not picked up", len(ids))
     return report
 

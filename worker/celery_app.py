@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import import_modules, worker_init, worker_shutdown
 
 from pixelmill.settings import Settings, get_settings
 
@@ -49,6 +50,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # stop the tasks they belong to rather than render them twice (the claim would fence
         # off the loser's writes anyway, but its GPU time would be wasted).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A pool process loads its model before it reports ready (worker_process_init): that
+        # takes far longer than Celery's 4 s default on a GPU, and a replacement process
+        # (worker_max_tasks_per_child) that misses it is killed and replaced, forever.
+        "worker_proc_alive_timeout": 600,
     }
     if settings.worker_max_tasks_per_child is not None:
         config["worker_max_tasks_per_child"] = settings.worker_max_tasks_per_child
@@ -68,3 +73,31 @@ def create_app(settings: Settings | None = None) -> Celery:
         # weak=False: the receiver is a closure that nothing else keeps alive.
         app.on_configure.connect(_configure_from_environment, weak=False)
     return app
+
+
+# --- metrics (monitoring.worker_hooks): in the worker's main process -----------------------
+
+
+@import_modules.connect
+def _prepare_metrics(**_: Any) -> None:
+    """Before the task modules (and with them prometheus-client) are imported: choose and, if
+    this process serves the host's metrics, empty the multiprocess directory."""
+    from monitoring.worker_hooks import prepare_metrics_dir
+
+    prepare_metrics_dir(get_settings())
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Serve the host's /metrics from the main process (PIXELMILL_METRICS_PORT > 0): it
+    outlives its pool processes and never renders."""
+    from monitoring.worker_hooks import serve_host_metrics
+
+    serve_host_metrics(get_settings())
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    from monitoring.worker_hooks import stop_host_metrics
+
+    stop_host_metrics()

@@ -3,7 +3,8 @@
 Each GPU gets its own ``celery -A worker worker`` process (prefork pool, concurrency 1) that
 sees only its device (``CUDA_VISIBLE_DEVICES``) and so renders on ``cuda`` (its device 0).
 The model is loaded in the pool process (``worker_process_init``); this module, the launching
-parent, imports no torch and never touches CUDA.
+parent, imports no torch and never touches CUDA. With ``PIXELMILL_METRICS_PORT`` set, the
+launcher serves the host's merged Prometheus metrics (see monitoring.worker_hooks).
 """
 
 from __future__ import annotations
@@ -117,8 +118,21 @@ def run_gpu_workers(
     current job). If one worker exits on its own, the others are stopped too, so a service
     manager sees the failure and restarts the set. Returns the first non-zero exit status.
     """
+    from monitoring.worker_hooks import prepare_metrics_dir, serve_host_metrics, stop_host_metrics
+    from pixelmill.settings import get_settings
+
+    # One /metrics for the whole host, served from here: this process outlives every worker.
+    # It empties the multiprocess directory first and sets PROMETHEUS_MULTIPROC_DIR, which the
+    # workers inherit; they serve nothing themselves (PIXELMILL_METRICS_PORT=0).
+    settings = get_settings()
+    prepare_metrics_dir(settings)
+    serve_host_metrics(settings)
     processes: list[subprocess.Popen[bytes]] = start_gpu_workers(
-        gpus, queue=queue, name=name, loglevel=loglevel
+        gpus,
+        queue=queue,
+        name=name,
+        loglevel=loglevel,
+        base_env={**os.environ, "PIXELMILL_METRICS_PORT": "0"},
     )
     stopping = False
 
@@ -138,5 +152,6 @@ def run_gpu_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stop_host_metrics()
     codes = [process.returncode for process in processes]
     return next((code for code in codes if code), 0)

@@ -11,7 +11,12 @@ import os
 import socket
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from worker import app
 from worker.celery_app import RENDER_TASK
@@ -74,6 +79,42 @@ def _warm_up(**_: Any) -> None:
         log.exception("could not preload model %r", runtime.settings.model)
 
 
+@worker_process_init.connect
+def _start_metrics(**_: Any) -> None:
+    """After the warm-up (connected first): its GPU memory is the first value recorded."""
+    from monitoring.worker_hooks import on_pool_process_start
+
+    on_pool_process_start()
+
+
 @app.task(name=RENDER_TASK)
 def render_job_task(job_id: int) -> str:
     return render_job(get_runtime(), job_id)
+
+
+# --- metrics (monitoring.worker_hooks): in the pool processes ------------------------------
+
+
+@worker_process_shutdown.connect
+def _mark_dead(**_: Any) -> None:
+    """This pool process exits: its live gauges (GPU memory) stop counting."""
+    from monitoring.worker_hooks import on_pool_process_exit
+
+    on_pool_process_exit()
+
+
+# Matched by name: `sender` is the registered task, not the proxy `@app.task` returned here.
+@task_prerun.connect
+def _job_started(task_id: str, task: Any, **_: Any) -> None:
+    if task.name == RENDER_TASK:
+        from monitoring.worker_hooks import on_task_start
+
+        on_task_start(task_id)
+
+
+@task_postrun.connect
+def _job_ended(task_id: str, task: Any, retval: Any = None, **_: Any) -> None:
+    if task.name == RENDER_TASK:
+        from monitoring.worker_hooks import on_task_end
+
+        on_task_end(task_id, retval)
