@@ -83,12 +83,16 @@ def db_check() -> None:
 @model_app.command("tiny")
 def model_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture: sd or sdxl.")] = "sd",
 ) -> None:
-    """Write the tiny random Stable Diffusion pipeline (for tests and the demo)."""
-    from worker.tiny_model import build_tiny_pipeline
+    """Write a tiny random Stable Diffusion (or SDXL) pipeline (for tests and the demo)."""
+    from worker.tiny_model import ARCHITECTURES, build_tiny
 
-    path = build_tiny_pipeline(out)
-    console.print(f"tiny model written to {path}")
+    if arch not in ARCHITECTURES:
+        err.print(f"[red]error:[/red] --arch: unknown architecture {arch!r}; known: sd, sdxl")
+        raise typer.Exit(2)
+    path = build_tiny(out, arch=arch)
+    console.print(f"tiny {arch} model written to {path}")
 
 
 # Exit statuses of `produce`: scripts and schedulers tell the outcomes apart by them.

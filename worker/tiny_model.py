@@ -1,10 +1,11 @@
-"""A tiny, random Stable Diffusion 1.x pipeline for tests and offline smoke runs.
+"""Tiny, random Stable Diffusion 1.x and SDXL pipelines for tests and offline smoke runs.
 
 The components mirror diffusers' own test fixtures (``get_dummy_components`` in
-tests/pipelines/stable_diffusion/test_stable_diffusion.py) so the pipeline exercises the
-same code paths as a real SD 1.5 checkpoint while weighing a few megabytes and rendering
-in well under a second on CPU. Nothing here touches the network: the CLIP tokenizer is
-built from a byte-level vocabulary written in code instead of being downloaded.
+tests/pipelines/stable_diffusion/test_stable_diffusion.py and
+tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py) so the pipelines exercise
+the same code paths as real SD 1.5 / SDXL checkpoints while weighing a few megabytes and
+rendering in well under a second on CPU. Nothing here touches the network: the CLIP
+tokenizer is built from a byte-level vocabulary written in code instead of being downloaded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 
 # Imported from its module: under mypy, `from diffusers import StableDiffusionPipeline`
 # resolves to diffusers' dummy placeholder class.
@@ -23,7 +24,16 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 try:
     # transformers 5 without torchvision: CLIPImageProcessor falls back to this class anyway
@@ -31,6 +41,8 @@ try:
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
 except ImportError:  # transformers 4.x
     from transformers import CLIPImageProcessor  # type: ignore[assignment]
+
+ARCHITECTURES = ("sd", "sdxl")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -197,15 +209,144 @@ def build_tiny_pipeline(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path
     return out_dir
 
 
+def _text_encoder_config(
+    tokenizer: CLIPTokenizer, *, hidden_size: int, projection_dim: int
+) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+    )
+
+
+# SDXL conditions the UNet on the concatenated hidden states of both text encoders, plus
+# the second encoder's pooled projection and six size/crop "time ids" of
+# ADDITION_TIME_EMBED_DIM each. The encoders get different widths on purpose: diffusers'
+# single-file loader tells SDXL's two encoders apart by their embedding width (768 vs 1280
+# in the real model), so equal widths would make a converted checkpoint load the first
+# encoder's weights into the second.
+SDXL_TEXT_ENCODER_HIDDEN = 32
+SDXL_TEXT_ENCODER_2_HIDDEN = 64
+SDXL_POOLED_DIM = 32
+ADDITION_TIME_EMBED_DIM = 8
+
+
+def build_tiny_sdxl_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[str, Any]:
+    """SDXL components after diffusers' SDXL test recipe, weights from ``seed``.
+
+    Both tokenizers are the byte-level ``tokenizer`` (SDXL's two real tokenizers differ
+    only in their padding token). There is no safety checker: SDXL ships none.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + SDXL_POOLED_DIM,
+        cross_attention_dim=SDXL_TEXT_ENCODER_HIDDEN + SDXL_TEXT_ENCODER_2_HIDDEN,
+        norm_num_groups=1,
+    )
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        _text_encoder_config(
+            tokenizer, hidden_size=SDXL_TEXT_ENCODER_HIDDEN, projection_dim=SDXL_POOLED_DIM
+        )
+    )
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(
+            tokenizer, hidden_size=SDXL_TEXT_ENCODER_2_HIDDEN, projection_dim=SDXL_POOLED_DIM
+        )
+    )
+
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def build_tiny_sdxl_pipeline(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """Build the tiny SDXL pipeline and save it as a diffusers folder (safetensors).
+
+    The result loads offline with ``StableDiffusionXLPipeline.from_pretrained(out_dir)``
+    (or ``AutoPipelineForText2Image``). Returns ``out_dir``.
+    """
+    out_dir = pathlib.Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="pixelmill-tokenizer-") as tmp:
+        tokenizer = build_tokenizer(pathlib.Path(tmp))
+        components = build_tiny_sdxl_components(tokenizer, seed=seed)
+        # No invisible watermark: it would need an extra package and alters pixels.
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_tiny(out_dir: pathlib.Path, *, arch: str = "sd", seed: int = 0) -> pathlib.Path:
+    """Build the tiny pipeline of architecture ``arch`` ("sd" or "sdxl") at ``out_dir``."""
+    if arch == "sd":
+        return build_tiny_pipeline(out_dir, seed=seed)
+    if arch == "sdxl":
+        return build_tiny_sdxl_pipeline(out_dir, seed=seed)
+    raise ValueError(
+        f"arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m worker.tiny_model OUT_DIR [--seed N]`` for manual smoke runs."""
+    """``python -m worker.tiny_model OUT_DIR [--arch sd|sdxl] [--seed N]`` for smoke runs."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build a tiny random SD 1.x pipeline.")
+    parser = argparse.ArgumentParser(description="Build a tiny random SD 1.x or SDXL pipeline.")
     parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="sd")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out_dir, seed=args.seed))
+    print(build_tiny(args.out_dir, arch=args.arch, seed=args.seed))
     return 0
 
 
