@@ -1,12 +1,13 @@
 """Expand a catalogue and a template file into a run of render jobs.
 
 One streaming pass reads the catalogue, checks every row against every template that applies
-and expands the good rows into job rows, which go into temporary staging tables (Postgres
-``COPY``, batched inserts on SQLite). Nothing reaches the real tables until the whole
-catalogue has been read and accepted: then two set-based statements merge the staging tables
-into ``catalogue_items`` and ``jobs``. A refused catalogue (``--strict`` with bad rows, more
-jobs than ``--max-jobs``, a structural error) leaves nothing behind, and memory stays flat
-however large the catalogue is.
+and expands the good rows into job rows. These go, chunk by chunk, through temporary staging
+tables (Postgres ``COPY``, batched inserts on SQLite) and two set-based statements merge each
+chunk into ``catalogue_items`` and ``jobs`` (see :mod:`producer.staging`; on Postgres this
+overlaps with the expansion). All of it happens in one transaction, committed only once the
+whole catalogue has been read and accepted: a refused catalogue (``--strict`` with bad rows,
+more jobs than ``--max-jobs``, a structural error, a cancelled run) leaves nothing behind,
+and memory stays flat however large the catalogue is.
 
 Jobs are deduplicated on a key over everything that determines their pixels, so producing an
 unchanged catalogue again creates no jobs; ``force`` salts the key to render again on purpose.
@@ -29,9 +30,9 @@ from db.models import Run, RunStatus
 from pixelmill.blocklist import Blocklist
 from producer.catalogue import CatalogueError, CatalogueRow
 from producer.errors import InputError
-from producer.seeds import seed_sweep
+from producer.seeds import SweepPlan, item_seed_state
 from producer.sources import CatalogueSource, open_catalogue
-from producer.staging import Staging
+from producer.staging import JobShape, StagedJob, open_staging
 from producer.templates import RenderError, Template, TemplateFile, load_templates
 from producer.tokens import CLIP_WINDOW, TokenCounter
 
@@ -109,28 +110,94 @@ class ProduceOptions:
 Progress = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class _Item:
+    """An accepted catalogue row and its jobs, as :meth:`Producer.expand` yields them."""
+
+    key: str
+    fields: dict[str, str]
+    fields_json: str
+    content_hash: str
+    jobs: list[StagedJob]
+
+
+class _Variant:
+    """What the jobs of one template variant share, worked out once per produce.
+
+    A bulk run makes a job per row and variant, so everything that does not depend on the
+    row is prepared here: the job's settings columns, the seed sweep's fixed parts, the hash
+    state of the dedupe key after the settings (copied per job), the token counter.
+    """
+
+    def __init__(
+        self,
+        template: Template,
+        variant: str,
+        *,
+        model: str,
+        seeds: int,
+        token_counter: TokenCounter,
+    ) -> None:
+        self.template = template
+        self.shape = JobShape(
+            template=template.name,
+            variant=variant,
+            model=model,
+            scheduler=template.scheduler,
+            steps=template.steps,
+            guidance=template.guidance,
+            width=template.width,
+            height=template.height,
+        )
+        self.sweep = SweepPlan(template.name, seeds, variant=variant)
+        self.settings_state = hashlib.sha256(
+            _settings_parts(
+                model,
+                template.scheduler,
+                template.steps,
+                template.guidance,
+                template.width,
+                template.height,
+            ).encode("utf-8")
+        )
+        self.token_counter = token_counter
+
+
+def fields_json(fields: dict[str, str]) -> str:
+    """An item's fields as canonical JSON (sorted keys): what its content hash covers."""
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
+
+
 def content_hash(fields: dict[str, str]) -> str:
-    return hashlib.sha256(
-        json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    ).hexdigest()
+    return hashlib.sha256(fields_json(fields).encode("utf-8")).hexdigest()
+
+
+def _length_prefixed(part: str) -> str:
+    # Length-prefixed parts: unambiguous whatever characters the prompts contain.
+    return f"{len(part)}:{part}"
+
+
+def _settings_parts(
+    model: str, scheduler: str | None, steps: int, guidance: float, width: int, height: int
+) -> str:
+    parts = (model, str(scheduler), str(steps), repr(float(guidance)), str(width), str(height))
+    return "".join(map(_length_prefixed, parts))
 
 
 def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
-    """Hash of everything that determines a job's pixels (plus ``salt`` for forced renders)."""
-    parts = [
-        job["model"],
-        str(job["scheduler"]),
-        str(job["steps"]),
-        repr(float(job["guidance"])),
-        str(job["width"]),
-        str(job["height"]),
-        job["prompt"],
-        job["negative_prompt"],
-        ",".join(map(str, job["seeds"])),
-        salt,
-    ]
-    # Length-prefixed parts: unambiguous whatever characters the prompts contain.
-    encoded = "".join(f"{len(part)}:{part}" for part in parts)
+    """Hash of everything that determines a job's pixels (plus ``salt`` for forced renders).
+
+    The reference definition; the producer computes the same value through :class:`_Variant`
+    (the settings hashed once per template variant).
+    """
+    encoded = _settings_parts(
+        job["model"], job["scheduler"], job["steps"], job["guidance"], job["width"], job["height"]
+    ) + "".join(
+        map(
+            _length_prefixed,
+            (job["prompt"], job["negative_prompt"], ",".join(map(str, job["seeds"])), salt),
+        )
+    )
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
@@ -206,10 +273,20 @@ class Producer:
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
             source.require_columns(sorted(template.fields()), who=f"template {template.name!r}")
+        self.variants = [(template, self._variants(template)) for template in templates.templates]
+
+    def _variants(self, template: Template) -> list[_Variant]:
+        model = template.model or self.options.default_model
+        counter = self._token_counter(model)
+        count = self.options.seeds or template.seeds or DEFAULT_SEEDS
+        return [
+            _Variant(template, label, model=model, seeds=count, token_counter=counter)
+            for label in template.variants()
+        ]
 
     def run(self, session: Session | None) -> ProduceReport:
         if self.options.dry_run:
-            for _item, _jobs in self.expand():
+            for _item in self.expand():
                 pass
             return self.report
         if session is None:
@@ -223,22 +300,37 @@ class Producer:
         return self.report
 
     def _write(self, session: Session) -> None:
-        staging = Staging(session)
-        for item, jobs in self.expand():
-            staging.add(item, jobs)
-        staging.flush()
-        if self.options.strict and self.report.problems_total:
-            raise StrictModeError(self.label, self.report.problems, self.report.problems_total)
-        run = self._run(session)
+        run, refusal = self._run(session)
+        # A cancelled run is refused, but only once the catalogue has been read: bad rows
+        # (--strict) and --max-jobs are reported first, as they always were.
+        staging = None if refusal else open_staging(session, run_id=run.id, source=self.source.name)
+        try:
+            for item in self.expand():
+                # In strict mode one bad row refuses the catalogue: stop writing, keep reading
+                # to report every bad row.
+                if staging is not None and not (self.options.strict and self.report.problems_total):
+                    staging.add(
+                        item.key, item.content_hash, item.fields, item.fields_json, item.jobs
+                    )
+            if self.options.strict and self.report.problems_total:
+                raise StrictModeError(self.label, self.report.problems, self.report.problems_total)
+            if refusal is not None:
+                raise refusal
+            assert staging is not None
+            self.report.jobs_new = staging.finish()
+        except BaseException:
+            if staging is not None:
+                staging.abort()
+            raise
         self.report.run_id = run.id
-        self.report.jobs_new = staging.merge(run_id=run.id, source=self._source_name())
         self.report.jobs_unchanged = self.report.jobs - self.report.jobs_new
 
-    def _source_name(self) -> str:
-        # Items are identified per source: a file by its name, a table or query by its label.
-        return self.source.name
+    def _run(self, session: Session) -> tuple[Run, InputError | None]:
+        """The run to add jobs to, and why it must be refused (a cancelled run), if it must.
 
-    def _run(self, session: Session) -> Run:
+        Looked up before the catalogue is read, since jobs are merged as it streams; the
+        transaction is rolled back if the produce is refused.
+        """
         name = self.options.run_name or ""
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None:
@@ -251,38 +343,40 @@ class Producer:
             session.add(run)
             session.flush()
         elif run.status == RunStatus.CANCELLED:
-            raise InputError(
+            return run, InputError(
                 self.label, None, None, f"run {name!r} was cancelled; choose another --run name"
             )
         elif run.status == RunStatus.FINISHED:
             run.status = RunStatus.ACTIVE  # more jobs for a run that had finished
             run.finished_at = None
-        return run
+            session.flush()
+        return run, None
 
     # --- expansion -------------------------------------------------------------------------
 
-    def expand(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Yields (item, its jobs) for every good row; bad rows go to the report."""
+    def expand(self) -> Iterator[_Item]:
+        """Yields every good row with its jobs; bad rows go to the report."""
         first_line: dict[str, int] = {}
         key_column = self.templates.key
+        report = self.report
         for row in self.source.rows():
-            self.report.rows += 1
+            report.rows += 1
             try:
                 if row.problem is not None:
                     raise row.problem
                 key = self._check_key(row, key_column, first_line)
-                jobs = self._jobs_for(row, key)
+                jobs, images = self._jobs_for(row, key)
             except InputError as problem:
                 # Keep reading even in strict mode: report every bad row, then write nothing.
-                self.report.add_problem(problem)
-                self.report.rows_skipped += 1
+                report.add_problem(problem)
+                report.rows_skipped += 1
                 continue
-            self.report.items += 1
+            report.items += 1
             if not jobs:
-                self.report.items_without_jobs += 1
-            self.report.jobs += len(jobs)
-            self.report.images_planned += sum(len(job["seeds"]) for job in jobs)
-            if self.report.jobs > self.options.max_jobs:
+                report.items_without_jobs += 1
+            report.jobs += len(jobs)
+            report.images_planned += images
+            if report.jobs > self.options.max_jobs:
                 raise ExpansionLimitError(
                     self.label,
                     row.line,
@@ -290,11 +384,13 @@ class Producer:
                     f"the catalogue expands to more than {self.options.max_jobs:,} jobs "
                     f"(reached at this row); raise --max-jobs if that is intended",
                 )
-            if self.progress is not None and self.report.rows % 1000 == 0:
-                self.progress(self.report.rows, self.report.jobs)
-            yield {"key": key, "fields": row.fields, "hash": content_hash(row.fields)}, jobs
+            if self.progress is not None and report.rows % 1000 == 0:
+                self.progress(report.rows, report.jobs)
+            canonical = fields_json(row.fields)
+            item_hash = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+            yield _Item(key, row.fields, canonical, item_hash, jobs)
         if self.progress is not None:
-            self.progress(self.report.rows, self.report.jobs)
+            self.progress(report.rows, report.jobs)
 
     def _check_key(self, row: CatalogueRow, key_column: str, first_line: dict[str, int]) -> str:
         key = row.fields.get(key_column, "")
@@ -310,52 +406,40 @@ class Producer:
         first_line[key] = row.line
         return key
 
-    def _jobs_for(self, row: CatalogueRow, key: str) -> list[dict[str, Any]]:
+    def _jobs_for(self, row: CatalogueRow, key: str) -> tuple[list[StagedJob], int]:
+        """The row's jobs, and the images they plan."""
         where = f"{self.label}:{row.line}"
-        jobs: list[dict[str, Any]] = []
-        for template in self.templates.templates:
+        jobs: list[StagedJob] = []
+        images = 0
+        seed_state = item_seed_state(key)
+        salt = _length_prefixed(self.force_salt)
+        for template, variants in self.variants:
             try:
                 if not template.applies_to(row.fields, where=where):
                     continue
-                prompts = template.expand(row.fields, where=where)
+                prompts = template.expand_prompts(row.fields, where=where)
             except RenderError as exc:
                 raise CatalogueError(
                     self.label, row.line, exc.field, f"template {template.name!r}: {exc.reason}"
                 ) from exc
-            for rendered in prompts:
-                job = self._job(
-                    template, key, rendered.variant, rendered.prompt, rendered.negative_prompt
-                )
-                self._check_prompt(row, template, job)
-                jobs.append(job)
-        return jobs
+            for variant, (prompt, negative) in zip(variants, prompts, strict=True):
+                self._check_prompt(row, variant, key, prompt, negative)
+                seeds = ",".join(map(str, variant.sweep.seeds(seed_state)))
+                digest = variant.settings_state.copy()
+                # The rest of dedupe_key()'s parts: prompt, negative prompt, seeds, salt.
+                rest = f"{len(prompt)}:{prompt}{len(negative)}:{negative}{len(seeds)}:{seeds}"
+                digest.update(f"{rest}{salt}".encode())
+                jobs.append((variant.shape, prompt, negative, f"[{seeds}]", digest.hexdigest()))
+                images += variant.sweep.count
+        return jobs, images
 
-    def _job(
-        self, template: Template, key: str, variant: str, prompt: str, negative_prompt: str
-    ) -> dict[str, Any]:
-        count = self.options.seeds or template.seeds or DEFAULT_SEEDS
-        job: dict[str, Any] = {
-            "template": template.name,
-            "variant": variant,
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "model": template.model or self.options.default_model,
-            "scheduler": template.scheduler,
-            "steps": template.steps,
-            "guidance": template.guidance,
-            "width": template.width,
-            "height": template.height,
-            "seeds": seed_sweep(key, template.name, count, variant=variant),
-            "item_key": key,
-        }
-        salt = self.force_salt
-        job["dedupe_key"] = dedupe_key(job, salt)
-        return job
-
-    def _check_prompt(self, row: CatalogueRow, template: Template, job: dict[str, Any]) -> None:
+    def _check_prompt(
+        self, row: CatalogueRow, variant: _Variant, key: str, prompt: str, negative: str
+    ) -> None:
+        template = variant.template
         blocklist = self.options.blocklist
         if blocklist is not None:
-            match = blocklist.check(job["prompt"])
+            match = blocklist.check(prompt)
             if match is not None:
                 raise CatalogueError(
                     self.label,
@@ -364,15 +448,15 @@ class Producer:
                     f"template {template.name!r}: prompt contains blocked term "
                     f"{match.matched!r} (rule {match.rule!r} at {match.source})",
                 )
-        counter = self._token_counter(job["model"])
-        for part in ("prompt", "negative_prompt"):
-            if part == "negative_prompt" and job[part] in self.fitting_negatives:
+        counter = variant.token_counter
+        for part, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if part == "negative_prompt" and text in self.fitting_negatives:
                 continue  # negative prompts repeat across jobs: count each text once
-            tokens = counter.over_window(job[part])
+            tokens = counter.over_window(text)
             if part == "negative_prompt" and tokens is None:
                 if len(self.fitting_negatives) > 10_000:
                     self.fitting_negatives.clear()  # bounded memory
-                self.fitting_negatives.add(job[part])
+                self.fitting_negatives.add(text)
             if tokens is not None:
                 self.report.add_warning(
                     InputError(
@@ -380,13 +464,13 @@ class Producer:
                         row.line,
                         None,
                         f"template {template.name!r}: {part.replace('_', ' ')} of item "
-                        f"{job['item_key']!r} is about {tokens} tokens; CLIP reads the first "
+                        f"{key!r} is about {tokens} tokens; CLIP reads the first "
                         f"{CLIP_WINDOW}",
                     )
                 )
         samples = self.report.samples.setdefault(template.name, [])
         if len(samples) < SAMPLES_PER_TEMPLATE:
-            samples.append(job["prompt"])
+            samples.append(prompt)
 
     def _token_counter(self, model: str) -> TokenCounter:
         counter = self.token_counters.get(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 
 SEED_MAX = 2**32  # A1111 and most tools use 32-bit seeds
 
@@ -20,44 +21,72 @@ def derive_seed(item_key: str, template: str, index: int, *, variant: str = "") 
     """Seed for sweep position ``index`` of (item, template, variant), in [0, SEED_MAX).
 
     Uses sha256, not hash(), so the value does not depend on PYTHONHASHSEED or the host.
+    This is the reference definition, written out step by step; :class:`SweepPlan` computes
+    the same values faster and the tests hold the two together.
     """
     if index < 0:
         raise ValueError(f"seed index must be >= 0, got {index}")
-    return _seed(_prefix(item_key, template, variant), index)
-
-
-def _prefix(item_key: str, template: str, variant: str) -> hashlib._Hash:
     digest = hashlib.sha256()
     for part in (_DOMAIN, item_key.encode(), template.encode(), variant.encode()):
         digest.update(_part(part))
-    return digest
+    block, slot = divmod(index, _SEEDS_PER_BLOCK)
+    digest.update(_part(str(block).encode()))
+    word = digest.digest()[8 * slot : 8 * slot + 8]
+    return int.from_bytes(word, "big") % SEED_MAX
 
 
 # One sha256 block gives four 64-bit words: seeds 4b..4b+3 come from block b, so a sweep of
 # four costs one hash, and seed i does not depend on the sweep's length.
 _SEEDS_PER_BLOCK = 4
+# A seed is a 64-bit big-endian word modulo 2**32, i.e. the word's low (second) 32-bit half:
+# unpacking the digest as eight 32-bit halves and keeping every second one gives all four.
+_HALVES = struct.Struct(">8I")
+
+# sha256 state after the domain part, shared by every item: copying it skips that block.
+_DOMAIN_STATE = hashlib.sha256(_part(_DOMAIN))
 
 
-def _block(prefix: hashlib._Hash, block: int) -> bytes:
-    digest = prefix.copy()
-    digest.update(_part(str(block).encode()))
-    return digest.digest()
+def item_seed_state(item_key: str) -> hashlib._Hash:
+    """The hash state every sweep of ``item_key`` starts from (see :meth:`SweepPlan.seeds`).
+
+    The producer computes it once per catalogue row and reuses it for each of the row's
+    templates and variants.
+    """
+    digest = _DOMAIN_STATE.copy()
+    digest.update(_part(item_key.encode()))
+    return digest
 
 
-def _seed(prefix: hashlib._Hash, index: int) -> int:
-    block, slot = divmod(index, _SEEDS_PER_BLOCK)
-    return int.from_bytes(_block(prefix, block)[8 * slot : 8 * slot + 8], "big") % SEED_MAX
+class SweepPlan:
+    """The seeds of one (template, variant) sweep of ``count``, for any item.
+
+    Everything that does not depend on the item (the template and variant parts, the block
+    numbers) is encoded once here, so a sweep costs one hash-state copy, one update and one
+    digest per block of four seeds. The values are exactly those of :func:`derive_seed`.
+    """
+
+    __slots__ = ("_tails", "count")
+
+    def __init__(self, template: str, count: int, *, variant: str = "") -> None:
+        if count < 1:
+            raise ValueError(f"seed count must be >= 1, got {count}")
+        self.count = count
+        shared = _part(template.encode()) + _part(variant.encode())
+        blocks = (count + _SEEDS_PER_BLOCK - 1) // _SEEDS_PER_BLOCK
+        self._tails = tuple(shared + _part(str(block).encode()) for block in range(blocks))
+
+    def seeds(self, item_state: hashlib._Hash) -> list[int]:
+        """The sweep of the item whose :func:`item_seed_state` is ``item_state``."""
+        seeds: list[int] = []
+        for tail in self._tails:
+            digest = item_state.copy()
+            digest.update(tail)
+            seeds.extend(_HALVES.unpack(digest.digest())[1::2])
+        if len(seeds) > self.count:
+            del seeds[self.count :]
+        return seeds
 
 
 def seed_sweep(item_key: str, template: str, count: int, *, variant: str = "") -> list[int]:
     """The first ``count`` seeds for (item, template, variant)."""
-    if count < 1:
-        raise ValueError(f"seed count must be >= 1, got {count}")
-    # The shared prefix is hashed once: the producer derives millions of seeds.
-    prefix = _prefix(item_key, template, variant)
-    seeds: list[int] = []
-    for block in range((count + _SEEDS_PER_BLOCK - 1) // _SEEDS_PER_BLOCK):
-        data = _block(prefix, block)
-        for slot in range(min(_SEEDS_PER_BLOCK, count - block * _SEEDS_PER_BLOCK)):
-            seeds.append(int.from_bytes(data[8 * slot : 8 * slot + 8], "big") % SEED_MAX)
-    return seeds
+    return SweepPlan(template, count, variant=variant).seeds(item_seed_state(item_key))

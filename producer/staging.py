@@ -1,154 +1,403 @@
-"""Staging tables: where a run's items and jobs wait until the whole catalogue is accepted.
+"""Staging: how a run's items and jobs reach the real tables.
 
-Rows stream into session-private temporary tables (Postgres ``COPY``; batched inserts on
-SQLite). :meth:`Staging.merge` then moves them into the real tables with two set-based
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` statements, which is where deduplication
-against earlier runs happens, inside the database.
+The producer hands over rows as it expands the catalogue. Every :data:`CHUNK_JOBS` jobs the
+rows gathered so far go into session-private temporary staging tables (Postgres ``COPY``;
+batched inserts on SQLite) and two set-based ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``
+statements merge them into ``catalogue_items`` and ``jobs``: deduplication against earlier
+runs (and earlier chunks) happens there, inside the database.
+
+All of it runs inside the caller's transaction, which commits only once the whole catalogue
+has been accepted, so a refused catalogue still leaves nothing behind; chunks keep memory
+flat however large the catalogue is.
+
+On Postgres a writer thread does the copying and merging on the session's connection while
+the producer expands the next chunk: the database (another process) and Python then work at
+the same time, and the thread waits on the socket with the GIL released. The producer must
+not use the session between :func:`open_staging` and :meth:`Staging.finish` or
+:meth:`Staging.abort`.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import DateTime, bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.models import utcnow
 
-FLUSH_EVERY = 5_000
+# Jobs per chunk: big enough that a chunk's statements cost little next to its rows, small
+# enough that a chunk sorts in Postgres' default work_mem and two chunks in flight stay small.
+CHUNK_JOBS = 5_000
+# Chunks encoded but not yet merged: the producer waits when the database falls behind.
+CHUNKS_IN_FLIGHT = 2
 
 ITEM_COLUMNS = ("external_key", "content_hash", "fields")
+# What varies per job first, then what every job of a template variant shares (JobShape).
 JOB_COLUMNS = (
     "ord",
     "item_key",
     "item_hash",
-    "template",
-    "variant",
     "prompt",
     "negative_prompt",
+    "seeds",
+    "dedupe_key",
+    "template",
+    "variant",
     "model",
     "scheduler",
     "steps",
     "guidance",
     "width",
     "height",
-    "seeds",
-    "dedupe_key",
 )
 
 _TABLES = {
     "staging_items": "external_key TEXT NOT NULL, content_hash TEXT NOT NULL, fields {json}",
     "staging_jobs": (
         "ord BIGINT NOT NULL, item_key TEXT NOT NULL, item_hash TEXT NOT NULL, "
-        "template TEXT NOT NULL, variant TEXT NOT NULL, prompt TEXT NOT NULL, "
-        "negative_prompt TEXT NOT NULL, model TEXT NOT NULL, scheduler TEXT, "
-        "steps INTEGER NOT NULL, guidance {float} NOT NULL, width INTEGER NOT NULL, "
-        "height INTEGER NOT NULL, seeds {json} NOT NULL, dedupe_key TEXT NOT NULL"
+        "prompt TEXT NOT NULL, negative_prompt TEXT NOT NULL, seeds {json} NOT NULL, "
+        "dedupe_key TEXT NOT NULL, template TEXT NOT NULL, variant TEXT NOT NULL, "
+        "model TEXT NOT NULL, scheduler TEXT, steps INTEGER NOT NULL, "
+        "guidance {float} NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL"
     ),
 }
 
+# "WHERE true": SQLite needs it to parse INSERT ... SELECT ... ON CONFLICT.
+_MERGE_ITEMS = (
+    "INSERT INTO catalogue_items (source, external_key, fields, content_hash, created_at) "
+    "SELECT :source, external_key, fields, content_hash, :now FROM staging_items "
+    "WHERE true ON CONFLICT (source, external_key, content_hash) DO NOTHING"
+)
+_MERGE_JOBS = (
+    "INSERT INTO jobs (run_id, item_id, template, variant, prompt, negative_prompt, "
+    "model, scheduler, steps, guidance, width, height, seeds, status, attempts, "
+    "dedupe_key, created_at) "
+    "SELECT :run_id, ci.id, s.template, s.variant, s.prompt, s.negative_prompt, "
+    "s.model, s.scheduler, s.steps, s.guidance, s.width, s.height, s.seeds, "
+    "'pending', 0, s.dedupe_key, :now "
+    "FROM staging_jobs s JOIN catalogue_items ci ON ci.source = :source "
+    "AND ci.external_key = s.item_key AND ci.content_hash = s.item_hash "
+    "WHERE true ORDER BY s.ord "
+    "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+# COPY's text format: backslash, tab, newline and carriage return must be escaped.
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_NULL = "\\N"
+
+
+def copy_text(value: str) -> str:
+    """``value`` as one field of a Postgres ``COPY ... FROM STDIN`` (text format) line."""
+    if _COPY_SPECIAL.search(value) is None:
+        return value
+    return value.translate(_COPY_ESCAPES)
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What every job of one template variant shares: the columns after ``dedupe_key``."""
+
+    template: str
+    variant: str
+    model: str
+    scheduler: str | None
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    values: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+    # The same columns as the tail of a COPY text line, encoded once (tab-separated, escaped).
+    copy_fields: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = (
+            self.template,
+            self.variant,
+            self.model,
+            self.scheduler,
+            self.steps,
+            self.guidance,
+            self.width,
+            self.height,
+        )
+        object.__setattr__(self, "values", values)
+        encoded = "\t".join(
+            _COPY_NULL
+            if value is None
+            else repr(value)
+            if isinstance(value, float)
+            else copy_text(str(value))
+            for value in values
+        )
+        object.__setattr__(self, "copy_fields", encoded)
+
+
+# A job as the producer hands it over: (shape, prompt, negative prompt, seeds as a JSON
+# array, dedupe key).
+StagedJob = tuple[JobShape, str, str, str, str]
+
 
 class Staging:
-    def __init__(self, session: Session) -> None:
+    """Takes a run's items and jobs as the catalogue streams and merges them chunk by chunk.
+
+    Call :meth:`add` for every accepted item with its jobs, then :meth:`finish` (which
+    returns how many jobs were new), or :meth:`abort` on any error; the caller then commits
+    or rolls back the session's transaction.
+    """
+
+    def __init__(self, *, run_id: int, source: str, now: datetime) -> None:
+        self.params: dict[str, Any] = {"run_id": run_id, "source": source, "now": now}
+        self.jobs_new = 0
+        self._pending_jobs = 0
+
+    def add(
+        self,
+        key: str,
+        content_hash: str,
+        fields: Mapping[str, str],
+        fields_json: str,
+        jobs: list[StagedJob],
+    ) -> None:
+        """One item (``fields_json``: its fields as JSON) and its jobs, in catalogue order."""
+        self._add(key, content_hash, fields, fields_json, jobs)
+        self._pending_jobs += len(jobs)
+        if self._pending_jobs >= CHUNK_JOBS:
+            self._pending_jobs = 0
+            self._flush()
+
+    def finish(self) -> int:
+        """Merges what is left; returns how many jobs were new (not already in ``jobs``)."""
+        self._flush()
+        self._close()
+        return self.jobs_new
+
+    def abort(self) -> None:
+        """Stops merging (waits for a chunk being merged); the caller rolls back."""
+
+    def _add(
+        self,
+        key: str,
+        content_hash: str,
+        fields: Mapping[str, str],
+        fields_json: str,
+        jobs: list[StagedJob],
+    ) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+def open_staging(session: Session, *, run_id: int, source: str) -> Staging:
+    """Creates the staging tables in the session's transaction; see :class:`Staging`."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    schema = "pg_temp" if postgres else "temp"
+    for name, columns in _TABLES.items():
+        session.execute(text(f"DROP TABLE IF EXISTS {schema}.{name}"))
+        ddl = columns.format(
+            json="JSONB" if postgres else "TEXT",
+            float="DOUBLE PRECISION" if postgres else "REAL",
+        )
+        session.execute(text(f"CREATE TEMPORARY TABLE {name} ({ddl})"))
+    # One timestamp for the whole run's rows, as when they were merged in one statement.
+    now = utcnow()
+    if postgres:
+        return _PostgresStaging(session, run_id=run_id, source=source, now=now)
+    return _SqlStaging(session, run_id=run_id, source=source, now=now)
+
+
+def _drop_tables(session: Session) -> None:
+    for name in _TABLES:
+        session.execute(text(f"DROP TABLE {name}"))
+
+
+class _SqlStaging(Staging):
+    """Any other database (SQLite): batched inserts, merged on the caller's thread."""
+
+    def __init__(self, session: Session, *, run_id: int, source: str, now: datetime) -> None:
+        super().__init__(run_id=run_id, source=source, now=now)
         self.session = session
-        self.dialect = session.get_bind().dialect.name
         self.items: list[tuple[Any, ...]] = []
         self.jobs: list[tuple[Any, ...]] = []
         self.count = 0
-        postgres = self.dialect == "postgresql"
-        schema = "pg_temp" if postgres else "temp"
-        for name, columns in _TABLES.items():
-            self.session.execute(text(f"DROP TABLE IF EXISTS {schema}.{name}"))
-            ddl = columns.format(
-                json="JSONB" if postgres else "TEXT",
-                float="DOUBLE PRECISION" if postgres else "REAL",
-            )
-            self.session.execute(text(f"CREATE TEMPORARY TABLE {name} ({ddl})"))
 
-    def add(self, item: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
-        self.items.append(
-            (item["key"], item["hash"], json.dumps(item["fields"], ensure_ascii=False))
-        )
-        for job in jobs:
+    def _add(
+        self,
+        key: str,
+        content_hash: str,
+        fields: Mapping[str, str],
+        fields_json: str,
+        jobs: list[StagedJob],
+    ) -> None:
+        # Stored as TEXT here, so keep the catalogue's column order (not the sorted JSON).
+        self.items.append((key, content_hash, json.dumps(fields, ensure_ascii=False)))
+        for shape, prompt, negative, seeds, dedupe_key in jobs:
             self.count += 1
             self.jobs.append(
-                (
-                    self.count,
-                    job["item_key"],
-                    item["hash"],
-                    job["template"],
-                    job["variant"],
-                    job["prompt"],
-                    job["negative_prompt"],
-                    job["model"],
-                    job["scheduler"],
-                    job["steps"],
-                    job["guidance"],
-                    job["width"],
-                    job["height"],
-                    "[" + ",".join(map(str, job["seeds"])) + "]",  # JSON, without json.dumps
-                    job["dedupe_key"],
-                )
+                (self.count, key, content_hash, prompt, negative, seeds, dedupe_key, *shape.values)
             )
-        if len(self.jobs) >= FLUSH_EVERY:
-            self.flush()
 
-    def flush(self) -> None:
-        self._write("staging_items", ITEM_COLUMNS, self.items)
-        self._write("staging_jobs", JOB_COLUMNS, self.jobs)
+    def _flush(self) -> None:
+        if not self.items:
+            return
+        for table, columns, rows in (
+            ("staging_items", ITEM_COLUMNS, self.items),
+            ("staging_jobs", JOB_COLUMNS, self.jobs),
+        ):
+            if rows:
+                placeholders = ", ".join(f":{c}" for c in columns)
+                self.session.execute(
+                    text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"),
+                    [dict(zip(columns, row, strict=True)) for row in rows],
+                )
         self.items.clear()
         self.jobs.clear()
-
-    def _write(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        if self.dialect == "postgresql":
-            # COPY is the fastest way into Postgres; it runs on this session's connection, so
-            # inside its transaction.
-            raw = self.session.connection().connection.driver_connection
-            assert raw is not None
-            with raw.cursor() as cursor:
-                sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-                with cursor.copy(sql) as copy:
-                    for row in rows:
-                        copy.write_row(row)
-            return
-        placeholders = ", ".join(f":{c}" for c in columns)
-        self.session.execute(
-            text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"),
-            [dict(zip(columns, row, strict=True)) for row in rows],
-        )
-
-    def merge(self, *, run_id: int, source: str) -> int:
-        """Move staged rows into the real tables; returns how many jobs were new."""
-        now = bindparam("now", utcnow(), type_=DateTime(timezone=True))
-        # "WHERE true": SQLite needs it to parse INSERT ... SELECT ... ON CONFLICT.
-        self.session.execute(
-            text(
-                "INSERT INTO catalogue_items (source, external_key, fields, content_hash, "
-                "created_at) "
-                "SELECT :source, external_key, fields, content_hash, :now FROM staging_items "
-                "WHERE true ON CONFLICT (source, external_key, content_hash) DO NOTHING"
-            ).bindparams(now),
-            {"source": source},
-        )
-        result = self.session.execute(
-            text(
-                "INSERT INTO jobs (run_id, item_id, template, variant, prompt, negative_prompt, "
-                "model, scheduler, steps, guidance, width, height, seeds, status, attempts, "
-                "dedupe_key, created_at) "
-                "SELECT :run_id, ci.id, s.template, s.variant, s.prompt, s.negative_prompt, "
-                "s.model, s.scheduler, s.steps, s.guidance, s.width, s.height, s.seeds, "
-                "'pending', 0, s.dedupe_key, :now "
-                "FROM staging_jobs s JOIN catalogue_items ci ON ci.source = :source "
-                "AND ci.external_key = s.item_key AND ci.content_hash = s.item_hash "
-                "WHERE true ORDER BY s.ord "
-                "ON CONFLICT (dedupe_key) DO NOTHING"
-            ).bindparams(now),
-            {"run_id": run_id, "source": source},
-        )
-        inserted = int(result.rowcount)  # type: ignore[attr-defined]
+        now = bindparam("now", self.params["now"], type_=DateTime(timezone=True))
+        params = {"run_id": self.params["run_id"], "source": self.params["source"]}
+        self.session.execute(text(_MERGE_ITEMS).bindparams(now), params)
+        result = self.session.execute(text(_MERGE_JOBS).bindparams(now), params)
+        self.jobs_new += int(result.rowcount)  # type: ignore[attr-defined]
         for name in _TABLES:
-            self.session.execute(text(f"DROP TABLE {name}"))
-        return inserted
+            self.session.execute(text(f"DELETE FROM {name}"))
+
+    def _close(self) -> None:
+        _drop_tables(self.session)
+
+
+def _psycopg_sql(sql: str) -> str:
+    # The merge statements are written with SQLAlchemy's ":name" parameters.
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+
+
+_PSYCOPG_MERGE_ITEMS = _psycopg_sql(_MERGE_ITEMS)
+_PSYCOPG_MERGE_JOBS = _psycopg_sql(_MERGE_JOBS)
+
+
+class _PostgresStaging(Staging):
+    """COPY in text format, merged by a writer thread while the producer expands on."""
+
+    def __init__(self, session: Session, *, run_id: int, source: str, now: datetime) -> None:
+        super().__init__(run_id=run_id, source=source, now=now)
+        self.session = session
+        self.items: list[str] = []
+        self.jobs: list[str] = []
+        self.count = 0
+        raw = session.connection().connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        self._writer = _Writer(raw, self.params)
+        self._writer.start()
+
+    def _add(
+        self,
+        key: str,
+        content_hash: str,
+        fields: Mapping[str, str],
+        fields_json: str,
+        jobs: list[StagedJob],
+    ) -> None:
+        # JSONB does not keep key order, so the sorted JSON of the content hash serves.
+        item = f"{copy_text(key)}\t{content_hash}"
+        self.items.append(f"{item}\t{copy_text(fields_json)}\n")
+        count = self.count
+        for shape, prompt, negative, seeds, dedupe_key in jobs:
+            count += 1
+            self.jobs.append(
+                f"{count}\t{item}\t{copy_text(prompt)}\t{copy_text(negative)}\t{seeds}\t"
+                f"{dedupe_key}\t{shape.copy_fields}\n"
+            )
+        self.count = count
+
+    def _flush(self) -> None:
+        if not self.items:
+            return
+        chunk = ("".join(self.items).encode(), "".join(self.jobs).encode())
+        self.items.clear()
+        self.jobs.clear()
+        self._writer.submit(chunk)
+
+    def _close(self) -> None:
+        self.jobs_new = self._writer.finish()
+        _drop_tables(self.session)
+
+    def abort(self) -> None:
+        self._writer.cancel()
+
+
+class _Writer(threading.Thread):
+    """Copies and merges chunks on the session's psycopg connection, one after another."""
+
+    def __init__(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> None:
+        super().__init__(name="pixelmill-staging", daemon=True)
+        self.conn = conn
+        self.params = params
+        self.inserted = 0
+        self.error: BaseException | None = None
+        self._chunks: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(CHUNKS_IN_FLIGHT)
+        self._cancelled = threading.Event()
+
+    def submit(self, chunk: tuple[bytes, bytes]) -> None:
+        self._raise_error()
+        self._chunks.put(chunk)
+
+    def finish(self) -> int:
+        self._chunks.put(None)
+        self.join()
+        self._raise_error()
+        return self.inserted
+
+    def cancel(self) -> None:
+        if not self.is_alive():
+            return
+        self._cancelled.set()
+        self._chunks.put(None)
+        self.join()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def run(self) -> None:
+        statement = ""
+        try:
+            with self.conn.cursor() as cursor:
+                while (chunk := self._chunks.get()) is not None:
+                    if self._cancelled.is_set():
+                        continue
+                    items, jobs = chunk
+                    for table, columns, data in (
+                        ("staging_items", ITEM_COLUMNS, items),
+                        ("staging_jobs", JOB_COLUMNS, jobs),
+                    ):
+                        statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+                        with cursor.copy(statement) as copy:
+                            copy.write(data)
+                    statement = _PSYCOPG_MERGE_ITEMS
+                    cursor.execute(statement, self.params)
+                    statement = _PSYCOPG_MERGE_JOBS
+                    cursor.execute(statement, self.params)
+                    self.inserted += cursor.rowcount
+                    statement = "TRUNCATE staging_items, staging_jobs"
+                    cursor.execute(statement)
+        except BaseException as exc:  # handed to the producer's thread, which raises it
+            if isinstance(exc, psycopg.Error):
+                # What the same statement raises through the session (IntegrityError, ...).
+                exc = DBAPIError.instance(statement, self.params, exc, psycopg.Error)
+            self.error = exc
+            # Keep taking chunks until the producer stops, so it never waits on a full queue.
+            while self._chunks.get() is not None:
+                pass

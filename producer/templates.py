@@ -213,13 +213,20 @@ class _Substitution:
     """A part that is only literal text and ``{{ field }}``s, rendered without Jinja.
 
     Most catalogue prompts are exactly that, and a bulk run renders them millions of times:
-    joining strings is several times cheaper than a Jinja render (which builds a context
-    each call). Anything else (filters, conditions, attribute access) goes through the
-    sandboxed Jinja template; the output is the same either way.
+    one ``str.format_map`` call is several times cheaper than a Jinja render (which builds a
+    context each call). Anything else (filters, conditions, attribute access) goes through
+    the sandboxed Jinja template; the output is the same either way.
     """
 
     def __init__(self, pieces: list[tuple[bool, str]]) -> None:
         self.pieces = pieces  # (is_field, literal text or field name)
+        self.literal = not any(is_field for is_field, _text in pieces)
+        # Jinja names are identifiers, so "{name}" is a plain format field; literal braces
+        # are doubled.
+        self._format = "".join(
+            "{" + text + "}" if is_field else text.replace("{", "{{").replace("}", "}}")
+            for is_field, text in pieces
+        )
 
     @classmethod
     def compile(cls, source: str) -> _Substitution | None:
@@ -238,7 +245,7 @@ class _Substitution:
         return cls(pieces)
 
     def render(self, context: Mapping[str, str]) -> str:
-        return "".join(context[text] if is_field else text for is_field, text in self.pieces)
+        return self._format.format_map(context)
 
 
 _Part = _Substitution | jinja2.Template
@@ -254,6 +261,12 @@ class _CompiledVariant:
     # Non-empty parts only, compiled once: bulk runs expand every template for every row.
     prompt_parts: tuple[_Part, ...]
     negative_parts: tuple[_Part, ...]
+    # The negative prompt when it is literal text (the usual case): rendered once, not per row.
+    constant_negative: str | None = None
+
+
+def _constant(parts: tuple[_Part, ...]) -> bool:
+    return all(isinstance(part, _Substitution) and part.literal for part in parts)
 
 
 def _expression_fields(source: str) -> frozenset[str]:
@@ -288,6 +301,8 @@ class Template:
     _variants: tuple[_CompiledVariant, ...] = field(init=False, repr=False, compare=False)
     _when: Callable[..., Any] | None = field(init=False, repr=False, compare=False)
     _prompt_fields: frozenset[str] = field(init=False, repr=False, compare=False)
+    _checked_fields: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _only_substitutions: bool = field(init=False, repr=False, compare=False)
     _when_fields: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -327,9 +342,23 @@ class Template:
                         cache[text] = _compile_part(text)
                     templates.append(cache[text])
                 parts[output] = tuple(templates)
-            compiled.append(_CompiledVariant(variant.label, parts["prompt"], parts["neg"]))
+            negative = None
+            if _constant(parts["neg"]):
+                try:
+                    negative = self._render_parts(parts["neg"], {}, "negative_prompt", "")
+                except RenderError:
+                    negative = None  # too long: every row reports it, as it always did
+            compiled.append(
+                _CompiledVariant(variant.label, parts["prompt"], parts["neg"], negative)
+            )
         object.__setattr__(self, "_variants", tuple(compiled))
         object.__setattr__(self, "_prompt_fields", frozenset(fields))
+        object.__setattr__(self, "_checked_fields", tuple(sorted(fields)))
+        object.__setattr__(
+            self,
+            "_only_substitutions",
+            all(isinstance(part, _Substitution) for part in cache.values()),
+        )
         when_fields: frozenset[str] = frozenset()
         when_fn: Callable[..., Any] | None = None
         if self.when is not None:
@@ -396,19 +425,37 @@ class Template:
         Every prompt field must be present and non-empty: an empty cell would silently
         produce a prompt such as "product photo of , white background".
         """
-        for name in sorted(self._prompt_fields):
+        return [
+            RenderedPrompt(variant.label, prompt, negative)
+            for variant, (prompt, negative) in zip(
+                self._variants, self.expand_prompts(fields, where=where), strict=True
+            )
+        ]
+
+    def expand_prompts(self, fields: Mapping[str, str], *, where: str) -> list[tuple[str, str]]:
+        """(prompt, negative prompt) of every variant, in :meth:`variants` order.
+
+        The same checks and texts as :meth:`expand`, without a label object per prompt: the
+        producer calls this for every row of a bulk run.
+        """
+        for name in self._checked_fields:
             if name not in fields:
                 raise RenderError(where, name, "is missing", self.name)
             if not fields[name].strip():
                 raise RenderError(where, name, "is empty", self.name)
-        context = dict(fields)
-        results: list[RenderedPrompt] = []
+        # Jinja gets a copy (it must not see later changes); a format_map only reads.
+        context = fields if self._only_substitutions else dict(fields)
+        results: list[tuple[str, str]] = []
         for variant in self._variants:
             prompt = self._render_parts(variant.prompt_parts, context, "prompt", where)
             if not prompt:
                 raise RenderError(where, "prompt", "rendered to an empty prompt", self.name)
-            negative = self._render_parts(variant.negative_parts, context, "negative_prompt", where)
-            results.append(RenderedPrompt(variant.label, prompt, negative))
+            negative = variant.constant_negative
+            if negative is None:
+                negative = self._render_parts(
+                    variant.negative_parts, context, "negative_prompt", where
+                )
+            results.append((prompt, negative))
         return results
 
     def render(self, fields: Mapping[str, str], *, where: str) -> tuple[str, str]:
@@ -419,7 +466,7 @@ class Template:
     def _render_parts(
         self,
         parts: tuple[_Part, ...],
-        context: dict[str, str],
+        context: Mapping[str, str],
         label: str,
         where: str,
     ) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.seeds import SEED_MAX, derive_seed, seed_sweep
+from producer.seeds import SEED_MAX, SweepPlan, derive_seed, item_seed_state, seed_sweep
 
 
 def test_known_values_are_stable() -> None:
@@ -72,3 +72,20 @@ def test_sweep_is_a_prefix_of_longer_sweeps(count: int) -> None:
     """Seed i is the same whatever the sweep size (a re-run with more seeds keeps the old)."""
     assert seed_sweep("SKU-9", "t", count) == seed_sweep("SKU-9", "t", 12)[:count]
     assert seed_sweep("SKU-9", "t", count) == [derive_seed("SKU-9", "t", i) for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 8, 9])
+def test_sweep_plan_gives_the_reference_seeds(count: int) -> None:
+    """The producer's path (a plan per template variant, a hash state per item) gives the
+    seeds of derive_seed, with one item state reused across plans."""
+    state = item_seed_state("SKU-9")
+    for template, variant in (("t", ""), ("studio", "white / morning"), ("t", "x")):
+        plan = SweepPlan(template, count, variant=variant)
+        expected = [derive_seed("SKU-9", template, i, variant=variant) for i in range(count)]
+        assert plan.seeds(state) == expected
+        assert plan.seeds(state) == expected  # the shared state is copied, never consumed
+
+
+def test_sweep_plan_count_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="count"):
+        SweepPlan("t", 0)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,42 @@ def test_estimating_counter_flags_a_long_prompt() -> None:
     assert result is not None
     assert 108 <= result <= 150
     assert counter.over_window("a red leather handbag on a white marble table") is None
+
+
+def _regex_estimate(text: str) -> int:
+    """estimate_tokens' ASCII rules through the pre-tokenizer regexes alone: the reference
+    the regex-free fast path must agree with."""
+    normalized = text.lower()
+    pieces = re.findall(r"'(?:s|t|re|ve|m|ll|d)|[a-z]+|\d|_|[^\s\w]", normalized)
+    long_words = re.findall(r"(?<![a-z])[a-z]{9,}", normalized)
+    return len(pieces) + sum(len(word) // 4 - 1 for word in long_words)
+
+
+def test_ascii_estimate_agrees_with_the_pre_tokenizer_regexes() -> None:
+    rng = random.Random(3)
+    # Letters (runs long and short), digits, "_", punctuation, every kind of ASCII whitespace
+    # the regex's \s knows (\x1c-\x1f included) and an apostrophe now and then.
+    alphabet = [
+        *"abcdefghijklmnopqrstuvwxyzABCZ",
+        *"0123456789_",
+        *',.!-/()#%$\\"',
+        *" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f",
+        "extraordinarily",
+        "photograph",
+        "'s",
+        "'",
+    ]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60)))
+        assert estimate_tokens(text) == _regex_estimate(text), repr(text)
+
+
+def test_estimating_counter_decides_by_the_estimate() -> None:
+    counter = TokenCounter(None)
+    long_prompt = ", ".join(["a red leather handbag on a marble table"] * 10)
+    assert estimate_tokens(long_prompt) > CLIP_WINDOW
+    assert counter.over_window(long_prompt) == estimate_tokens(long_prompt)
+    # Over the byte bound but within the window by estimate: fits.
+    spaced_out = "extraordinarily " * 10
+    assert token_bound(spaced_out) > CLIP_WINDOW >= estimate_tokens(spaced_out)
+    assert counter.over_window(spaced_out) is None
