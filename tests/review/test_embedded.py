@@ -104,3 +104,11 @@ def test_a_real_database_needs_a_secret_key(tmp_path: Path, session: Session) ->
     with pytest.raises(SecretKeyError, match="at least 32 characters"):
         secret_key(get_settings(data_dir=tmp_path, database_url=url, review_secret_key="short"))
     assert secret_key(get_settings(database_url=url, review_secret_key="k" * 32)) == "k" * 32
+
+
+def test_review_refuses_to_start_without_a_secret_key_on_a_real_database(
+    workdir: Path, fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIXELMILL_DATABASE_URL", fresh_database_url)
+    code, out = invoke("review", "--port", "1")
+    assert code == 2 and "PIXELMILL_REVIEW_SECRET_KEY is required" in out

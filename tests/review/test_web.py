@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import ImageReview, Reviewer, ReviewItem
+from pixelmill.settings import Settings
 from pixelmill.storage import Storage
 from review.accounts import set_password
+from review.app import create_app
 from review.queue import sync_queue
 from tests.review.conftest import PASSWORD, log_in
 from tests.review.factory import make_run
@@ -228,3 +231,62 @@ def test_admin_pages_refuse_reviewers(client: TestClient, alice: Reviewer, path:
     log_in(client, "alice")
     response = client.get(path)
     assert response.status_code == 403 and "admin" in response.text
+
+
+def _counter(decision: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("pixelmill_review_decisions_total", {"decision": decision})
+    return value or 0.0
+
+
+def test_decisions_are_counted_for_prometheus(
+    client: TestClient, session: Session, storage: Storage, alice: Reviewer
+) -> None:
+    made = make_run(session, items=1, templates=("studio",), seeds=3, storage=storage)
+    headers = {"X-CSRF-Token": log_in(client, "alice")}
+    before = {d: _counter(d) for d in ("keep", "reject", "undo", "reroll")}
+    item_id = client.post(f"/api/runs/{made.run.id}/claim", headers=headers).json()[
+        "review_item_id"
+    ]
+    first, second, _third = (image.id for image in made.images)
+    for image_id, decision in ((first, "keep"), (second, "keep")):
+        client.post(
+            f"/api/items/{item_id}/decisions",
+            json={"image_id": image_id, "decision": decision},
+            headers=headers,
+        ).raise_for_status()
+    client.post(f"/api/items/{item_id}/undo", headers=headers).raise_for_status()
+    client.post(f"/api/items/{item_id}/reroll", headers=headers).raise_for_status()
+    after = {d: _counter(d) for d in before}
+    # 2 keeps, 1 undo, 1 re-roll, which rejected the 2 images still undecided.
+    assert {d: after[d] - before[d] for d in before} == {
+        "keep": 2,
+        "reject": 2,
+        "undo": 1,
+        "reroll": 1,
+    }
+    exposition = client.get("/metrics").text
+    assert f'pixelmill_review_decisions_total{{decision="reroll"}} {after["reroll"]}' in exposition
+
+
+def test_the_session_cookie_is_http_only_and_same_site(client: TestClient) -> None:
+    response = client.get("/login")
+    cookie = response.headers["set-cookie"].lower()
+    assert "pixelmill_review=" in cookie and "httponly" in cookie and "samesite=lax" in cookie
+
+
+def test_the_background_sync_fills_the_queue(
+    settings: Settings, sessions: sessionmaker[Session], storage: Storage, session: Session
+) -> None:
+    fast = settings.model_copy(update={"review_sync_seconds": 0.2})
+    app = create_app(fast, sessions=sessions, storage=storage, background_sync=True)
+    with TestClient(app):
+        made = make_run(session, items=2)
+        deadline = time.monotonic() + 30
+        while session.scalar(select(func.count()).select_from(ReviewItem)) != 2:
+            assert time.monotonic() < deadline, "the background sync added no items"
+            time.sleep(0.1)
+            session.rollback()  # a new snapshot
+    rows = session.execute(select(ReviewItem.run_id, ReviewItem.status)).all()
+    assert rows == [(made.run.id, "open")] * 2
