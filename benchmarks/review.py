@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psycopg
 
+# The repository root first: this file is itself named review.py, and `import review` must
+# find the package, not this script.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db.migrate import upgrade
