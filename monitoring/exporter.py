@@ -48,6 +48,7 @@ STATEMENT_TIMEOUT_MS = 5000
 class RunFigures:
     name: str
     created_at: datetime
+    active: bool = False
     jobs: dict[str, int] = field(default_factory=dict)
     images: int = 0
     images_planned: int = 0
@@ -90,7 +91,7 @@ def _aware(value: datetime) -> datetime:
 def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     now = now or datetime.now(UTC)
     runs = session.execute(
-        select(Run.id, Run.name, Run.created_at)
+        select(Run.id, Run.name, Run.created_at, Run.status)
         .where(
             or_(
                 Run.status.in_([RunStatus.ACTIVE, RunStatus.PAUSED]),
@@ -100,7 +101,10 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
         .order_by(Run.id.desc())
         .limit(MAX_RUNS)
     ).all()
-    figures = {run_id: RunFigures(name, _aware(created)) for run_id, name, created in runs}
+    figures = {
+        run_id: RunFigures(name, _aware(created), active=status == RunStatus.ACTIVE)
+        for run_id, name, created, status in runs
+    }
     ids = list(figures)
     if ids:
         _read_jobs(session, figures, ids)
@@ -184,6 +188,11 @@ def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> Ga
 
 def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     """The exporter's metric families for one snapshot of the database."""
+    active = _gauge(
+        "pixelmill_run_active",
+        "1 while the run is active (not paused, cancelled, finished).",
+        ["run"],
+    )
     jobs = _gauge("pixelmill_run_jobs", "Jobs of a recent run by status.", ["run", "status"])
     images = _gauge("pixelmill_run_images", "Image rows of a recent run.", ["run"])
     planned = _gauge(
@@ -221,6 +230,7 @@ def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     )
     for run in snapshot.runs:
         label = [run.name]
+        active.add_metric(label, 1 if run.active else 0)
         for status in JobStatus:
             jobs.add_metric([run.name, status.value], run.jobs.get(status, 0))
         images.add_metric(label, run.images)
@@ -242,7 +252,7 @@ def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     )
     oldest.add_metric([], snapshot.oldest_waiting_age)
     return [
-        jobs, images, planned, remaining, rate, finish, due, backlog, reviewed, kept,
+        active, jobs, images, planned, remaining, rate, finish, due, backlog, reviewed, kept,
         keep_ratio, oldest,
     ]  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Every metric pixelmill's own processes record, in base units with a ``pixelmill_`` prefix.
+"""The render workers' metrics, in base units with a ``pixelmill_`` prefix (the dispatcher's
+are in :mod:`monitoring.dispatcher_metrics`, so each endpoint shows only its own).
 
 No label names a job, run or image: series stay few however large the night is (per-run
 figures come from the exporter, which reads them from Postgres).
@@ -83,14 +84,4 @@ GPU_MEMORY_BYTES = Gauge(
     "GPU memory held by this host's render processes (torch.cuda.memory_reserved), per GPU.",
     ["gpu"],
     multiprocess_mode="livesum",
-)
-
-# --- dispatcher ---
-JOBS_PUBLISHED = Counter(
-    "pixelmill_jobs_published_total",
-    "Job ids the dispatcher published to the broker (pending -> queued).",
-)
-JOBS_REPUBLISHED = Counter(
-    "pixelmill_jobs_republished_total",
-    "Queued job ids published again because their message was not picked up in time.",
 )

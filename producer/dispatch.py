@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
-from monitoring.metrics import JOBS_PUBLISHED, JOBS_REPUBLISHED
+from monitoring.dispatcher_metrics import JOBS_PUBLISHED, JOBS_REPUBLISHED
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine
 
 from tests.conftest import REDIS_URL, WorkerProcess, require_service
 
@@ -68,3 +69,11 @@ def start_pixelmill(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, s
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def engine(fresh_database_url: str) -> Iterator[Engine]:
+    """An engine on the test's fresh database, disposed even when the test fails."""
+    made = create_engine(fresh_database_url)
+    yield made
+    made.dispose()

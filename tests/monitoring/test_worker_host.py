@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job
@@ -46,6 +46,7 @@ def _done_per_file(multiproc_dir: Path) -> dict[str, float]:
 def test_prefork_processes_add_up(
     tmp_path: Path,
     fresh_database_url: str,
+    engine: Engine,
     broker_url: str,
     render_queue: str,
     tiny_model_dir: Path,
@@ -70,7 +71,6 @@ def test_prefork_processes_add_up(
     multiproc_dir = settings.resolved_prometheus_multiproc_dir  # the default, under data_dir
     multiproc_dir.mkdir(parents=True)
     _stale_counter(multiproc_dir)
-    engine = create_engine(fresh_database_url)
     produce_run(tmp_path, engine, settings, items=4, seeds=1, name="prefork")
 
     env = settings_env(values)
@@ -109,4 +109,3 @@ def test_prefork_processes_add_up(
     assert value(parsed, "pixelmill_job_duration_seconds_count") == done_jobs
     assert value(parsed, "pixelmill_jobs_finished_total", outcome="failed") == 0
     assert host.process.poll() is None, host.output()
-    engine.dispose()
