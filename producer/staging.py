@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -40,13 +42,16 @@ from db.models import utcnow
 CHUNK_JOBS = 5_000
 # Chunks encoded but not yet merged: the producer waits when the database falls behind.
 CHUNKS_IN_FLIGHT = 2
+# While the writer thread runs: how long the producer's thread may keep the GIL when the
+# writer has a server reply to act on (Python's default, 5 ms, would leave the database idle
+# for up to that long after each of a chunk's round trips).
+WRITER_SWITCH_INTERVAL = 0.0005
 
-ITEM_COLUMNS = ("external_key", "content_hash", "fields")
+ITEM_COLUMNS = ("ord", "external_key", "content_hash", "fields")
 # What varies per job first, then what every job of a template variant shares (JobShape).
 JOB_COLUMNS = (
     "ord",
-    "item_key",
-    "item_hash",
+    "item_ord",
     "prompt",
     "negative_prompt",
     "seeds",
@@ -62,9 +67,11 @@ JOB_COLUMNS = (
 )
 
 _TABLES = {
-    "staging_items": "external_key TEXT NOT NULL, content_hash TEXT NOT NULL, fields {json}",
+    "staging_items": (
+        "ord BIGINT NOT NULL, external_key TEXT NOT NULL, content_hash TEXT NOT NULL, fields {json}"
+    ),
     "staging_jobs": (
-        "ord BIGINT NOT NULL, item_key TEXT NOT NULL, item_hash TEXT NOT NULL, "
+        "ord BIGINT NOT NULL, item_ord BIGINT NOT NULL, "
         "prompt TEXT NOT NULL, negative_prompt TEXT NOT NULL, seeds {json} NOT NULL, "
         "dedupe_key TEXT NOT NULL, template TEXT NOT NULL, variant TEXT NOT NULL, "
         "model TEXT NOT NULL, scheduler TEXT, steps INTEGER NOT NULL, "
@@ -78,16 +85,23 @@ _MERGE_ITEMS = (
     "SELECT :source, external_key, fields, content_hash, :now FROM staging_items "
     "WHERE true ON CONFLICT (source, external_key, content_hash) DO NOTHING"
 )
+# Each staged item's id is looked up once, through the unique index: a scalar subquery in a
+# materialised CTE (the planner can neither hash all the source's items for every chunk nor
+# repeat the lookup for each of the item's jobs); each job joins its item by the item's
+# number in the staging table.
 _MERGE_JOBS = (
     "INSERT INTO jobs (run_id, item_id, template, variant, prompt, negative_prompt, "
     "model, scheduler, steps, guidance, width, height, seeds, status, attempts, "
     "dedupe_key, created_at) "
-    "SELECT :run_id, ci.id, s.template, s.variant, s.prompt, s.negative_prompt, "
+    "WITH i AS MATERIALIZED ("
+    "SELECT si.ord, (SELECT ci.id FROM catalogue_items ci WHERE ci.source = :source "
+    "AND ci.external_key = si.external_key AND ci.content_hash = si.content_hash) AS id "
+    "FROM staging_items si) "
+    "SELECT :run_id, i.id, s.template, s.variant, s.prompt, s.negative_prompt, "
     "s.model, s.scheduler, s.steps, s.guidance, s.width, s.height, s.seeds, "
     "'pending', 0, s.dedupe_key, :now "
-    "FROM staging_jobs s JOIN catalogue_items ci ON ci.source = :source "
-    "AND ci.external_key = s.item_key AND ci.content_hash = s.item_hash "
-    "WHERE true ORDER BY s.ord "
+    "FROM staging_jobs s JOIN i ON i.ord = s.item_ord "
+    "WHERE i.id IS NOT NULL ORDER BY s.ord "
     "ON CONFLICT (dedupe_key) DO NOTHING"
 )
 
@@ -234,6 +248,7 @@ class _SqlStaging(Staging):
         self.items: list[tuple[Any, ...]] = []
         self.jobs: list[tuple[Any, ...]] = []
         self.count = 0
+        self.items_added = 0
 
     def _add(
         self,
@@ -244,12 +259,12 @@ class _SqlStaging(Staging):
         jobs: list[StagedJob],
     ) -> None:
         # Stored as TEXT here, so keep the catalogue's column order (not the sorted JSON).
-        self.items.append((key, content_hash, json.dumps(fields, ensure_ascii=False)))
+        self.items_added += 1
+        item = self.items_added
+        self.items.append((item, key, content_hash, json.dumps(fields, ensure_ascii=False)))
         for shape, prompt, negative, seeds, dedupe_key in jobs:
             self.count += 1
-            self.jobs.append(
-                (self.count, key, content_hash, prompt, negative, seeds, dedupe_key, *shape.values)
-            )
+            self.jobs.append((self.count, item, prompt, negative, seeds, dedupe_key, *shape.values))
 
     def _flush(self) -> None:
         if not self.items:
@@ -278,13 +293,18 @@ class _SqlStaging(Staging):
         _drop_tables(self.session)
 
 
-def _psycopg_sql(sql: str) -> str:
-    # The merge statements are written with SQLAlchemy's ":name" parameters.
-    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+def _merge_batch(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
+    """Both merges and emptying the staging tables, as one round trip to the server.
 
+    The statements are written with SQLAlchemy's ":name" parameters; here the values go in
+    as quoted literals, because only a query without parameters may hold several statements.
+    """
 
-_PSYCOPG_MERGE_ITEMS = _psycopg_sql(_MERGE_ITEMS)
-_PSYCOPG_MERGE_JOBS = _psycopg_sql(_MERGE_JOBS)
+    def literal(match: re.Match[str]) -> str:
+        return psycopg.sql.Literal(params[match.group(1)]).as_string(conn)
+
+    merges = [re.sub(r"(?<![:\w]):(\w+)", literal, sql) for sql in (_MERGE_ITEMS, _MERGE_JOBS)]
+    return "; ".join([*merges, "TRUNCATE staging_items, staging_jobs"])
 
 
 class _PostgresStaging(Staging):
@@ -296,9 +316,10 @@ class _PostgresStaging(Staging):
         self.items: list[str] = []
         self.jobs: list[str] = []
         self.count = 0
+        self.items_added = 0
         raw = session.connection().connection.driver_connection
         assert isinstance(raw, psycopg.Connection)
-        self._writer = _Writer(raw, self.params)
+        self._writer = _Writer(raw, _merge_batch(raw, self.params))
         self._writer.start()
 
     def _add(
@@ -309,9 +330,10 @@ class _PostgresStaging(Staging):
         fields_json: str,
         jobs: list[StagedJob],
     ) -> None:
+        self.items_added += 1
+        item = self.items_added
         # JSONB does not keep key order, so the sorted JSON of the content hash serves.
-        item = f"{copy_text(key)}\t{content_hash}"
-        self.items.append(f"{item}\t{copy_text(fields_json)}\n")
+        self.items.append(f"{item}\t{copy_text(key)}\t{content_hash}\t{copy_text(fields_json)}\n")
         count = self.count
         for shape, prompt, negative, seeds, dedupe_key in jobs:
             count += 1
@@ -340,14 +362,20 @@ class _PostgresStaging(Staging):
 class _Writer(threading.Thread):
     """Copies and merges chunks on the session's psycopg connection, one after another."""
 
-    def __init__(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], merge_batch: str) -> None:
         super().__init__(name="pixelmill-staging", daemon=True)
         self.conn = conn
-        self.params = params
+        self.merge_batch = merge_batch
         self.inserted = 0
         self.error: BaseException | None = None
         self._chunks: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(CHUNKS_IN_FLIGHT)
         self._cancelled = threading.Event()
+        self._switch_interval = sys.getswitchinterval()
+
+    def start(self) -> None:
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, WRITER_SWITCH_INTERVAL))
+        super().start()
 
     def submit(self, chunk: tuple[bytes, bytes]) -> None:
         self._raise_error()
@@ -355,7 +383,7 @@ class _Writer(threading.Thread):
 
     def finish(self) -> int:
         self._chunks.put(None)
-        self.join()
+        self._join()
         self._raise_error()
         return self.inserted
 
@@ -364,7 +392,11 @@ class _Writer(threading.Thread):
             return
         self._cancelled.set()
         self._chunks.put(None)
+        self._join()
+
+    def _join(self) -> None:
         self.join()
+        sys.setswitchinterval(self._switch_interval)
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -386,17 +418,14 @@ class _Writer(threading.Thread):
                         statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
                         with cursor.copy(statement) as copy:
                             copy.write(data)
-                    statement = _PSYCOPG_MERGE_ITEMS
-                    cursor.execute(statement, self.params)
-                    statement = _PSYCOPG_MERGE_JOBS
-                    cursor.execute(statement, self.params)
-                    self.inserted += cursor.rowcount
-                    statement = "TRUNCATE staging_items, staging_jobs"
+                    statement = self.merge_batch
                     cursor.execute(statement)
+                    cursor.nextset()  # the items' merge, then the jobs'
+                    self.inserted += cursor.rowcount
         except BaseException as exc:  # handed to the producer's thread, which raises it
             if isinstance(exc, psycopg.Error):
                 # What the same statement raises through the session (IntegrityError, ...).
-                exc = DBAPIError.instance(statement, self.params, exc, psycopg.Error)
+                exc = DBAPIError.instance(statement, None, exc, psycopg.Error)
             self.error = exc
             # Keep taking chunks until the producer stops, so it never waits on a full queue.
             while self._chunks.get() is not None:
