@@ -327,7 +327,13 @@ def worker(
 
 
 @app.command()
-def status(run: Annotated[str | None, typer.Argument(help="Run name or id.")] = None) -> None:
+def status(
+    run: Annotated[str | None, typer.Argument(help="Run name or id.")] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Show a live progress bar (rate, ETA) until done.")
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+) -> None:
     """Jobs by status, images made and failures of RUN (default: the latest run)."""
     from pixelmill.status import find_run, run_status
 
@@ -337,7 +343,15 @@ def status(run: Annotated[str | None, typer.Argument(help="Run name or id.")] = 
         if found is None:
             err.print(f"[red]error:[/red] no run {run!r}" if run else "no runs yet")
             raise typer.Exit(1)
-        report = run_status(session, found)
+        run_id = found.id
+        if not watch:
+            report = run_status(session, found)
+    if watch:
+        from db.models import Run as RunRow
+
+        _watch_run(settings, run_id, interval)
+        with _sessions(settings)() as session:
+            report = run_status(session, session.get_one(RunRow, run_id))
     table = Table(title=f"run {report.name!r} (id {report.run_id}, {report.status})")
     table.add_column("job status")
     table.add_column("jobs", justify="right")
@@ -347,6 +361,37 @@ def status(run: Annotated[str | None, typer.Argument(help="Run name or id.")] = 
     console.print(f"images: {report.images} of {report.images_planned} planned")
     for job_id, error in report.failures:
         console.print(f"[red]job {job_id} failed:[/red] {error}")
+
+
+def _watch_run(settings: Settings, run_id: int, interval: float) -> None:
+    """A progress bar of the run's images until no job of it is open (pixelmill.status)."""
+    from pixelmill.status import ProgressRate, RunStatusReport, watch_run
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images  {task.fields[rate]}  {task.fields[eta]}  {task.fields[jobs]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("run", total=None, rate="", eta="", jobs="")
+
+        def show(report: RunStatusReport, rate: ProgressRate) -> None:
+            per_second = rate.per_second()
+            eta = rate.eta_seconds(report.images_planned - report.images)
+            eta_text = "ETA ?" if eta is None else f"ETA {timedelta(seconds=round(eta))}"
+            open_jobs = {s: n for s, n in sorted(report.jobs.items()) if n}
+            progress.update(
+                task,
+                description=f"run {report.name!r}",
+                total=max(report.images_planned, report.images),
+                completed=report.images,
+                rate="…" if per_second is None else f"{per_second * 60:.1f}/min",
+                eta="done" if report.finished else eta_text,
+                jobs=" ".join(f"{s}:{n}" for s, n in open_jobs.items()),
+            )
+
+        watch_run(_sessions(settings), run_id, interval=interval, show=show)
 
 
 run_app = typer.Typer(help="Pause, resume, cancel or reprioritise a run.", no_args_is_help=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -73,3 +76,67 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
         images_planned=int(planned or 0),
         failures=[(job_id, error or "") for job_id, error in failures],
     )
+
+
+# --- live progress (`pixelmill status RUN --watch`) ------------------------------------------
+
+
+@dataclass
+class ProgressRate:
+    """Images per second over the last ``window`` seconds of samples, and the ETA it gives.
+
+    A moving window, not the run's average: after a pause, a GPU added or lost, the rate and
+    the ETA follow what is happening now."""
+
+    window: float = 300.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, at: float, images: int) -> None:
+        self.samples.append((at, images))
+        while len(self.samples) > 2 and at - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def per_second(self) -> float | None:
+        """None until two samples some time apart exist."""
+        if len(self.samples) < 2:
+            return None
+        (first_at, first), (last_at, last) = self.samples[0], self.samples[-1]
+        if last_at <= first_at:
+            return None
+        return max(0, last - first) / (last_at - first_at)
+
+    def eta_seconds(self, remaining: int) -> float | None:
+        """Seconds until ``remaining`` more images at the current rate (0 when none remain;
+        None while the rate is unknown or zero)."""
+        if remaining <= 0:
+            return 0.0
+        rate = self.per_second()
+        if not rate:
+            return None
+        return remaining / rate
+
+
+def watch_run(
+    sessions: Callable[[], Session],
+    run_id: int,
+    *,
+    interval: float,
+    show: Callable[[RunStatusReport, ProgressRate], None],
+    rate: ProgressRate | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunStatusReport:
+    """Poll run ``run_id`` every ``interval`` seconds, calling ``show`` after each poll, until
+    no job of it is pending, queued or running; returns the last report."""
+    rate = rate if rate is not None else ProgressRate()
+    while True:
+        with sessions() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise LookupError(f"run {run_id} no longer exists")
+            report = run_status(session, run, max_failures=0)
+        rate.add(clock(), report.images)
+        show(report, rate)
+        if report.finished:
+            return report
+        sleep(interval)
