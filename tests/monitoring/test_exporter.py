@@ -1,0 +1,114 @@
+"""The exporter's figures, read from Postgres, against rows the test wrote: jobs by status,
+images, what remains, the recent rate and the projected finish, the oldest waiting job, the
+review backlog and keep rate; and a database outage reported as a metric, not an error."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Decision,
+    Image,
+    ImageReview,
+    JobStatus,
+    Reviewer,
+    ReviewItem,
+    ReviewStatus,
+    Run,
+    RunStatus,
+    SafetyStatus,
+)
+from monitoring.exporter import DatabaseCollector, read_snapshot, snapshot_metrics
+from tests.pixelmill.test_status import add_job
+
+NOW = datetime(2026, 11, 25, 23, 0, tzinfo=UTC)
+
+
+def _image(job_id: int, seed: int, created: datetime) -> Image:
+    return Image(
+        job_id=job_id, seed=seed, storage_key=f"k/{job_id}/{seed}", sha256="x" * 64,
+        width=64, height=64, bytes=10, safety=SafetyStatus.SAFE, render_seconds=0.1,
+        created_at=created,
+    )  # fmt: skip
+
+
+def test_snapshot_matches_the_rows(db_session: Session) -> None:
+    run = Run(name="night", source="c.csv", created_at=NOW - timedelta(hours=2))
+    old = Run(name="last-week", source="c.csv", created_at=NOW - timedelta(days=7))
+    old.status = RunStatus.FINISHED
+    paused = Run(name="paused", source="c.csv", created_at=NOW - timedelta(hours=1))
+    paused.status = RunStatus.PAUSED
+    db_session.add_all([run, old, paused])
+    db_session.flush()
+    done = add_job(db_session, run, JobStatus.DONE, [1, 2, 3])
+    running = add_job(db_session, run, JobStatus.RUNNING, [4, 5, 6, 7])
+    pending = add_job(db_session, run, JobStatus.PENDING, [8, 9])
+    pending.created_at = NOW - timedelta(minutes=90)
+    add_job(db_session, run, JobStatus.BLOCKED, [10])
+    add_job(db_session, old, JobStatus.DONE, [1])
+    waiting_paused = add_job(db_session, paused, JobStatus.PENDING, [1])
+    waiting_paused.created_at = NOW - timedelta(hours=50)  # paused: not "waiting"
+    # 3 images an hour ago, 1 in the last ten minutes (0.2 images/minute... 1 per 600 s).
+    for seed in (1, 2, 3):
+        db_session.add(_image(done.id, seed, NOW - timedelta(hours=1)))
+    db_session.add(_image(running.id, 4, NOW - timedelta(minutes=3)))
+    reviewer = Reviewer(name="ann", password_hash="x")
+    db_session.add(reviewer)
+    db_session.flush()
+    item_done = ReviewItem(run_id=run.id, item_id=done.item_id, status=ReviewStatus.DONE)
+    item_open = ReviewItem(run_id=run.id, item_id=running.item_id, status=ReviewStatus.OPEN)
+    db_session.add_all([item_done, item_open])
+    db_session.flush()
+    images = {i.seed: i for i in db_session.query(Image).filter(Image.job_id == done.id)}
+    for seed, decision in ((1, Decision.KEEP), (2, Decision.REJECT), (3, Decision.REJECT)):
+        db_session.add(
+            ImageReview(image_id=images[seed].id, run_id=run.id, review_item_id=item_done.id,
+                        decision=decision, reviewer_id=reviewer.id)
+        )  # fmt: skip
+    db_session.flush()
+
+    snapshot = read_snapshot(db_session, now=NOW)
+    by_name = {r.name: r for r in snapshot.runs}
+    assert set(by_name) == {"night", "paused"}  # last week's finished run is not recent
+    night = by_name["night"]
+    assert night.jobs == {"done": 1, "running": 1, "pending": 1, "blocked": 1}
+    assert night.images == 4
+    assert night.images_planned == 9  # the blocked job's seed is not planned
+    assert night.remaining_images == 5  # 4 + 2 open seeds, 1 of them made
+    assert night.images_per_second == 1 / 600
+    assert night.projected_finish(NOW) == NOW + timedelta(seconds=5 * 600)
+    assert (night.review_backlog, night.reviewed, night.kept) == (1, 3, 1)
+    assert snapshot.oldest_waiting_age == 90 * 60
+
+    parsed = samples_of(snapshot_metrics(snapshot, deadline=timedelta(hours=10)))
+    assert parsed[("pixelmill_run_jobs", (("run", "night"), ("status", "done")))] == 1
+    assert parsed[("pixelmill_run_jobs", (("run", "night"), ("status", "dead")))] == 0
+    assert parsed[("pixelmill_run_keep_ratio", (("run", "night"),))] == 1 / 3
+    assert ("pixelmill_run_keep_ratio", (("run", "paused"),)) not in parsed  # none reviewed
+    assert parsed[("pixelmill_run_active", (("run", "paused"),))] == 0
+    assert (
+        parsed[("pixelmill_run_projected_finish_timestamp_seconds", (("run", "night"),))]
+        == (NOW + timedelta(seconds=3000)).timestamp()
+    )
+    assert (
+        parsed[("pixelmill_run_deadline_timestamp_seconds", (("run", "night"),))]
+        == (NOW + timedelta(hours=8)).timestamp()
+    )
+    # The paused run makes nothing: no projection rather than a made-up one.
+    assert ("pixelmill_run_projected_finish_timestamp_seconds", (("run", "paused"),)) not in parsed
+
+
+def samples_of(families: list) -> dict:  # type: ignore[type-arg]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_unreachable_database_is_a_metric_not_an_error() -> None:
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    collector = DatabaseCollector(engine, deadline=timedelta(hours=1))
+    parsed = samples_of(list(collector.collect()))
+    assert parsed[("pixelmill_exporter_database_up", ())] == 0
+    assert ("pixelmill_exporter_scrape_duration_seconds", ()) in parsed
+    engine.dispose()

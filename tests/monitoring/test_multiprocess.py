@@ -1,0 +1,106 @@
+"""Multiprocess mode's bookkeeping with real processes: a process killed without cleanup stops
+counting in live gauges (its counters stay), the directory is emptied at start, and metrics
+imported before the directory was set are refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monitoring.multiprocess import (
+    clean_multiprocess_dir,
+    mark_dead_processes,
+    multiprocess_registry,
+)
+
+RECORD = """
+import os, sys, time
+from monitoring import metrics
+metrics.IMAGES.labels("safe").inc(int(sys.argv[1]))
+metrics.GPU_MEMORY_BYTES.labels("0").set(float(sys.argv[2]))
+print("ready", flush=True)
+if sys.argv[3] == "die":
+    os._exit(0)  # like SIGKILL or the OOM killer: no exit hook runs
+time.sleep(600)
+"""
+
+
+def _record(directory: Path, images: int, memory: int, how: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", RECORD, str(images), str(memory), how],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    return process
+
+
+def _reap(process: subprocess.Popen[str], *, kill: bool = False) -> None:
+    if kill:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+def _values(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in multiprocess_registry(directory).collect()
+        for s in family.samples
+    }
+
+
+def test_a_killed_process_leaves_live_gauges_but_its_counts_stay(tmp_path: Path) -> None:
+    killed = _record(tmp_path, images=3, memory=1000, how="die")
+    _reap(killed)
+    alive = _record(tmp_path, images=2, memory=500, how="stay")
+    try:
+        values = _values(tmp_path)
+        assert values[("pixelmill_images_total", (("outcome", "safe"),))] == 5
+        assert values[("pixelmill_gpu_memory_bytes", (("gpu", "0"),))] == 500
+        assert mark_dead_processes(tmp_path) == []  # already swept by the collect above
+        assert not list(tmp_path.glob(f"gauge_live*_{killed.pid}.db"))
+        assert list(tmp_path.glob(f"gauge_live*_{alive.pid}.db"))
+    finally:
+        _reap(alive, kill=True)
+    values = _values(tmp_path)
+    assert values[("pixelmill_images_total", (("outcome", "safe"),))] == 5
+    assert ("pixelmill_gpu_memory_bytes", (("gpu", "0"),)) not in values
+
+
+def test_cleaning_empties_the_directory(tmp_path: Path) -> None:
+    _reap(_record(tmp_path, images=3, memory=1, how="die"))
+    assert list(tmp_path.iterdir())
+    clean_multiprocess_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert ("pixelmill_images_total", (("outcome", "safe"),)) not in _values(tmp_path)
+
+
+def test_metrics_imported_before_the_directory_was_set_are_refused(tmp_path: Path) -> None:
+    code = (
+        "import os, prometheus_client\n"
+        f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
+        "from monitoring.multiprocess import ensure_multiprocess_mode\n"
+        "ensure_multiprocess_mode()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "set after prometheus_client was imported" in result.stderr
+
+
+def test_cleaning_refuses_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not a directory"):
+        clean_multiprocess_dir(tmp_path / "missing")
