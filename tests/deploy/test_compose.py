@@ -77,6 +77,7 @@ def test_every_required_secret_is_in_the_example_env_file() -> None:
     example = (DEPLOY / "compose.env.example").read_text()
     for secret in SECRETS:
         assert re.search(rf"^{secret}=$", example, re.MULTILINE), secret
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()  # the filled-in copy
 
 
 def test_services_of_the_issue_are_all_there(services: dict[str, Any]) -> None:
