@@ -11,12 +11,13 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from db.models import Image, Job, ReviewEvent
+from db.models import Image, Job, ReviewEvent, ReviewItem
 from pixelmill.settings import get_settings
 from tests.conftest import free_port, settings_env, wait_for
 from tests.monitoring.conftest import HostProcess, promtool_check_metrics
 from tests.monitoring.dashboards import dashboard_expressions
 from tests.monitoring.prometheus_server import PrometheusServer, scrape_config
+from tests.monitoring.review_client import keep_and_reject
 from tests.monitoring.runs import open_jobs, produce_run, scrape
 
 pytestmark = pytest.mark.integration
@@ -63,9 +64,10 @@ def test_prometheus_sees_what_the_database_says(
         "dispatch_metrics_port": str(ports["dispatcher"]),
         "exporter_port": str(ports["exporter"]),
         "review_secret_key": "k" * 40,
+        "review_sync_seconds": "0.5",
     }
     settings = get_settings(**values)
-    produce_run(tmp_path, engine, settings, items=3, seeds=2, name=RUN)
+    run_id = produce_run(tmp_path, engine, settings, items=3, seeds=2, name=RUN)
     env = settings_env(values)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
@@ -81,6 +83,9 @@ def test_prometheus_sees_what_the_database_says(
     ):  # fmt: skip
         text = _scrape_when_up(endpoints[name], process)
         promtool_check_metrics(promtool, text)
+
+    # A reviewer keeps one image and rejects another, through the review app.
+    keep_and_reject(f"http://127.0.0.1:{ports['review']}", engine, run_id)
 
     prometheus = prometheus_server(
         {
@@ -144,10 +149,19 @@ def test_prometheus_sees_what_the_database_says(
     assert prometheus.values(f'pixelmill_run_images_remaining{{run="{RUN}"}}') == {"": 0}
     assert prometheus.values("pixelmill_oldest_waiting_job_age_seconds") == {"": 0}
     assert prometheus.values("pixelmill_exporter_database_up") == {"": 1}
-    # The review app: its decisions counter against the review log (nothing reviewed yet).
+    # The review app: its decisions counter against the review log; the exporter: the
+    # run's keep rate and backlog against the review tables.
+    assert review_events == {"keep": 1, "reject": 1}
     decisions = prometheus.values("pixelmill_review_decisions_total", by="decision")
     assert decisions == {d: float(review_events.get(d, 0)) for d in decisions}
     assert set(decisions) >= {"keep", "reject"}
+    assert prometheus.values(f'pixelmill_run_images_reviewed{{run="{RUN}"}}') == {"": 2}
+    assert prometheus.values(f'pixelmill_run_keep_ratio{{run="{RUN}"}}') == {"": 0.5}
+    with Session(engine) as session:
+        open_items = session.scalar(
+            select(func.count()).select_from(ReviewItem).where(ReviewItem.status == "open")
+        )
+    assert prometheus.values(f'pixelmill_review_backlog_items{{run="{RUN}"}}') == {"": open_items}
 
     # The alert rules are loaded and evaluate without errors; none fires for a finished run.
     groups = prometheus.get("/api/v1/rules")["groups"]
@@ -161,9 +175,8 @@ def test_prometheus_sees_what_the_database_says(
     assert all(rule["health"] != "err" for rule in rules.values()), rules
     assert prometheus.get("/api/v1/alerts")["alerts"] == []
     # Every query of the Grafana dashboard is valid PromQL (Prometheus answers "success") and
-    # has data behind it, except GPU memory (the test renders on the CPU) and the keep rate
-    # (nothing reviewed).
-    no_data_here = ("pixelmill_gpu_memory_bytes", "pixelmill_run_keep_ratio")
+    # has data behind it, except GPU memory (the test renders on the CPU).
+    no_data_here = ("pixelmill_gpu_memory_bytes",)
     for title, expr in dashboard_expressions():
         expr = expr.replace("$__rate_interval", "1m").replace("$run", ".*")
         result = prometheus.query(expr)
