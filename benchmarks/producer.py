@@ -1,11 +1,23 @@
 """Producer benchmark: 250,000 catalogue rows x 2 templates x 2 variants = 1,000,000 jobs.
 
-Runs the real `pixelmill produce` (a child process, so its peak RSS is its own) into a fresh
-Postgres database, then, in the same run, times a raw COPY of the very same job rows into
-two scratch tables: a bare one (no indexes or constraints: the floor for moving that much
-data) and one with the jobs table's own indexes and constraints (the floor for storing them
-where they must go, unique dedupe index included). Prints jobs/s, peak RSS and the ratio
-producer/raw-COPY against both (target: >= 0.5, RSS < 500 MB).
+Runs the real `pixelmill produce` (a child process, so its peak RSS and CPU time are its own)
+into a fresh Postgres database, then, in the same run, times a raw COPY of the very same job
+rows (read back from ``jobs``) into scratch tables. The ratio is producer jobs/s divided by
+raw-COPY jobs/s (target: >= 0.5, peak RSS < 500 MB), printed against each baseline:
+
+- ``bare table``: a plain table of the jobs columns, no indexes or constraints. This is the
+  issue's literal "scratch table", and the baseline the target is judged against first:
+  the cost of moving that much data into Postgres.
+- ``jobs' indexes``: ``LIKE jobs INCLUDING ALL`` (its five indexes, unique dedupe key
+  included, and CHECK constraints). The cheapest way to store these rows in a table shaped
+  like ``jobs``; the target is reported against it too.
+- ``+ foreign keys`` (informational): the same plus ``jobs``' two foreign keys, i.e. what
+  any writer of these rows into ``jobs`` pays at the very least. Its time divided by the bare
+  table's is the best ratio against the bare table that even a producer doing nothing but
+  a COPY into ``jobs`` could reach.
+
+The producer's CPU time is printed beside its wall time: the difference is time spent
+waiting for Postgres (or, on a busy machine, for a CPU).
 
     .venv/bin/python benchmarks/producer.py [--rows 250000] [--postgres URL]
 """
@@ -80,15 +92,33 @@ def fresh_database(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def timed_copy(conn: psycopg.Connection, table: str, like: str, data: bytes) -> float:
+FOREIGN_KEYS = (
+    "FOREIGN KEY (run_id) REFERENCES runs (id) ON DELETE CASCADE",
+    "FOREIGN KEY (item_id) REFERENCES catalogue_items (id)",
+)
+
+
+def timed_copy(
+    conn: psycopg.Connection, table: str, like: str, data: bytes, extra: tuple[str, ...] = ()
+) -> float:
     conn.execute(f"CREATE TABLE {table} (LIKE jobs {like})")
+    for constraint in extra:
+        conn.execute(f"ALTER TABLE {table} ADD {constraint}")
     conn.commit()
     started = time.perf_counter()
     with conn.cursor().copy(f"COPY {table} ({JOB_COLUMNS}) FROM STDIN") as copy:
         for offset in range(0, len(data), 1 << 20):
             copy.write(data[offset : offset + (1 << 20)])
     conn.commit()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    conn.execute(f"DROP TABLE {table}")  # one scratch table at a time in shared buffers
+    conn.commit()
+    return seconds
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -108,6 +138,7 @@ def main() -> int:
         pixelmill = [sys.executable, "-m", "pixelmill.cli"]
         subprocess.run([*pixelmill, "db", "upgrade"], env=env, check=True, capture_output=True)
 
+        cpu_before = children_cpu_seconds()
         started = time.perf_counter()
         produced = subprocess.run(
             [
@@ -127,6 +158,7 @@ def main() -> int:
             text=True,
         )
         producer_seconds = time.perf_counter() - started
+        producer_cpu = children_cpu_seconds() - cpu_before
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         if produced.returncode != 0:
             print(produced.stdout, produced.stderr, file=sys.stderr)
@@ -143,20 +175,33 @@ def main() -> int:
         copy_seconds = {
             "bare table": timed_copy(conn, "scratch_bare", "INCLUDING DEFAULTS", data),
             "jobs' indexes": timed_copy(conn, "scratch_indexed", "INCLUDING ALL", data),
+            "+ foreign keys": timed_copy(
+                conn, "scratch_fk", "INCLUDING ALL", data, extra=FOREIGN_KEYS
+            ),
         }
 
     producer_rate = jobs / producer_seconds
     print(f"rows:            {args.rows:,}")
     print(f"jobs:            {jobs:,}")
-    print(f"producer:        {producer_seconds:8.2f} s  {producer_rate:12,.0f} jobs/s")
+    print(
+        f"producer:        {producer_seconds:8.2f} s  {producer_rate:12,.0f} jobs/s  "
+        f"(CPU {producer_cpu:.2f} s)"
+    )
+    ratios: dict[str, float] = {}
     for name, seconds in copy_seconds.items():
         rate = jobs / seconds
+        ratios[name] = producer_rate / rate
         print(
             f"raw COPY, {name + ':':15} {seconds:6.2f} s  {rate:12,.0f} jobs/s  "
-            f"ratio producer/raw-COPY {producer_rate / rate:.2f}"
+            f"ratio producer/raw-COPY {ratios[name]:.2f}"
         )
-    print("target: ratio >= 0.5")
-    print(f"producer peak RSS: {peak_rss_mb:.0f} MB  (target < 500 MB)")
+    floor = copy_seconds["bare table"] / copy_seconds["+ foreign keys"]
+    print(f"best ratio against the bare table for any writer into jobs: {floor:.2f}")
+    for name in ("bare table", "jobs' indexes"):
+        verdict = "met" if ratios[name] >= 0.5 else "NOT met"
+        print(f"target ratio >= 0.5 against the {name}: {verdict} ({ratios[name]:.2f})")
+    verdict = "met" if peak_rss_mb < 500 else "NOT met"
+    print(f"producer peak RSS: {peak_rss_mb:.0f} MB  (target < 500 MB: {verdict})")
     return 0
 
 
