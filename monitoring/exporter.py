@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
-from sqlalchemy import Engine, case, func, or_, select, text
+from sqlalchemy import ColumnElement, Engine, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -122,7 +122,7 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     return Snapshot(now=now, runs=[figures[i] for i in ids], oldest_waiting_age=age)
 
 
-def _seed_count(session: Session) -> object:
+def _seed_count(session: Session) -> ColumnElement[int]:
     postgres = session.get_bind().dialect.name == "postgresql"
     length = func.jsonb_array_length if postgres else func.json_array_length
     return func.coalesce(func.sum(length(Job.seeds)), 0)
@@ -130,7 +130,7 @@ def _seed_count(session: Session) -> object:
 
 def _read_jobs(session: Session, figures: dict[int, RunFigures], ids: list[int]) -> None:
     rows = session.execute(
-        select(Job.run_id, Job.status, func.count(), _seed_count(session))  # type: ignore[call-overload]
+        select(Job.run_id, Job.status, func.count(), _seed_count(session))
         .where(Job.run_id.in_(ids))
         .group_by(Job.run_id, Job.status)
     ).all()
