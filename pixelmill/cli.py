@@ -95,6 +95,28 @@ def model_tiny(
     console.print(f"tiny {arch} model written to {path}")
 
 
+@model_app.command("synthetic")
+def model_synthetic(
+    arch: Annotated[str, typer.Option("--arch", help="Architecture: sd15 or sdxl.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights: fp16, bf16 or fp32.")] = "fp16",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a full-size SD 1.5 or SDXL pipeline with random weights (for GPU benchmarks)."""
+    from worker.synthetic_model import ARCHES, build_synthetic_pipeline, parse_dtype
+
+    known = next((name for name in ARCHES if name == arch), None)
+    if known is None:
+        err.print(f"[red]error:[/red] --arch: unknown architecture {arch!r}; known: sd15, sdxl")
+        raise typer.Exit(2)
+    try:
+        path = build_synthetic_pipeline(out, arch=known, dtype=parse_dtype(dtype), seed=seed)
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"synthetic {arch} model written to {path}")
+
+
 # Exit statuses of `produce`: scripts and schedulers tell the outcomes apart by them.
 EXIT_REFUSED = 2  # nothing was written: bad input, --strict with bad rows, --max-jobs exceeded
 EXIT_PARTIAL = 3  # the good rows were written, bad rows were skipped (listed on stderr)
