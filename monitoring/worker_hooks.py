@@ -109,16 +109,21 @@ def on_task_end(task_id: str, retval: Any) -> None:
     record_gpu_memory()
 
 
-def _gpu_label() -> str:
-    """The GPU as the host knows it: CUDA_VISIBLE_DEVICES (one GPU per worker), else 0."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return visible or "0"
+def gpu_label(index: int) -> str:
+    """The host's name for CUDA device ``index`` of this process: its entry in
+    CUDA_VISIBLE_DEVICES (each `--gpus` worker sees only its own GPU, as cuda:0), else the
+    index itself."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    if 0 <= index < len(visible) and visible[index]:
+        return visible[index]
+    return str(index)
 
 
-def record_gpu_memory() -> None:
-    """Memory the CUDA caching allocator holds in this process (nothing without CUDA).
+def record_gpu_memory(index: int | None = None) -> None:
+    """Set pixelmill_gpu_memory_bytes{gpu} to the memory the CUDA caching allocator holds on
+    device ``index`` (default: the current device); nothing without CUDA.
 
-    torch is only consulted if this process already imported it: the metrics never load it."""
+    torch is only consulted if this process already imported it: metrics never load it."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -126,4 +131,5 @@ def record_gpu_memory() -> None:
         return
     from monitoring import metrics
 
-    metrics.GPU_MEMORY_BYTES.labels(_gpu_label()).set(torch.cuda.memory_reserved())
+    index = torch.cuda.current_device() if index is None else index
+    metrics.GPU_MEMORY_BYTES.labels(gpu_label(index)).set(torch.cuda.memory_reserved(index))

@@ -104,3 +104,18 @@ def test_metrics_imported_before_the_directory_was_set_are_refused(tmp_path: Pat
 def test_cleaning_refuses_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="not a directory"):
         clean_multiprocess_dir(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "label"),
+    [("2", 0, "2"), ("1,3", 1, "3"), ("", 0, "0"), ("GPU-5f3a", 0, "GPU-5f3a"), ("0", 4, "4")],
+)
+def test_gpu_label_names_the_hosts_gpu(
+    monkeypatch: pytest.MonkeyPatch, visible: str, index: int, label: str
+) -> None:
+    """A `--gpus 2` worker sees its GPU as cuda:0: the label says 2, so a host's GPUs stay
+    apart in pixelmill_gpu_memory_bytes."""
+    from monitoring.worker_hooks import gpu_label
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert gpu_label(index) == label
