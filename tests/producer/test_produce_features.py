@@ -475,3 +475,55 @@ def test_producing_into_a_cancelled_run_is_refused(tmp_path: Path, db_session: S
 
     statuses = db_session.scalars(select(Job.status).where(Job.run_id == run.id)).all()
     assert "pending" not in statuses
+
+
+# --------------------------------------------------------------------------- persisted keys
+
+PINNED_TEMPLATES = """\
+key: sku
+defaults: {model: tiny, steps: 25, guidance: 7, width: 512, height: 512, seeds: 2}
+templates:
+  studio:
+    prompt: "photo of a {{ colour }} {{ title }}"
+    negative_prompt: "lowres, blurry"
+"""
+# Computed by the producer before its hot path was reworked: dedupe keys, content hashes and
+# seeds are stored, so a change here would re-render every catalogue.
+PINNED_DEDUPE_KEY = "179142ca6c41b92b9418e8279e2c5a9dd6e633d872be62f9212354d67ce814f0"
+PINNED_JOB: dict[str, Any] = {
+    "model": "tiny",
+    "scheduler": None,
+    "steps": 25,
+    "guidance": 7,
+    "width": 512,
+    "height": 512,
+    "prompt": "photo of a red mug, ünï \\ 一",
+    "negative_prompt": "lowres, blurry",
+    "seeds": [1116485785, 3034591822],
+}
+
+
+def test_dedupe_keys_and_content_hashes_are_the_persisted_ones(
+    tmp_path: Path, db_session: Session
+) -> None:
+    from producer.produce import content_hash, dedupe_key
+
+    assert dedupe_key(PINNED_JOB) == PINNED_DEDUPE_KEY
+    assert (
+        dedupe_key({**PINNED_JOB, "scheduler": "euler_a"}, "force:x")
+        == "662c2f26cfeeb23132f43f8857121c64c050e7bdf4bf454c45e9a6022a1a591c"
+    )
+    fields = {"sku": "A1", "title": "mug", "colour": "ünï"}
+    assert content_hash(fields) == (
+        "66b86d66a32f07d711bd4a5f48b9310d5de102f0c33480dce8505b91f3515356"
+    )
+
+    # The producer's own path (hash states prepared per template variant) stores the same.
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text('sku,title,colour\nSKU-1,"mug, ünï \\ 一",red\n', encoding="utf-8")
+    templates = tmp_path / "templates.yaml"
+    templates.write_text(PINNED_TEMPLATES, encoding="utf-8")
+    report = run_produce(db_session, catalogue, templates)
+    [job] = job_rows(db_session, report.run_id)
+    assert (job["prompt"], job["seeds"]) == (PINNED_JOB["prompt"], PINNED_JOB["seeds"])
+    assert job["dedupe_key"] == PINNED_DEDUPE_KEY
