@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format typecheck pytest migrations-check bench review bench-review clean
+.PHONY: install demo test lint format typecheck pytest migrations-check bench bench-worker review bench-review clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
 # CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
@@ -43,6 +43,12 @@ migrations-check: install
 ## Producer throughput and memory against a raw COPY (needs Postgres; a few minutes).
 bench: install
 	$(BIN)/python benchmarks/producer.py
+
+## Worker throughput: the whole system (Postgres, Redis, a Celery worker, moto S3) against a
+## bare diffusers loop on the same 32 images, then the system's overhead per job (null model).
+bench-worker: install
+	$(BIN)/python benchmarks/worker.py
+	$(BIN)/python benchmarks/worker.py --null --jobs 64
 
 ## Serve the review app on the embedded defaults (add an account: pixelmill reviewer add NAME).
 review: install

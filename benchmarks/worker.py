@@ -1,0 +1,412 @@
+"""Worker benchmark: the whole system against a bare diffusers loop, same images, same run.
+
+Renders the same (prompt, seed) pairs (default 8 jobs x 4 seeds = 32) twice:
+
+- ``bare``: one process, the model loaded with ``DiffusionPipeline.from_pretrained``, a plain
+  loop of pipeline calls (the worker's batch size, one generator per seed), PIL images out;
+  once before and once after the system's run (their mean is the baseline, so a steady drift
+  in a shared machine's load cancels out).
+- ``system``: Postgres (a fresh database), the broker, a real Celery worker subprocess, a moto
+  S3 server: the jobs are produced, dispatched, rendered, encoded, uploaded and recorded. The
+  clock runs from the first dispatch to the last job ``done`` (the worker has already loaded
+  its model and rendered a warm-up job, as the bare loop has).
+
+It prints images/s for both and the ratio system/bare (target >= 0.95 where rendering
+dominates). With ``--null`` the worker renders with ``PIXELMILL_MODEL=null`` (blank images, no
+compute) and it prints the system's own overhead in ms per job instead.
+
+    .venv/bin/python benchmarks/worker.py                      # tiny model, CPU
+    .venv/bin/python benchmarks/worker.py --null --jobs 64     # job overhead
+    pixelmill model synthetic --arch sd15 --out /tmp/sd15
+    .venv/bin/python benchmarks/worker.py --model /tmp/sd15 --size 512 --steps 25 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+TEMPLATES = """\
+key: sku
+defaults:
+  model: {model}
+  steps: {steps}
+  width: {size}
+  height: {size}
+  guidance: 7.0
+templates:
+  studio:
+    prompt: "product photo of a {{{{ colour }}}} {{{{ title }}}}, white background"
+    negative_prompt: "lowres, blurry, watermark"
+"""
+
+TITLES = ["canvas sneaker", "leather tote", "desk lamp", "ceramic mug", "wool scarf", "armchair"]
+COLOURS = ["red", "navy", "sage green", "cognac", "matte black", "ivory", "mustard"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """What one pipeline call of the worker renders: one job's prompt and a batch of seeds."""
+
+    prompt: str
+    negative_prompt: str
+    seeds: list[int]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from db.migrate import upgrade
+
+    name = f"pixelmill_bench_worker_{os.getpid()}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = "pixelmill-bench"
+    boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)
+    try:
+        yield {
+            "storage": "s3",
+            "s3_bucket": bucket,
+            "s3_endpoint_url": endpoint,
+            "s3_region": "us-east-1",
+            "s3_access_key_id": "testing",
+            "s3_secret_access_key": "testing",
+        }
+    finally:
+        server.stop()
+
+
+def produce_run(database_url: str, work: Path, name: str, model: str, args: Any, jobs: int) -> int:
+    """Write a catalogue of ``jobs`` items and produce them as run ``name``; its id."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from db.models import Run
+    from producer.produce import produce
+
+    catalogue = work / f"{name}.csv"
+    lines = ["sku,title,colour"]
+    for i in range(jobs):
+        lines.append(f"{name}-{i:04d},{TITLES[i % len(TITLES)]},{COLOURS[i % len(COLOURS)]}")
+    catalogue.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    templates = work / "templates.yaml"
+    templates.write_text(TEMPLATES.format(model=model, steps=args.steps, size=args.size))
+    engine = create_engine(database_url)
+    with Session(engine) as session:
+        report = produce(
+            session,
+            catalogue_path=catalogue,
+            templates_path=templates,
+            seeds=args.seeds,
+            default_model=model,
+            run_name=name,
+        )
+        if report.jobs_new != jobs:
+            raise SystemExit(f"produce wrote {report.jobs_new} jobs, expected {jobs}")
+        run = session.query(Run).filter_by(name=name).one()
+        run_id = run.id
+    engine.dispose()
+    return run_id
+
+
+def pairs_of(database_url: str, run_id: int, batch_size: int) -> list[Pair]:
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    from db.models import Job
+
+    engine = create_engine(database_url)
+    with Session(engine) as session:
+        jobs = session.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id)).all()
+        pairs = [
+            Pair(job.prompt, job.negative_prompt, list(job.seeds[i : i + batch_size]))
+            for job in jobs
+            for i in range(0, len(job.seeds), batch_size)
+        ]
+    engine.dispose()
+    return pairs
+
+
+# --- bare ----------------------------------------------------------------------------------
+
+
+def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> float:
+    """The same pairs through a plain loop of pipeline calls in this process."""
+    import torch
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    from worker.pipeline import default_dtype
+
+    device = torch.device(args.device)
+    kwargs: dict[str, Any] = {"dtype": default_dtype(device), "local_files_only": True}
+    if not args.safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe: Any = DiffusionPipeline.from_pretrained(model_dir, **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(pipe: Any, pair: Pair) -> list[Any]:
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in pair.seeds]
+        count = len(pair.seeds)
+        images: list[Any] = pipe(
+            prompt=[pair.prompt] * count,
+            negative_prompt=[pair.negative_prompt] * count if pair.negative_prompt else None,
+            num_inference_steps=args.steps,
+            guidance_scale=7.0,
+            width=args.size,
+            height=args.size,
+            generator=generators,
+            output_type="pil",
+        ).images
+        return images
+
+    # First-call costs (allocations, kernels) are not the loop's.
+    call(pipe, Pair("warm-up", "", [0]))
+    synchronize(device)
+    started = time.perf_counter()
+    rendered = sum(len(call(pipe, pair)) for pair in pairs)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rendered / seconds
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- system --------------------------------------------------------------------------------
+
+
+class System:
+    """A Celery worker subprocess against Postgres, the broker and moto S3."""
+
+    def __init__(self, values: dict[str, str], args: Any, log_path: Path) -> None:
+        from pixelmill.settings import get_settings
+        from worker.launch import worker_argv
+
+        self.settings = get_settings(**values)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
+        env.update({f"PIXELMILL_{key.upper()}": value for key, value in values.items()})
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        queue = self.settings.render_queue
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                *worker_argv(queue=queue, hostname=f"bench-{uuid.uuid4().hex[:6]}@%h"),
+            ],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def run(self, run_id: int, *, timeout: float) -> float:
+        """Dispatch the run's jobs (topping up the window, as ``dispatch --watch`` does) and
+        wait until every one is done; the seconds that took."""
+        from sqlalchemy import create_engine, func, select
+        from sqlalchemy.orm import Session
+
+        from db.models import Job, JobStatus
+        from producer.dispatch import celery_publisher, dispatch
+        from worker.celery_app import create_app
+
+        app = create_app(self.settings)
+        publish = celery_publisher(app, self.settings.render_queue)
+        engine = create_engine(self.settings.resolved_database_url)
+        requeue_after = timedelta(seconds=self.settings.requeue_after_seconds)
+        done_or_failed = select(Job.status, func.count()).where(Job.run_id == run_id)
+        started = time.perf_counter()
+        last_dispatch = 0.0
+        try:
+            while True:
+                now = time.perf_counter()
+                if now - last_dispatch >= 0.25:
+                    with Session(engine) as session:
+                        dispatch(
+                            session,
+                            publish,
+                            requeue_after=requeue_after,
+                            run_id=run_id,
+                            window=self.settings.dispatch_window,
+                        )
+                    last_dispatch = now
+                with Session(engine) as session:
+                    counts = dict(session.execute(done_or_failed.group_by(Job.status)).all())
+                if set(counts) == {JobStatus.DONE}:
+                    return time.perf_counter() - started
+                ended_badly = {s: n for s, n in counts.items() if s in ("failed", "dead")}
+                if ended_badly:
+                    raise SystemExit(f"jobs ended badly: {ended_badly}; see {self.log_path}")
+                if self.process.poll() is not None:
+                    raise SystemExit(f"the worker exited; see {self.log_path}")
+                if now - started > timeout:
+                    raise SystemExit(f"not done after {timeout} s ({counts}); see {self.log_path}")
+                time.sleep(0.02)
+        finally:
+            engine.dispose()
+            app.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers folder (default: the tiny random model)")
+    parser.add_argument("--null", action="store_true", help="PIXELMILL_MODEL=null: job overhead")
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per job")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="PIXELMILL_RENDER_BATCH_SIZE")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/14")
+    parser.add_argument(
+        "--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from pixelmill.logs import configure_logging
+
+    configure_logging("WARNING")
+    # moto's server logs every request through werkzeug.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pixelmill-bench-")))
+        if args.null:
+            model = "null"
+        elif args.model:
+            model = str(Path(args.model).resolve())
+        else:
+            from worker.tiny_model import build_tiny_pipeline
+
+            model = str(build_tiny_pipeline(work / "tiny-model"))
+        database_url = stack.enter_context(fresh_database(args.postgres))
+        s3 = stack.enter_context(moto_s3())
+        warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
+        run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
+        images = args.jobs * args.seeds
+        print(
+            f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
+            f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
+            f"device {args.device}, threads {args.threads or 'default'}",
+            flush=True,
+        )
+
+        bare: list[float] = []
+        pairs = pairs_of(database_url, run_id, args.batch_size)
+        if not args.null:
+            bare.append(bare_images_per_second(model, pairs, args))
+            print(f"bare diffusers loop: {bare[-1]:8.3f} images/s", flush=True)
+
+        values = {
+            "database_url": database_url,
+            "broker_url": args.broker,
+            "render_queue": f"bench-{uuid.uuid4().hex[:8]}",
+            "model": model,
+            "device": args.device,
+            "data_dir": str(work / "data"),
+            "render_batch_size": str(args.batch_size),
+            "safety_checker": str(args.safety_checker).lower(),
+            **s3,
+        }
+        system = System(values, args, work / "worker.log")
+        try:
+            system.run(warm_up, timeout=args.timeout)  # model loaded, first job rendered
+            seconds = system.run(run_id, timeout=args.timeout)
+        finally:
+            system.stop()
+        rate = images / seconds
+        print(f"system:              {rate:8.3f} images/s ({seconds:.2f} s)", flush=True)
+        if args.null:
+            print(f"job overhead:        {seconds / args.jobs * 1000:8.1f} ms per job")
+            return 0
+        # The bare loop again, after: on a shared machine the load drifts during a run, and
+        # the mean of a run before and one after the system's cancels a steady drift.
+        bare.append(bare_images_per_second(model, pairs, args))
+        print(f"bare diffusers loop: {bare[-1]:8.3f} images/s (again, after)", flush=True)
+        mean = sum(bare) / len(bare)
+        print(f"ratio system/bare:   {rate / mean:8.3f}  (target >= 0.95; bare = mean of both)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
