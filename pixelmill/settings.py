@@ -42,6 +42,20 @@ class Settings(BaseSettings):
 
     model: str = TINY_MODEL
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # For a single-file checkpoint (model = a .safetensors/.ckpt file): a diffusers folder (or
+    # hub id) whose configs describe the checkpoint's architecture, so nothing is fetched.
+    model_config_dir: str | None = None
+    # Seeds rendered together in one pipeline call. Larger batches use the GPU better; the
+    # initial noise of each image still comes from its own seed alone.
+    render_batch_size: int = Field(default=4, ge=1, le=64)
+    # Threads that encode PNGs and thumbnails and upload them while the next batch renders.
+    upload_workers: int = Field(default=2, ge=1, le=32)
+    # The longer side of the review thumbnail stored beside each image (pixels).
+    thumbnail_size: int = Field(default=256, ge=32, le=2048)
+    # Compile the UNet with torch.compile (slow first job per shape, faster after).
+    torch_compile: bool = False
+    # Pipelines a worker keeps loaded at once (least recently used is evicted).
+    max_loaded_models: int = Field(default=2, ge=1)
 
     # A running job whose lease has not been extended for this long is presumed lost with its
     # worker and re-queued by the dispatcher's reaper. The worker's heartbeat extends the lease

@@ -193,6 +193,16 @@ def extend_lease(session: Session, job: ClaimedJob, lease: timedelta) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def hold_lease(session: Session, job: ClaimedJob, lease: timedelta) -> bool:
+    """Push the lease forward inside the caller's transaction, which then holds the job's row
+    lock until it commits: writes made in that transaction (image rows) are recorded only if
+    the job is still ours. False (nothing changed) if it is not."""
+    result = session.execute(
+        update(Job).where(*_fenced(job)).values(lease_expires_at=utcnow() + lease)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def finish_job(session: Session, job: ClaimedJob) -> bool:
     now = utcnow()
     result = session.execute(

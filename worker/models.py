@@ -12,7 +12,9 @@ from pixelmill.settings import TINY_MODEL, Settings
 
 def resolve_model(name: str, settings: Settings) -> str:
     """The built-in name ``tiny`` means the tiny random model in the data folder, built on
-    first use (in code, nothing downloaded). Anything else is a local folder or a hub id."""
+    first use (in code, nothing downloaded); ``null`` renders flat images with no model (to
+    measure the system's own overhead). Anything else is a local folder, a single
+    ``.safetensors`` checkpoint or a hub id."""
     if name != TINY_MODEL:
         return name
     target = settings.tiny_model_dir

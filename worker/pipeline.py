@@ -1,9 +1,11 @@
-"""Loading diffusers pipelines and rendering one seed at a time.
+"""Loading diffusers pipelines and rendering a job's seeds in batches.
 
-A worker keeps a few pipelines warm (:class:`PipelineCache`) and renders every seed of a
-job with :func:`render_seed`. Each seed gets its own generator and a fresh scheduler, so
-an image depends only on (model, params, seed): re-rendering a single seed later (retries,
-"re-roll just this one" in review) reproduces exactly what the sweep produced.
+A worker keeps a few pipelines warm (:class:`PipelineCache`) and renders a job's seeds with
+:func:`render_batch`. Each seed gets its own generator and every call a fresh scheduler, so an
+image depends only on (model, params, seed): re-rendering a single seed later (retries,
+"re-roll just this one" in review) reproduces what the sweep produced. (Batched and single
+renders start from bit-identical noise; PyTorch kernels are not batch-invariant, so their
+pixels may differ by a rounding step in a few places: see tests/worker/test_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import diffusers
 import PIL.Image
 import torch
 from diffusers import (
+    AutoPipelineForText2Image,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -36,6 +39,8 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from packaging.version import Version
+
+from monitoring import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,21 @@ class RenderedImage:
     image: PIL.Image.Image
     seed: int
     nsfw: bool | None  # None when the pipeline has no safety checker
-    seconds: float
+    seconds: float  # this image's share of its batch's render time
+
+
+# The built-in null model: flat images, no compute. It measures what the system itself costs
+# per job (claim, encode, upload, rows): benchmarks/worker.py --null.
+NULL_MODEL = "null"
+
+
+class NullPipeline:
+    """Stands in for a diffusers pipeline and renders flat grey images instantly."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.scheduler = EulerDiscreteScheduler()
 
 
 # --- schedulers ---------------------------------------------------------------------------
@@ -247,20 +266,85 @@ def keep_flagged_pixels(pipe: DiffusionPipeline) -> None:
     setattr(pipe, "run_safety_checker", run_safety_checker)  # noqa: B010
 
 
+SINGLE_FILE_SUFFIX = ".safetensors"
+
+# An SDXL checkpoint in the original (LDM) layout has a second text encoder here.
+_SDXL_KEY_PREFIX = "conditioner.embedders.1."
+
+
+def _single_file_pipeline_class(path: pathlib.Path) -> Any:
+    """StableDiffusionXLPipeline for an SDXL checkpoint, StableDiffusionPipeline otherwise."""
+    # From their modules: under mypy the package-level names are dummy placeholders.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
+    )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .safetensors checkpoint ({exc})") from exc
+    if any(key.startswith(_SDXL_KEY_PREFIX) for key in keys):
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def _load_single_file(
+    path: pathlib.Path, *, config: str | None, kwargs: dict[str, Any]
+) -> DiffusionPipeline:
+    if path.suffix != SINGLE_FILE_SUFFIX:
+        # .ckpt files are pickles: loading one can run arbitrary code.
+        raise ValueError(
+            f"{path}: single-file models must be {SINGLE_FILE_SUFFIX} checkpoints "
+            "(convert pickled .ckpt files to safetensors first)"
+        )
+    if config is None:
+        raise ValueError(
+            f"{path}: a single-file checkpoint needs PIXELMILL_MODEL_CONFIG_DIR, a diffusers "
+            "folder with the same architecture (e.g. `pixelmill model synthetic --arch sd15 "
+            "--out DIR`), so that no config is downloaded"
+        )
+    pipeline_class = _single_file_pipeline_class(path)
+    config_path = pathlib.Path(config).expanduser()
+    local = config_path.exists()
+    pipe: DiffusionPipeline = pipeline_class.from_single_file(
+        str(path),
+        config=str(config_path) if local else config,
+        local_files_only=local,
+        **kwargs,
+    )
+    return pipe
+
+
 def load_pipeline(
     model: str,
     *,
     device: torch.device,
     dtype: torch.dtype | None = None,
     safety_checker: bool = True,
+    config: str | None = None,
+    compile_unet: bool = False,
 ) -> DiffusionPipeline:
-    """Load ``model`` (a local diffusers folder, or a Hub id) onto ``device`` in ``dtype``.
+    """Load ``model`` onto ``device`` in ``dtype`` (default: float16 on CUDA, else float32).
 
-    Local folders are loaded with ``local_files_only=True`` so a worker never reaches the
+    ``model`` is a local diffusers folder or a Hub id (through diffusers' text-to-image auto
+    pipeline, which picks SD 1.x/2.x or SDXL from the folder's model_index.json), a single
+    ``.safetensors`` checkpoint in the original layout (with ``config``, a diffusers folder or
+    Hub id describing its architecture), or :data:`NULL_MODEL`.
+
+    Local models are loaded with ``local_files_only=True`` so a worker never reaches the
     network for a model it was told is on disk. The safety checker is kept when present
     (it flags images without blacking them out, see :func:`keep_flagged_pixels`), unless
     ``safety_checker`` is False: then it is not loaded and images come out unchecked.
+    Attention uses PyTorch's scaled_dot_product_attention (diffusers' default processor on
+    torch 2); ``compile_unet`` compiles the UNet with torch.compile.
     """
+    if model == NULL_MODEL:
+        return NullPipeline()  # type: ignore[return-value]
     dtype = default_dtype(device) if dtype is None else dtype
     kwargs: dict[str, Any] = {
         _DTYPE_KWARG: dtype,
@@ -268,19 +352,23 @@ def load_pipeline(
         "low_cpu_mem_usage": is_accelerate_available(),
     }
     path = pathlib.Path(model).expanduser()
-    if path.exists():
+    if path.is_file():
+        if not safety_checker:
+            kwargs = _without_safety_checker(kwargs)
+        pipe = _load_single_file(path, config=config, kwargs=kwargs)
+    elif path.exists():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"{model}: not a diffusers pipeline folder (no model_index.json)"
             )
         if not safety_checker and _has_safety_checker(path):
             kwargs = _without_safety_checker(kwargs)
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(str(path), local_files_only=True, **kwargs)
     elif _HUB_ID_RE.fullmatch(model):
         # Needs network (or a populated HF cache); honours HF_HUB_OFFLINE.
         if not safety_checker:
             kwargs = _without_safety_checker(kwargs)
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
     else:
         raise FileNotFoundError(f"model folder not found: {model}")
     pipe.set_progress_bar_config(disable=True)
@@ -290,37 +378,78 @@ def load_pipeline(
     _default_scheduler(pipe)  # remember the model's own scheduler before any job swaps it
     if safety_checker:
         keep_flagged_pixels(pipe)
+    if compile_unet:
+        # In place, so the pipeline's components stay what diffusers expects. The first
+        # render of each new shape compiles (minutes on big models); later ones are faster.
+        getattr(pipe, "unet").compile()  # noqa: B009
     return pipe
 
 
 # --- rendering ----------------------------------------------------------------------------
 
 
-def render_seed(pipe: DiffusionPipeline, params: RenderParams, seed: int) -> RenderedImage:
-    """Render one image for ``seed``. Same (pipe, params, seed) -> pixel-identical image."""
+def render_batch(
+    pipe: DiffusionPipeline, params: RenderParams, seeds: list[int]
+) -> list[RenderedImage]:
+    """Render one image per seed in a single pipeline call.
+
+    Each seed has its own generator: the initial latents (and any ancestral noise) of an
+    image come from its seed alone, whatever else is in the batch.
+    """
     check_inputs(params)
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    if isinstance(pipe, NullPipeline):
+        return _render_null(params, seeds)
     apply_scheduler(pipe, params.scheduler)
-    # A generator per seed, on the pipeline's device: the initial latents (and any
-    # ancestral noise) depend on this seed alone, not on earlier renders.
-    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
+    count = len(seeds)
     # Concrete pipelines define __call__; the DiffusionPipeline base class does not.
     run: Callable[..., Any] = pipe  # type: ignore[assignment]
     started = time.perf_counter()
     output = run(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt or None,
+        prompt=[params.prompt] * count,
+        negative_prompt=[params.negative_prompt] * count if params.negative_prompt else None,
         num_inference_steps=params.steps,
         guidance_scale=params.guidance,
         width=params.width,
         height=params.height,
         num_images_per_prompt=1,
-        generator=generator,
+        generator=generators,
         output_type="pil",
     )
-    seconds = time.perf_counter() - started
+    seconds = (time.perf_counter() - started) / count
     flags = getattr(output, "nsfw_content_detected", None)
-    nsfw = None if flags is None else bool(flags[0])
-    return RenderedImage(image=output.images[0], seed=seed, nsfw=nsfw, seconds=seconds)
+    return [
+        RenderedImage(
+            image=image, seed=seed, nsfw=None if flags is None else bool(flags[i]), seconds=seconds
+        )
+        for i, (image, seed) in enumerate(zip(output.images, seeds, strict=True))
+    ]
+
+
+def render_seed(pipe: DiffusionPipeline, params: RenderParams, seed: int) -> RenderedImage:
+    """Render one image for ``seed``. Same (pipe, params, seed) -> pixel-identical image."""
+    return render_batch(pipe, params, [seed])[0]
+
+
+def _render_null(params: RenderParams, seeds: list[int]) -> list[RenderedImage]:
+    started = time.perf_counter()
+    images = [PIL.Image.new("RGB", (params.width, params.height), (128, 128, 128)) for _ in seeds]
+    seconds = (time.perf_counter() - started) / len(seeds)
+    return [
+        RenderedImage(image=image, seed=seed, nsfw=None, seconds=seconds)
+        for image, seed in zip(images, seeds, strict=True)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A warm pipeline and what identifies the model behind it."""
+
+    pipe: DiffusionPipeline
+    sha256: str | None  # of the weight files (worker.identity); None for hub ids, "null"
+    load_seconds: float
 
 
 class PipelineCache:
@@ -333,6 +462,9 @@ class PipelineCache:
         dtype: torch.dtype | None = None,
         max_models: int = 2,
         safety_checker: bool = True,
+        config: str | None = None,
+        compile_unet: bool = False,
+        hash_cache: pathlib.Path | None = None,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
@@ -340,29 +472,50 @@ class PipelineCache:
         self.safety_checker = safety_checker
         self.dtype = default_dtype(device) if dtype is None else dtype
         self.max_models = max_models
-        self._pipes: collections.OrderedDict[str, DiffusionPipeline] = collections.OrderedDict()
+        self.config = config
+        self.compile_unet = compile_unet
+        self.hash_cache = hash_cache
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         # Threaded Celery pools could otherwise load the same model twice at once.
         self._lock = threading.Lock()
 
     def __contains__(self, model: str) -> bool:
-        return model in self._pipes
+        return model in self._models
 
     def __len__(self) -> int:
-        return len(self._pipes)
+        return len(self._models)
 
     def get(self, model: str) -> DiffusionPipeline:
+        return self.load(model).pipe
+
+    def load(self, model: str) -> LoadedModel:
+        from worker.identity import model_sha256
+
         with self._lock:
-            pipe = self._pipes.get(model)
-            if pipe is not None:
-                self._pipes.move_to_end(model)
-                return pipe
+            loaded = self._models.get(model)
+            if loaded is not None:
+                self._models.move_to_end(model)
+                return loaded
             # Evict before loading so peak GPU memory holds at most max_models pipelines.
-            while len(self._pipes) >= self.max_models:
-                self._pipes.popitem(last=False)
+            while len(self._models) >= self.max_models:
+                self._models.popitem(last=False)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+            started = time.perf_counter()
             pipe = load_pipeline(
-                model, device=self.device, dtype=self.dtype, safety_checker=self.safety_checker
+                model,
+                device=self.device,
+                dtype=self.dtype,
+                safety_checker=self.safety_checker,
+                config=self.config,
+                compile_unet=self.compile_unet,
             )
-            self._pipes[model] = pipe
-            return pipe
+            load_seconds = time.perf_counter() - started
+            metrics.MODEL_LOAD_SECONDS.observe(load_seconds)
+            # Hashed after a successful load: a model that cannot load is not hashed at all.
+            sha256 = (
+                None if model == NULL_MODEL else model_sha256(model, cache_file=self.hash_cache)
+            )
+            loaded = LoadedModel(pipe=pipe, sha256=sha256, load_seconds=load_seconds)
+            self._models[model] = loaded
+            return loaded

@@ -1,17 +1,23 @@
-"""PNG encoding with AUTOMATIC1111-compatible generation metadata.
+"""PNG encoding with AUTOMATIC1111-compatible generation metadata, and review thumbnails.
 
 Tools that read A1111 images (the web UI's "PNG Info" tab, civitai, image browsers) look
 for a text chunk named "parameters" holding a prompt block followed by one settings line.
+pixelmill adds its own "pixelmill" chunk (JSON): what no A1111 field holds, such as the job,
+the catalogue item, the model's full sha256 and the safety verdict.
 """
 
 from __future__ import annotations
 
 import io
+import json
+from typing import Any
 
 import PIL.Image
 import PIL.PngImagePlugin
 
 PARAMETERS_KEY = "parameters"
+PIXELMILL_KEY = "pixelmill"
+THUMBNAIL_CONTENT_TYPE = "image/jpeg"
 
 
 def a1111_parameters(
@@ -60,28 +66,62 @@ def _is_latin1(text: str) -> bool:
     return True
 
 
-def encode_png(image: PIL.Image.Image, *, parameters: str, compress_level: int = 1) -> bytes:
-    """PNG bytes of ``image`` with ``parameters`` in a "parameters" text chunk.
+def encode_png(
+    image: PIL.Image.Image,
+    *,
+    parameters: str,
+    pixelmill: dict[str, Any] | None = None,
+    compress_level: int = 1,
+) -> bytes:
+    """PNG bytes of ``image`` with ``parameters`` in a "parameters" text chunk and, if given,
+    ``pixelmill`` as JSON in a "pixelmill" chunk.
 
     tEXt is latin-1 only, so non-latin text (e.g. a Chinese prompt) goes in a UTF-8 iTXt
-    chunk instead. compress_level 1: nightly batches are CPU-bound on encoding, and level 1
-    is several times faster than the default for only slightly larger files.
+    chunk instead; the JSON chunk is always iTXt. compress_level 1: nightly batches are
+    CPU-bound on encoding, and level 1 is several times faster than the default for only
+    slightly larger files.
     """
     info = PIL.PngImagePlugin.PngInfo()
     if _is_latin1(parameters):
         info.add_text(PARAMETERS_KEY, parameters)
     else:
         info.add_itxt(PARAMETERS_KEY, parameters)
+    if pixelmill is not None:
+        info.add_itxt(PIXELMILL_KEY, json.dumps(pixelmill, ensure_ascii=False, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 
-def read_parameters(png: bytes) -> str | None:
-    """The "parameters" text of a PNG (tEXt, zTXt or iTXt), or None if it has none."""
+def encode_thumbnail(image: PIL.Image.Image, *, size: int, quality: int = 80) -> bytes:
+    """A JPEG whose longer side is at most ``size`` pixels: a review grid of 16 loads in a
+    fraction of the PNGs' bytes. No metadata: the PNG is the record."""
+    thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((size, size), PIL.Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=quality, optimize=False)
+    return buffer.getvalue()
+
+
+def _text_chunks(png: bytes) -> dict[str, str]:
     with PIL.Image.open(io.BytesIO(png)) as image:
         if not isinstance(image, PIL.PngImagePlugin.PngImageFile):
             raise ValueError("not a PNG image")
         # .text reads every text chunk, including any after the image data.
-        value = image.text.get(PARAMETERS_KEY)
-    return None if value is None else str(value)
+        return {str(key): str(value) for key, value in image.text.items()}
+
+
+def read_pixelmill(png: bytes) -> dict[str, Any] | None:
+    """The "pixelmill" JSON chunk of a PNG, or None if it has none."""
+    value = _text_chunks(png).get(PIXELMILL_KEY)
+    if value is None:
+        return None
+    data = json.loads(value)
+    if not isinstance(data, dict):
+        raise ValueError(f"the {PIXELMILL_KEY!r} chunk is not a JSON object")
+    return data
+
+
+def read_parameters(png: bytes) -> str | None:
+    """The "parameters" text of a PNG (tEXt, zTXt or iTXt), or None if it has none."""
+    return _text_chunks(png).get(PARAMETERS_KEY)

@@ -1,7 +1,10 @@
-"""Render one job: claim it, render each seed, store the PNG, record the image, finish.
+"""Render one job: claim it, render its seeds in batches, store the PNGs, record the images.
 
-Every image is durable (object stored, row committed) before the next seed renders, so a job
-interrupted half-way resumes where it stopped and never records a seed twice.
+The GPU does not wait on I/O: while batch k+1 renders, a small thread pool encodes batch k's
+PNGs and thumbnails and uploads them; the main thread then records their rows (one commit per
+batch) and extends the lease. An image's object is stored before its row is written, so a row
+never points to a missing object, and a job interrupted half-way resumes where it stopped and
+never records a seed twice. The job is ``done`` only once every upload and row is durable.
 
 Outcomes: a prompt the blocklist refuses ends ``blocked`` without rendering; a deterministic
 input error (bad parameters, a missing model folder) ends ``failed`` at once; any other error
@@ -14,17 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import pixelmill
-from db.models import Image, JobStatus, SafetyStatus
+from db.models import CatalogueItem, Image, Job, JobStatus, Run, SafetyStatus
 from db.upsert import insert_ignoring_conflicts
+from monitoring import metrics
 from pixelmill.blocklist import Blocklist, load_blocklist
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
@@ -32,16 +39,16 @@ from worker.claim import (
     ClaimedJob,
     bury_exhausted,
     claim_job,
-    extend_lease,
     fail_job,
     finish_job,
+    hold_lease,
     release_job,
 )
 from worker.heartbeat import Heartbeat
 from worker.models import resolve_model
 
 if TYPE_CHECKING:
-    from worker.pipeline import PipelineCache, RenderedImage
+    from worker.pipeline import LoadedModel, PipelineCache, RenderedImage
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +78,49 @@ class LeaseLostError(RuntimeError):
     pass
 
 
-def image_key(job: ClaimedJob, seed: int, sha256: str) -> str:
-    # The content hash is part of the key: if a worker that lost its lease renders the same
-    # seed as its successor (GPU renders need not be bit-exact), each uploads its own object
-    # and the one recorded row always points at the bytes its sha256 describes.
-    return f"runs/{job.run_id}/jobs/{job.id}/{seed}-{sha256[:16]}.png"
+@dataclass(frozen=True)
+class JobContext:
+    """What an image's metadata names besides the job's own parameters."""
+
+    run_name: str
+    item_key: str
+    template: str
+    variant: str
+
+
+def _job_context(session: Session, job: ClaimedJob) -> JobContext:
+    row = session.execute(
+        select(Run.name, CatalogueItem.external_key, Job.template, Job.variant)
+        .join(Job, Job.run_id == Run.id)
+        .join(CatalogueItem, CatalogueItem.id == Job.item_id)
+        .where(Job.id == job.id)
+    ).one()
+    return JobContext(run_name=row[0], item_key=row[1], template=row[2], variant=row[3])
+
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_key_part(text: str, *, limit: int = 80) -> str:
+    """``text`` as one storage path segment: letters, digits, ``.``, ``_`` and ``-`` only, no
+    leading dots (so never ``.`` or ``..``), at most ``limit`` characters, never empty."""
+    cleaned = _UNSAFE_KEY_CHARS.sub("_", text).lstrip(".")[:limit]
+    return cleaned or "_"
+
+
+def image_key(job: ClaimedJob, item_key: str, seed: int, sha256: str) -> str:
+    # Nothing from the prompt; the item key only as a sanitised segment (the job id already
+    # makes the key unique). The content hash is part of the key: if a worker that lost its
+    # lease renders the same seed as its successor (GPU renders need not be bit-exact), each
+    # uploads its own object and the one recorded row always points at the bytes its sha256
+    # describes. A retried upload of the same bytes overwrites the same key.
+    return f"runs/{job.run_id}/{safe_key_part(item_key)}/{job.id}/{seed}-{sha256[:16]}.png"
+
+
+def thumbnail_key(key: str) -> str:
+    """The thumbnail beside an image: same path under ``thumbs/``, as JPEG."""
+    prefix = QUARANTINE_PREFIX if key.startswith(QUARANTINE_PREFIX) else ""
+    return f"{prefix}thumbs/{key.removeprefix(prefix).removesuffix('.png')}.jpg"
 
 
 def _describe(exc: BaseException) -> str:
@@ -106,6 +151,8 @@ def render_job(runtime: WorkerRuntime, job_id: int) -> str:
             log.info("job %s is not claimable (done, running elsewhere or run inactive)", job_id)
             return "skipped"
 
+        if job.attempt > 1:
+            metrics.REDELIVERIES.inc()
         match = blocklist.check(job.prompt, job.negative_prompt)
         if match is not None:
             log.warning("job %s is blocked by rule %r (%s)", job_id, match.rule, match.source)
@@ -147,6 +194,135 @@ def render_job(runtime: WorkerRuntime, job_id: int) -> str:
     return "done"
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """One seed's image, stored (unless dropped as flagged) and ready for its row."""
+
+    seed: int
+    key: str  # "" when a flagged image was dropped
+    thumbnail_key: str | None
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    safety: SafetyStatus
+    render_seconds: float
+
+
+def _safety(rendered: RenderedImage) -> SafetyStatus:
+    if rendered.nsfw is None:
+        return SafetyStatus.UNCHECKED
+    return SafetyStatus.FLAGGED if rendered.nsfw else SafetyStatus.SAFE
+
+
+def _batches(seeds: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(seeds), size):
+        yield seeds[start : start + size]
+
+
+class _ImageWriter:
+    """Encodes, stores and describes the images of one job (runs in the upload pool)."""
+
+    def __init__(
+        self,
+        runtime: WorkerRuntime,
+        job: ClaimedJob,
+        context: JobContext,
+        model: LoadedModel,
+        sampler: str,
+    ) -> None:
+        from worker.identity import library_versions
+
+        self.runtime = runtime
+        self.job = job
+        self.context = context
+        self.model = model
+        self.sampler = sampler
+        self.versions = library_versions()
+
+    def store(self, rendered: RenderedImage) -> StoredImage:
+        from worker.png import THUMBNAIL_CONTENT_TYPE, encode_png, encode_thumbnail
+
+        safety = _safety(rendered)
+        png = encode_png(
+            rendered.image,
+            parameters=self._parameters(rendered.seed),
+            pixelmill=self._pixelmill(rendered.seed, safety),
+        )
+        sha256 = hashlib.sha256(png).hexdigest()
+        key = image_key(self.job, self.context.item_key, rendered.seed, sha256)
+        if safety == SafetyStatus.FLAGGED:
+            # Never passed off as a success: its row says flagged, and it is kept apart for
+            # review (or not kept at all).
+            log.warning("job %s seed %s: flagged by the safety checker", self.job.id, rendered.seed)
+            metrics.SAFETY_FLAGS.inc()
+            drop = self.runtime.settings.flagged_images == "drop"
+            key = "" if drop else QUARANTINE_PREFIX + key
+        thumb_key = None
+        if key:
+            thumb_key = thumbnail_key(key)
+            thumbnail = encode_thumbnail(rendered.image, size=self.runtime.settings.thumbnail_size)
+            # The thumbnail first: the image is what makes the seed count as stored.
+            self._put(thumb_key, thumbnail, THUMBNAIL_CONTENT_TYPE)
+            self._put(key, png, "image/png")
+        return StoredImage(
+            seed=rendered.seed,
+            key=key,
+            thumbnail_key=thumb_key,
+            sha256=sha256,
+            bytes=len(png),
+            width=rendered.image.width,
+            height=rendered.image.height,
+            safety=safety,
+            render_seconds=rendered.seconds,
+        )
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        started = time.perf_counter()
+        try:
+            self.runtime.storage.put(key, data, content_type=content_type)
+        except Exception:
+            metrics.UPLOAD_ERRORS.inc()
+            raise
+        metrics.UPLOAD_SECONDS.observe(time.perf_counter() - started)
+
+    def _parameters(self, seed: int) -> str:
+        from worker.identity import short_hash
+        from worker.png import a1111_parameters
+
+        job = self.job
+        return a1111_parameters(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            steps=job.steps,
+            sampler=self.sampler,
+            cfg_scale=job.guidance,
+            seed=seed,
+            width=job.width,
+            height=job.height,
+            model_name=job.model,
+            model_hash=short_hash(self.model.sha256),
+            version=f"pixelmill {pixelmill.__version__}",
+        )
+
+    def _pixelmill(self, seed: int, safety: SafetyStatus) -> dict[str, Any]:
+        job, context = self.job, self.context
+        return {
+            "job_id": job.id,
+            "run_id": job.run_id,
+            "run": context.run_name,
+            "item_key": context.item_key,
+            "template": context.template,
+            "variant": context.variant,
+            "seed": seed,
+            "model": job.model,
+            "model_sha256": self.model.sha256,
+            "scheduler": job.scheduler,
+            "safety": {"status": safety.value, "score": None},
+            "versions": self.versions,
+        }
+
+
 def _render_claimed(
     runtime: WorkerRuntime,
     session: Session,
@@ -155,8 +331,7 @@ def _render_claimed(
     *,
     lost: Callable[[], bool] = lambda: False,
 ) -> None:
-    from worker.pipeline import RenderParams, check_inputs, render_seed, scheduler_label
-    from worker.png import a1111_parameters, encode_png
+    from worker.pipeline import RenderParams, check_inputs, render_batch, scheduler_label
 
     params = RenderParams(
         prompt=job.prompt,
@@ -176,70 +351,126 @@ def _render_claimed(
     if not todo:
         return
     try:
-        pipe = runtime.pipelines.get(resolve_model(job.model, runtime.settings))
-    except FileNotFoundError as exc:  # no such model folder: another attempt cannot help
+        model = runtime.pipelines.load(resolve_model(job.model, runtime.settings))
+    except (FileNotFoundError, ValueError) as exc:  # no such model: another attempt cannot help
         raise JobInputError(str(exc)) from exc
-    for seed in todo:
-        if lost():
-            raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
-        rendered = render_seed(pipe, params, seed)
-        parameters = a1111_parameters(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            steps=job.steps,
-            sampler=scheduler_label(job.scheduler, pipe=pipe),
-            cfg_scale=job.guidance,
-            seed=seed,
-            width=job.width,
-            height=job.height,
-            model_name=job.model,
-            model_hash=None,
-            version=f"pixelmill {pixelmill.__version__}",
-        )
-        png = encode_png(rendered.image, parameters=parameters)
-        sha256 = hashlib.sha256(png).hexdigest()
-        key = image_key(job, seed, sha256)
-        if rendered.nsfw:
-            # Never passed off as a success: its row says flagged, and it is kept apart for
-            # review (or not kept at all).
-            log.warning("job %s seed %s: flagged by the safety checker", job.id, seed)
-            drop = runtime.settings.flagged_images == "drop"
-            key = "" if drop else QUARANTINE_PREFIX + key
-        if key:
-            runtime.storage.put(key, png, content_type="image/png")
-        _record_image(session, job, seed, key, png, sha256, rendered)
-        if not extend_lease(session, job, lease):
-            raise LeaseLostError("lost the job's lease to another worker")
+    writer = _ImageWriter(
+        runtime,
+        job,
+        _job_context(session, job),
+        model,
+        scheduler_label(job.scheduler, pipe=model.pipe),
+    )
+    # End the read transaction: nothing stays "idle in transaction" while the GPU renders.
+    session.commit()
+    settings = runtime.settings
+    with ThreadPoolExecutor(
+        max_workers=settings.upload_workers, thread_name_prefix=f"job-{job.id}-upload"
+    ) as pool:
+        # At most two batches in flight: the one rendering and the one being stored.
+        storing: list[Future[StoredImage]] = []
+        try:
+            for seeds in _batches(todo, settings.render_batch_size):
+                if lost():
+                    raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
+                started = time.perf_counter()
+                rendered = render_batch(model.pipe, params, seeds)
+                _observe_batch(runtime, time.perf_counter() - started, rendered)
+                _record(session, job, model, storing, lease)
+                storing = [pool.submit(writer.store, image) for image in rendered]
+            _record(session, job, model, storing, lease)
+        except BaseException:
+            # Keep what is already stored (a retry then renders only the rest) unless the
+            # job is no longer ours; a failure here must not hide the original error.
+            _record_finished(session, job, model, storing, lease)
+            raise
 
 
-def _record_image(
+def _observe_batch(runtime: WorkerRuntime, seconds: float, rendered: list[RenderedImage]) -> None:
+    metrics.BATCH_RENDER_SECONDS.observe(seconds)
+    for image in rendered:
+        metrics.RENDER_SECONDS.observe(image.seconds)
+    device = runtime.pipelines.device
+    if device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        metrics.GPU_MEMORY_BYTES.labels(gpu=str(index)).set(torch.cuda.memory_reserved(device))
+
+
+def _record(
     session: Session,
     job: ClaimedJob,
-    seed: int,
-    key: str,
-    png: bytes,
-    sha256: str,
-    rendered: RenderedImage,
+    model: LoadedModel,
+    storing: list[Future[StoredImage]],
+    lease: timedelta,
 ) -> None:
-    if rendered.nsfw is None:
-        safety = SafetyStatus.UNCHECKED
-    else:
-        safety = SafetyStatus.FLAGGED if rendered.nsfw else SafetyStatus.SAFE
+    """Wait for a batch's uploads, then record their rows and extend the lease in one fenced
+    transaction: a worker that lost the job records nothing more."""
+    if not storing:
+        return
+    stored = [future.result() for future in storing]  # re-raises an upload's error
+    if not hold_lease(session, job, lease):
+        session.rollback()
+        raise LeaseLostError("lost the job's lease to another worker")
+    _insert_images(session, job, model, stored)
+
+
+def _record_finished(
+    session: Session,
+    job: ClaimedJob,
+    model: LoadedModel,
+    storing: list[Future[StoredImage]],
+    lease: timedelta,
+) -> None:
+    """After an error: record what was stored anyway (a retry renders only the rest)."""
+    stored = []
+    for future in storing:
+        try:
+            stored.append(future.result())
+        except Exception:
+            metrics.IMAGES.labels("failed").inc()
+    if not stored:
+        return
+    try:
+        session.rollback()
+        if hold_lease(session, job, lease):
+            _insert_images(session, job, model, stored)
+        else:
+            session.rollback()
+    except Exception:
+        log.exception("job %s: could not record %d stored images", job.id, len(stored))
+
+
+def _insert_images(
+    session: Session, job: ClaimedJob, model: LoadedModel, stored: list[StoredImage]
+) -> None:
+    from worker.identity import library_versions
+
+    if not stored:
+        return
+    versions = library_versions()
     insert_ignoring_conflicts(
         session,
         Image,
         [
             {
                 "job_id": job.id,
-                "seed": seed,
-                "storage_key": key,
-                "sha256": sha256,
-                "width": rendered.image.width,
-                "height": rendered.image.height,
-                "bytes": len(png),
-                "safety": safety.value,
-                "render_seconds": rendered.seconds,
+                "seed": image.seed,
+                "storage_key": image.key,
+                "thumbnail_key": image.thumbnail_key,
+                "sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+                "bytes": image.bytes,
+                "safety": image.safety.value,
+                "model_sha256": model.sha256,
+                "versions": versions,
+                "render_seconds": image.render_seconds,
             }
+            for image in stored
         ],
     )
     session.commit()
+    for image in stored:
+        metrics.IMAGES.labels(image.safety.value).inc()

@@ -41,7 +41,14 @@ def build_runtime() -> WorkerRuntime:
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.resolved_database_url)),
         storage=storage_from_settings(settings),
-        pipelines=PipelineCache(device=device, safety_checker=settings.safety_checker),
+        pipelines=PipelineCache(
+            device=device,
+            safety_checker=settings.safety_checker,
+            max_models=settings.max_loaded_models,
+            config=settings.model_config_dir,
+            compile_unet=settings.torch_compile,
+            hash_cache=settings.data_dir / "model-hashes.json",
+        ),
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
         # Read at start: a bad blocklist file stops the worker instead of failing every job.
         blocklist=load_blocklist(settings.blocklist_path),

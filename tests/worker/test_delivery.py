@@ -182,13 +182,14 @@ def test_transient_error_is_retried_and_resumes(
     runtime = runtime_factory(storage=storage, max_attempts=3)
     job = make_render_job(db_session, model=str(tiny_model_dir), seeds=[1, 2, 3])
 
-    # The first seed is stored, then storage goes down.
-    calls = {"n": 0}
+    # Seeds 1 and 3 are stored; storing seed 2's PNG fails once (uploads run concurrently,
+    # so the failure is tied to a key, not to the order of calls).
+    failed: list[str] = []
     original_put = storage.put
 
     def put(key: str, data: bytes, *, content_type: str) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
+        if key.endswith(".png") and "/2-" in key and not failed:
+            failed.append(key)
             raise StorageError("S3 is down")
         original_put(key, data, content_type=content_type)
 
@@ -201,7 +202,8 @@ def test_transient_error_is_retried_and_resumes(
     assert row.error == "StorageError: S3 is down"
     assert row.attempts == 1
     assert row.lease_expires_at is None and row.finished_at is None
-    assert [image.seed for image in images_of(db_session, job.id)] == [1]
+    # What was stored is kept: the retry renders only the missing seed.
+    assert [image.seed for image in images_of(db_session, job.id)] == [1, 3]
 
     _requeue(db_session, job.id)
     assert render_job(runtime, job.id) == "done"
@@ -271,7 +273,7 @@ def test_cuda_oom_is_transient(
     def oom(*_: object, **__: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(worker.pipeline, "render_seed", oom)
+    monkeypatch.setattr(worker.pipeline, "render_batch", oom)
     runtime = runtime_factory()
     job = make_render_job(db_session, model=str(tiny_model_dir), seeds=[1])
 
@@ -371,10 +373,13 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A job renders longer than its lease thanks to the heartbeat; when another worker takes
-    it over anyway, the render stops before its next seed and records nothing more."""
+    it over anyway, the render stops before its next batch and records nothing more."""
     import worker.render as render_module
 
-    settings = make_settings(tiny_model_dir, tmp_path, job_lease_seconds=10)
+    # One seed per batch, so "the next batch" is the next seed.
+    settings = make_settings(
+        tiny_model_dir, tmp_path, job_lease_seconds=10, render_batch_size=1, upload_workers=1
+    )
     runtime = WorkerRuntime(
         settings=settings,
         sessions=committed_sessions,
@@ -386,7 +391,7 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
         job = make_render_job(session, model=str(tiny_model_dir), seeds=[1, 2, 3, 4])
 
     taken_over = {"done": False}
-    real_extend = render_module.extend_lease
+    real_extend = render_module.hold_lease
 
     class FastHeartbeat(Heartbeat):
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -424,7 +429,7 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
         return beat
 
     monkeypatch.setattr(render_module, "Heartbeat", make_heartbeat)
-    monkeypatch.setattr(render_module, "extend_lease", extend_after_takeover)
+    monkeypatch.setattr(render_module, "hold_lease", extend_after_takeover)
 
     assert render_job(runtime, job.id) == "skipped"
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from worker.pipeline import (
+    NULL_MODEL,
+    NullPipeline,
     PipelineCache,
     RenderedImage,
     RenderParams,
@@ -17,6 +19,7 @@ from worker.pipeline import (
     check_inputs,
     default_dtype,
     load_pipeline,
+    render_batch,
     render_seed,
     resolve_device,
     scheduler_label,
@@ -234,3 +237,85 @@ def test_pipeline_cache_is_lru(tiny_model_dir: pathlib.Path) -> None:
 def test_pipeline_cache_rejects_zero_size() -> None:
     with pytest.raises(ValueError, match="max_models"):
         PipelineCache(device=CPU, max_models=0)
+
+
+def _initial_latents(pipe: Any, seeds: list[int]) -> torch.Tensor:
+    # What render_batch hands the pipeline: one generator per seed.
+    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
+    unet = pipe.unet
+    return pipe.prepare_latents(
+        len(seeds), unet.config.in_channels, 64, 64, unet.dtype, pipe.device, generators
+    )
+
+
+def test_batched_seeds_start_from_the_same_noise_as_single_ones(pipe: Any) -> None:
+    batch = _initial_latents(pipe, [5, 6, 7])
+    for index, seed in enumerate([5, 6, 7]):
+        assert torch.equal(batch[index : index + 1], _initial_latents(pipe, [seed]))
+
+
+@ignore_numpy_copy_warning
+@pytest.mark.parametrize("scheduler", [None, "euler_a", "dpmpp_2m_karras"])
+def test_batched_render_matches_single_renders(pipe: Any, scheduler: str | None) -> None:
+    params = dataclasses.replace(PARAMS, scheduler=scheduler)
+    seeds = [11, 12, 13, 14]
+    batch = render_batch(pipe, params, seeds)
+    assert [image.seed for image in batch] == seeds
+    for rendered in batch:
+        alone = render_seed(pipe, params, rendered.seed)
+        difference = np.abs(_pixels(alone).astype(np.int16) - _pixels(rendered).astype(np.int16))
+        # The same image: PyTorch kernels sum in a batch-size dependent order, so a value may
+        # round to the neighbouring 8-bit level (measured: a handful of 12,288 values).
+        assert difference.max() <= 1
+        assert np.count_nonzero(difference) <= difference.size // 200
+    # Each seed still gives its own image.
+    assert len({_pixels(image).tobytes() for image in batch}) == len(seeds)
+
+
+def test_render_batch_rejects_no_seeds(pipe: Any) -> None:
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        render_batch(pipe, PARAMS, [])
+
+
+def test_null_model_renders_flat_images_of_the_requested_size() -> None:
+    null = load_pipeline(NULL_MODEL, device=CPU)
+    assert isinstance(null, NullPipeline)
+    params = dataclasses.replace(PARAMS, width=96, height=32)
+    images = render_batch(null, params, [1, 2])  # type: ignore[arg-type]
+    assert [image.seed for image in images] == [1, 2]
+    for image in images:
+        assert image.image.size == (96, 32)
+        assert image.nsfw is None
+    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+        render_batch(null, dataclasses.replace(PARAMS, width=30), [1])  # type: ignore[arg-type]
+
+
+def test_pipeline_cache_records_the_model_identity(
+    tiny_model_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    from worker.identity import model_sha256
+
+    cache = PipelineCache(device=CPU, hash_cache=tmp_path / "hashes.json")
+    loaded = cache.load(str(tiny_model_dir))
+    assert loaded.sha256 == model_sha256(str(tiny_model_dir))
+    assert loaded.load_seconds > 0
+    assert cache.load(str(tiny_model_dir)) is loaded  # warm: not loaded or hashed again
+    assert cache.load(NULL_MODEL).sha256 is None
+
+
+def test_attention_uses_scaled_dot_product(pipe: Any) -> None:
+    processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+
+
+def test_single_file_needs_a_safetensors_checkpoint(tmp_path: pathlib.Path) -> None:
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"model\.ckpt: single-file models must be \.safetensors"):
+        load_pipeline(str(pickle), device=CPU, config=str(tmp_path))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not loaded either")
+    with pytest.raises(ValueError, match=r"model\.safetensors: a single-file checkpoint needs"):
+        load_pipeline(str(checkpoint), device=CPU)
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable \.safetensors"):
+        load_pipeline(str(checkpoint), device=CPU, config=str(tmp_path))

@@ -5,7 +5,13 @@ import io
 import PIL.Image
 import pytest
 
-from worker.png import a1111_parameters, encode_png, read_parameters
+from worker.png import (
+    a1111_parameters,
+    encode_png,
+    encode_thumbnail,
+    read_parameters,
+    read_pixelmill,
+)
 
 
 def _params(**overrides: object) -> str:
@@ -75,3 +81,23 @@ def test_read_parameters_without_chunk() -> None:
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (8, 8)).save(buffer, format="PNG")
     assert read_parameters(buffer.getvalue()) is None
+
+
+def test_pixelmill_chunk_round_trips_as_json() -> None:
+    image = PIL.Image.new("RGB", (16, 16), (10, 20, 30))
+    chunk = {"job_id": 7, "item_key": "茶壶-01", "model_sha256": "ab" * 32, "safety": None}
+    png = encode_png(image, parameters="a teapot", pixelmill=chunk)
+    assert read_pixelmill(png) == chunk
+    assert read_parameters(png) == "a teapot"  # the A1111 chunk is untouched
+    assert read_pixelmill(encode_png(image, parameters="a teapot")) is None
+
+
+def test_thumbnail_is_a_small_jpeg_keeping_the_aspect_ratio() -> None:
+    image = PIL.Image.new("RGB", (512, 256), (200, 100, 50))
+    data = encode_thumbnail(image, size=128)
+    with PIL.Image.open(io.BytesIO(data)) as thumbnail:
+        assert thumbnail.format == "JPEG"
+        assert thumbnail.size == (128, 64)
+    # Smaller images are not enlarged.
+    with PIL.Image.open(io.BytesIO(encode_thumbnail(image, size=1024))) as thumbnail:
+        assert thumbnail.size == (512, 256)

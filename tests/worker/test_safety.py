@@ -173,6 +173,10 @@ def test_flagged_images_go_to_quarantine(
     # Nothing outside the quarantine prefix.
     assert not (root / "runs").exists()
     assert {p.relative_to(root).parts[0] for p in root.rglob("*.png")} == {"quarantine"}
+    # The thumbnails too.
+    assert {p.relative_to(root).parts[:2] for p in root.rglob("*.jpg")} == {
+        ("quarantine", "thumbs")
+    }
 
 
 def image_key_of(job: Job, seed: int, png: bytes) -> str:
@@ -182,7 +186,7 @@ def image_key_of(job: Job, seed: int, png: bytes) -> str:
         id=job.id, run_id=job.run_id, attempt=1, prompt="", negative_prompt="", model="",
         scheduler=None, steps=1, guidance=0, width=8, height=8, seeds=[],
     )  # fmt: skip
-    return image_key(claimed, seed, hashlib.sha256(png).hexdigest())
+    return image_key(claimed, job.item.external_key, seed, hashlib.sha256(png).hexdigest())
 
 
 def test_flagged_images_dropped(
