@@ -30,7 +30,15 @@ from review.schemas import (
     decision_value,
 )
 from review.stats import run_stats
-from review.views import events, get_run, item_rows, item_view, run_summaries, stats_view
+from review.views import (
+    events,
+    get_run,
+    image_out,
+    item_rows,
+    item_view,
+    run_summaries,
+    stats_view,
+)
 
 router = APIRouter(
     prefix="/api", dependencies=[Depends(current_reviewer), Depends(check_csrf)], tags=["review"]
@@ -98,23 +106,7 @@ def get_image(state: State, session: DB, image_id: int) -> ImageOut:
     if row is None:
         raise NotFoundError(f"image {image_id} does not exist")
     image, job, decision = row
-    url = state.urls.url(image.storage_key)
-    return ImageOut(
-        id=image.id,
-        job_id=job.id,
-        seed=int(image.seed),
-        template=job.template,
-        variant=job.variant,
-        prompt=job.prompt,
-        model=job.model,
-        width=image.width,
-        height=image.height,
-        safety=image.safety,
-        url=url,
-        thumbnail_url=state.urls.url(image.thumbnail_key) if image.thumbnail_key else url,
-        decision=decision_value(decision),
-        decided_by=None,
-    )
+    return image_out(image, job, decision, None, state.urls)
 
 
 @router.post("/items/{review_item_id}/decisions")

@@ -83,6 +83,29 @@ def get_run(session: Session, run_id: int) -> Run:
     return run
 
 
+def image_out(
+    image: Image, job: Job, decision: Any, decided_by: str | None, urls: ImageUrls
+) -> ImageOut:
+    """One image as the pages and the API show it (the thumbnail falls back to the image)."""
+    url = urls.url(image.storage_key)
+    return ImageOut(
+        id=image.id,
+        job_id=job.id,
+        seed=int(image.seed),
+        template=job.template,
+        variant=job.variant,
+        prompt=job.prompt,
+        model=job.model,
+        width=image.width,
+        height=image.height,
+        safety=image.safety,
+        url=url,
+        thumbnail_url=urls.url(image.thumbnail_key) if image.thumbnail_key else url,
+        decision=decision_value(decision),
+        decided_by=decided_by,
+    )
+
+
 def item_view(
     session: Session, review_item_id: int, urls: ImageUrls, *, show_flagged: bool = False
 ) -> ReviewItemOut:
@@ -112,25 +135,7 @@ def item_view(
         if image.safety == SafetyStatus.FLAGGED and not show_flagged:
             hidden += 1
             continue
-        url = urls.url(image.storage_key)
-        shown.append(
-            ImageOut(
-                id=image.id,
-                job_id=job.id,
-                seed=int(image.seed),
-                template=job.template,
-                variant=job.variant,
-                prompt=job.prompt,
-                model=job.model,
-                width=image.width,
-                height=image.height,
-                safety=image.safety,
-                url=url,
-                thumbnail_url=urls.url(image.thumbnail_key) if image.thumbnail_key else url,
-                decision=decision_value(decision),
-                decided_by=decided_by,
-            )
-        )
+        shown.append(image_out(image, job, decision, decided_by, urls))
     return ReviewItemOut(
         id=item.id,
         run_id=item.run_id,

@@ -44,8 +44,8 @@ def _fingerprint(path: Path, files: list[Path]) -> str:
     parts = []
     for file in files:
         stat = file.stat()
-        parts.append(f"{file.relative_to(path) if path.is_dir() else file.name}")
-        parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -55,7 +55,7 @@ def _digest(path: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         if path.is_dir():
-            digest.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with file.open("rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)

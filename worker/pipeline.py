@@ -268,7 +268,9 @@ def keep_flagged_pixels(pipe: DiffusionPipeline) -> None:
 
 SINGLE_FILE_SUFFIX = ".safetensors"
 
-# An SDXL checkpoint in the original (LDM) layout has a second text encoder here.
+# Every checkpoint in the original (LDM) layout keeps its UNet here, and an SDXL one has a
+# second text encoder under the other prefix.
+_LDM_UNET_PREFIX = "model.diffusion_model."
 _SDXL_KEY_PREFIX = "conditioner.embedders.1."
 
 
@@ -288,6 +290,13 @@ def _single_file_pipeline_class(path: pathlib.Path) -> Any:
             keys = list(checkpoint.keys())
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable .safetensors checkpoint ({exc})") from exc
+    if not any(key.startswith(_LDM_UNET_PREFIX) for key in keys):
+        # e.g. one diffusers component file: from_single_file would fail deep inside with an
+        # error that names neither the file nor the fix.
+        raise ValueError(
+            f"{path}: not a Stable Diffusion checkpoint in the original layout (no "
+            f"{_LDM_UNET_PREFIX}* weights); give a diffusers folder as the model instead"
+        )
     if any(key.startswith(_SDXL_KEY_PREFIX) for key in keys):
         return StableDiffusionXLPipeline
     return StableDiffusionPipeline

@@ -375,7 +375,7 @@ def _render_claimed(
                     raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
                 started = time.perf_counter()
                 rendered = render_batch(model.pipe, params, seeds)
-                _observe_batch(runtime, time.perf_counter() - started, rendered)
+                _observe_batch(time.perf_counter() - started, rendered)
                 _record(session, job, model, storing, lease)
                 storing = [pool.submit(writer.store, image) for image in rendered]
             _record(session, job, model, storing, lease)
@@ -386,16 +386,10 @@ def _render_claimed(
             raise
 
 
-def _observe_batch(runtime: WorkerRuntime, seconds: float, rendered: list[RenderedImage]) -> None:
+def _observe_batch(seconds: float, rendered: list[RenderedImage]) -> None:
     metrics.BATCH_RENDER_SECONDS.observe(seconds)
     for image in rendered:
         metrics.RENDER_SECONDS.observe(image.seconds)
-    device = runtime.pipelines.device
-    if device.type == "cuda":
-        import torch
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        metrics.GPU_MEMORY_BYTES.labels(gpu=str(index)).set(torch.cuda.memory_reserved(device))
 
 
 def _record(
