@@ -66,6 +66,15 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"  # its run was cancelled before it started
 
 
+class JobKind(enum.StrEnum):
+    """What a job starts from: a prompt alone, or a catalogue image as well."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"  # the input image, re-noised by `strength`
+    INPAINT = "inpaint"  # the input image's unmasked pixels kept, the masked area generated
+    CONTROLNET = "controlnet"  # a control image (canny edges or supplied) steers a ControlNet
+
+
 class SafetyStatus(enum.StrEnum):
     UNCHECKED = "unchecked"  # the model has no safety checker (or it is disabled)
     SAFE = "safe"
@@ -128,6 +137,10 @@ class Job(Base):
             "width > 0 AND height > 0 AND width % 8 = 0 AND height % 8 = 0", name="size"
         ),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        CheckConstraint(_in("kind", JobKind), name="kind"),
+        # Every kind but txt2img starts from a staged catalogue image.
+        CheckConstraint("kind = 'txt2img' OR input_image IS NOT NULL", name="kind_has_image"),
+        CheckConstraint("kind = 'inpaint' OR mask_image IS NULL", name="mask_only_inpaint"),
         Index(None, "run_id", "status"),
         # The dispatcher's scans: pending jobs in order, and queued jobs by age.
         Index(None, "status", "id"),
@@ -148,6 +161,16 @@ class Job(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     seeds: Mapped[list[int]] = mapped_column(JSONType)
+    kind: Mapped[str] = mapped_column(
+        String(16), default=JobKind.TXT2IMG, server_default=JobKind.TXT2IMG.value
+    )
+    # The staged catalogue image (and mask image, for an inpaint job with a mask column) this
+    # job starts from, by content hash; None for txt2img.
+    input_image: Mapped[str | None] = mapped_column(ForeignKey("input_images.sha256"))
+    mask_image: Mapped[str | None] = mapped_column(ForeignKey("input_images.sha256"))
+    # The kind's parameters and the adapters, as the template gave them (None: plain txt2img).
+    # See producer.conditioning.JobOptions for the keys; the dedupe key covers all of it.
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     status: Mapped[str] = mapped_column(
         String(16), default=JobStatus.PENDING, server_default=JobStatus.PENDING.value
     )
@@ -165,6 +188,40 @@ class Job(Base):
     run: Mapped[Run] = relationship(back_populates="jobs")
     item: Mapped[CatalogueItem] = relationship()
     images: Mapped[list[Image]] = relationship(back_populates="job")
+
+
+class InputImage(Base):
+    """A catalogue image staged into storage once, under its content hash.
+
+    Workers read input images only from storage (never the catalogue's URL), so a render does
+    not depend on a remote server being up, and a re-run does not fetch them again.
+    """
+
+    __tablename__ = "input_images"
+    __table_args__ = (
+        CheckConstraint("width > 0 AND height > 0", name="size"),
+        CheckConstraint("bytes > 0", name="bytes_positive"),
+    )
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    storage_key: Mapped[str] = mapped_column(String(500))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    # PIL's mode of the decoded image ("RGB", "RGBA", "L", ...): RGBA carries an alpha mask.
+    mode: Mapped[str] = mapped_column(String(16))
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class InputSource(Base):
+    """Where an input image came from (a path, s3:// or http(s):// address) and what it held
+    when it was fetched: a re-run finds its images here instead of fetching them again."""
+
+    __tablename__ = "input_sources"
+
+    source: Mapped[str] = mapped_column(String(2000), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("input_images.sha256"), index=True)
+    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Image(Base):
