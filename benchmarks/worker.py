@@ -19,6 +19,10 @@ compute) and it prints the system's own overhead in ms per job instead.
     .venv/bin/python benchmarks/worker.py --null --jobs 64     # job overhead
     pixelmill model synthetic --arch sd15 --out /tmp/sd15
     .venv/bin/python benchmarks/worker.py --model /tmp/sd15 --size 512 --steps 25 --device cuda
+
+``--embedded`` swaps the services for the embedded defaults (a SQLite database, kombu's
+SQLAlchemy transport on SQLite, a local storage folder): for a GPU host that has no Postgres,
+broker or S3 endpoint. The worker, dispatcher, encode/upload pool and rows are the same code.
 """
 
 from __future__ import annotations
@@ -318,6 +322,8 @@ class System:
                             select(func.max(Job.finished_at)).where(Job.run_id == run_id)
                         )
                         assert finished_at is not None
+                        if finished_at.tzinfo is None:  # SQLite keeps no time zone
+                            finished_at = finished_at.replace(tzinfo=UTC)
                         return (finished_at - started_at).total_seconds()
                 ended_badly = {s: n for s, n in counts.items() if s in ("failed", "dead")}
                 if ended_badly:
@@ -358,6 +364,11 @@ def main() -> int:
     parser.add_argument(
         "--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     )
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="SQLite database, SQLAlchemy-transport broker and local storage (no services)",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
     if args.threads:
@@ -380,15 +391,31 @@ def main() -> int:
             from worker.tiny_model import build_tiny_pipeline
 
             model = str(build_tiny_pipeline(work / "tiny-model"))
-        database_url = stack.enter_context(fresh_database(args.postgres))
-        s3 = stack.enter_context(moto_s3())
+        services: dict[str, str]
+        if args.embedded:
+            database_url = f"sqlite:///{work / 'bench.db'}"
+            from db.migrate import upgrade
+
+            upgrade(database_url)
+            broker = f"sqla+sqlite:///{work / 'broker.db'}"
+            services = {"storage": "local", "storage_dir": str(work / "images")}
+        else:
+            database_url = stack.enter_context(fresh_database(args.postgres))
+            broker = args.broker
+            services = stack.enter_context(moto_s3())
         warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
         run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
         images = args.jobs * args.seeds
+        services_label = (
+            "embedded (SQLite, sqla broker, local folder)"
+            if args.embedded
+            else "Postgres, broker, moto S3"
+        )
         print(
             f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
             f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
-            f"device {args.device}, threads {args.threads or 'default'}",
+            f"device {args.device}, threads {args.threads or 'default'}, "
+            f"services {services_label}",
             flush=True,
         )
 
@@ -400,14 +427,14 @@ def main() -> int:
 
         values = {
             "database_url": database_url,
-            "broker_url": args.broker,
+            "broker_url": broker,
             "render_queue": f"bench-{uuid.uuid4().hex[:8]}",
             "model": model,
             "device": args.device,
             "data_dir": str(work / "data"),
             "render_batch_size": str(args.batch_size),
             "safety_checker": str(args.safety_checker).lower(),
-            **s3,
+            **services,
         }
         system = System(values, args, work / "worker.log")
         try:

@@ -12,6 +12,7 @@ from celery import Celery
 from celery.signals import import_modules, worker_init, worker_shutdown
 
 from pixelmill.settings import Settings, get_settings
+from worker.sqla_transport import use_fast_polling
 
 RENDER_TASK = "pixelmill.render_job"
 
@@ -24,6 +25,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # longer than the longest job, or a second worker would start the same job.
         # (A duplicate would be harmless, see worker.claim, but would waste a message.)
         transport_options["visibility_timeout"] = max(6 * 3600, 2 * settings.task_time_limit)
+    elif broker_url.startswith(("sqla+", "sqlalchemy+")):
+        use_fast_polling()  # see worker.sqla_transport
     config: dict[str, Any] = {
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
