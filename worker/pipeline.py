@@ -40,11 +40,24 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from packaging.version import Version
 
+from db.job_options import EmbeddingRef, LoraRef
 from monitoring import metrics
+from worker import conditioning
+from worker.adapters import applied_adapters
+from worker.prompt_weights import (
+    encode_prompts,
+    needs_weighting,
+    parse_prompt_attention,
+    plain_text,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RenderParams:
+    """What one render call needs. ``prompt``/``negative_prompt`` are as the user wrote them
+    (A1111 weights included); the kind's images are already at width x height
+    (:func:`worker.conditioning.prepare_inputs`)."""
+
     prompt: str
     negative_prompt: str
     steps: int
@@ -52,6 +65,15 @@ class RenderParams:
     width: int
     height: int
     scheduler: str | None = None  # None/"default" = the model's own
+    kind: str = conditioning.TXT2IMG
+    init_image: PIL.Image.Image | None = None  # img2img, inpaint: RGB
+    mask_image: PIL.Image.Image | None = None  # inpaint: L, white generated, black kept
+    control_image: PIL.Image.Image | None = None  # controlnet: RGB
+    strength: float | None = None  # img2img, inpaint
+    controlnet: Any = None  # controlnet: a loaded ControlNetModel (PipelineCache.controlnet)
+    controlnet_scale: float = 1.0
+    loras: tuple[LoraRef, ...] = ()
+    embeddings: tuple[EmbeddingRef, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +216,52 @@ def check_inputs(params: RenderParams) -> None:
             f"negative_prompt must be a string, got {type(params.negative_prompt).__name__}"
         )
     _canonical_scheduler(params.scheduler)
+    for field in ("prompt", "negative_prompt"):
+        try:
+            parse_prompt_attention(getattr(params, field))
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from exc
+    _check_kind_inputs(params)
+
+
+def _check_image(params: RenderParams, field: str, mode: str) -> None:
+    image = getattr(params, field)
+    if image is None:
+        raise ValueError(f"{field} is required for a {params.kind} job")
+    if image.size != (params.width, params.height) or image.mode != mode:
+        raise ValueError(
+            f"{field} must be a {mode} image of {params.width}x{params.height}, got "
+            f"{image.mode} {image.width}x{image.height}"
+        )
+
+
+def _check_kind_inputs(params: RenderParams) -> None:
+    kind = params.kind
+    if kind not in conditioning.KINDS:
+        known = ", ".join(conditioning.KINDS)
+        raise ValueError(f"kind: unknown job kind {kind!r}; expected {known}")
+    if kind in (conditioning.IMG2IMG, conditioning.INPAINT):
+        _check_image(params, "init_image", "RGB")
+        strength = params.strength
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, int | float)
+            or not 0 < strength <= 1
+        ):
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        # diffusers runs int(steps * strength) denoising steps and refuses zero.
+        if int(params.steps * strength) < 1:
+            raise ValueError(
+                f"steps x strength must be at least 1 (got {params.steps} x {strength}): raise "
+                "the steps or the strength"
+            )
+    if kind == conditioning.INPAINT:
+        _check_image(params, "mask_image", "L")
+    if kind == conditioning.CONTROLNET:
+        _check_image(params, "control_image", "RGB")
+        scale = params.controlnet_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0:
+            raise ValueError(f"controlnet_scale must be a number >= 0, got {scale!r}")
 
 
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
@@ -394,6 +462,27 @@ def load_pipeline(
     return pipe
 
 
+def load_controlnet(model: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """A diffusers ControlNet folder (``config.json`` + weights, loaded offline) or Hub id,
+    on ``device`` in ``dtype``."""
+    from diffusers import ControlNetModel
+
+    kwargs: dict[str, Any] = {
+        _DTYPE_KWARG: dtype,
+        "low_cpu_mem_usage": is_accelerate_available(),
+    }
+    path = pathlib.Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{model}: not a diffusers ControlNet folder (no config.json)")
+        controlnet = ControlNetModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+    elif _HUB_ID_RE.fullmatch(model):
+        controlnet = ControlNetModel.from_pretrained(model, **kwargs)
+    else:
+        raise FileNotFoundError(f"ControlNet folder not found: {model}")
+    return controlnet.to(device)
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 
@@ -403,37 +492,81 @@ def render_batch(
     """Render one image per seed in a single pipeline call.
 
     Each seed has its own generator: the initial latents (and any ancestral noise) of an
-    image come from its seed alone, whatever else is in the batch.
+    image come from its seed alone, whatever else is in the batch. ``pipe`` is the cached
+    base (text-to-image) pipeline; other kinds render through a pipeline made from it
+    (:func:`worker.conditioning.kind_pipeline`). The job's adapters are loaded for this call
+    and removed after it (:func:`worker.adapters.applied_adapters`), even on error.
     """
     check_inputs(params)
     if not seeds:
         raise ValueError("seeds must not be empty")
     if isinstance(pipe, NullPipeline):
-        return _render_null(params, seeds)
-    apply_scheduler(pipe, params.scheduler)
-    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
-    count = len(seeds)
-    # Concrete pipelines define __call__; the DiffusionPipeline base class does not.
-    run: Callable[..., Any] = pipe  # type: ignore[assignment]
-    started = time.perf_counter()
-    output = run(
-        prompt=[params.prompt] * count,
-        negative_prompt=[params.negative_prompt] * count if params.negative_prompt else None,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance,
-        width=params.width,
-        height=params.height,
-        num_images_per_prompt=1,
-        generator=generators,
-        output_type="pil",
-    )
-    seconds = (time.perf_counter() - started) / count
+        return _keep_masked(params, _render_null(params, seeds))
+    if params.kind == conditioning.CONTROLNET and params.controlnet is None:
+        raise ValueError("controlnet: a controlnet job needs a loaded ControlNet model")
+    with applied_adapters(pipe, params.loras, params.embeddings):
+        kind_pipe = _kind_pipeline(pipe, params)
+        apply_scheduler(kind_pipe, params.scheduler)
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
+        count = len(seeds)
+        # Concrete pipelines define __call__; the DiffusionPipeline base class does not.
+        run: Callable[..., Any] = kind_pipe
+        started = time.perf_counter()
+        output = run(
+            **_prompt_kwargs(kind_pipe, params, count),
+            **conditioning.kind_kwargs(params.kind, params),
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance,
+            num_images_per_prompt=1,
+            generator=generators,
+            output_type="pil",
+        )
+        seconds = (time.perf_counter() - started) / count
     flags = getattr(output, "nsfw_content_detected", None)
-    return [
+    rendered = [
         RenderedImage(
             image=image, seed=seed, nsfw=None if flags is None else bool(flags[i]), seconds=seconds
         )
         for i, (image, seed) in enumerate(zip(output.images, seeds, strict=True))
+    ]
+    return _keep_masked(params, rendered)
+
+
+def _kind_pipeline(pipe: DiffusionPipeline, params: RenderParams) -> Any:
+    if params.kind == conditioning.TXT2IMG:
+        return pipe
+    derived = conditioning.kind_pipeline(pipe, params.kind, params.controlnet)
+    # "default" means the base model's own scheduler, whatever the base pipeline holds now.
+    _DEFAULT_SCHEDULERS[derived] = _default_scheduler(pipe)
+    # from_pipe builds a new object: flag without blacking out here too.
+    keep_flagged_pixels(derived)
+    return derived
+
+
+def _prompt_kwargs(pipe: Any, params: RenderParams, count: int) -> dict[str, Any]:
+    """Plain prompts go to the pipeline as text, exactly as before prompt weights existed;
+    weighted or over-long ones as compel embeddings (see worker.prompt_weights)."""
+    if needs_weighting(pipe, params.prompt, params.negative_prompt):
+        return encode_prompts(pipe, params.prompt, params.negative_prompt).pipeline_kwargs(count)
+    prompt = plain_text(parse_prompt_attention(params.prompt))
+    negative = plain_text(parse_prompt_attention(params.negative_prompt))
+    return {
+        "prompt": [prompt] * count,
+        "negative_prompt": [negative] * count if negative else None,
+    }
+
+
+def _keep_masked(params: RenderParams, rendered: list[RenderedImage]) -> list[RenderedImage]:
+    """Inpaint: the kept pixels are exactly the input's (the VAE would shift them slightly)."""
+    if params.kind != conditioning.INPAINT:
+        return rendered
+    assert params.init_image is not None and params.mask_image is not None  # check_inputs
+    return [
+        dataclasses.replace(
+            image,
+            image=conditioning.keep_masked(image.image, params.init_image, params.mask_image),
+        )
+        for image in rendered
     ]
 
 
@@ -474,6 +607,7 @@ class PipelineCache:
         config: str | None = None,
         compile_unet: bool = False,
         hash_cache: pathlib.Path | None = None,
+        max_controlnets: int = 2,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
@@ -485,6 +619,10 @@ class PipelineCache:
         self.compile_unet = compile_unet
         self.hash_cache = hash_cache
         self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        # ControlNets are small next to their base model; a few stay warm, least recently
+        # used evicted first.
+        self.max_controlnets = max_controlnets
+        self._controlnets: collections.OrderedDict[str, Any] = collections.OrderedDict()
         # Threaded Celery pools could otherwise load the same model twice at once.
         self._lock = threading.Lock()
 
@@ -528,3 +666,23 @@ class PipelineCache:
             loaded = LoadedModel(pipe=pipe, sha256=sha256, load_seconds=load_seconds)
             self._models[model] = loaded
             return loaded
+
+    def discard(self, model: str) -> None:
+        """Forget ``model`` (e.g. a pipeline left in an unknown state): the next job loads it
+        again."""
+        with self._lock:
+            self._models.pop(model, None)
+
+    def controlnet(self, model: str) -> Any:
+        """The ControlNet ``model`` (folder or Hub id) on this cache's device and dtype,
+        loaded once and kept warm like the pipelines."""
+        with self._lock:
+            controlnet = self._controlnets.get(model)
+            if controlnet is not None:
+                self._controlnets.move_to_end(model)
+                return controlnet
+            while len(self._controlnets) >= self.max_controlnets:
+                self._controlnets.popitem(last=False)
+            controlnet = load_controlnet(model, device=self.device, dtype=self.dtype)
+            self._controlnets[model] = controlnet
+            return controlnet

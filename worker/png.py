@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import PIL.Image
@@ -33,12 +34,16 @@ def a1111_parameters(
     model_name: str,
     model_hash: str | None,
     version: str,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The A1111 "parameters" text, e.g.::
 
     a cat
     Negative prompt: blurry
     Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 123, Size: 512x512, Model hash: ...
+
+    ``extra`` settings (e.g. ``("Denoising strength", "0.5")``) go after the model, before
+    the version; a value with a comma, colon or quote is quoted as A1111 does.
     """
     lines = [prompt]
     if negative_prompt:
@@ -53,9 +58,17 @@ def a1111_parameters(
     if model_hash is not None:
         settings.append(f"Model hash: {model_hash}")
     settings.append(f"Model: {model_name}")
+    settings.extend(f"{name}: {_quote(value)}" for name, value in extra)
     settings.append(f"Version: {version}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    # A1111's settings line is split on ", " and ": ": such values travel JSON-quoted.
+    if any(char in value for char in ',:"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
 
 
 def _is_latin1(text: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pathlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -25,16 +26,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import pydantic
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import pixelmill
-from db.models import CatalogueItem, Image, Job, JobStatus, Run, SafetyStatus
+from db.job_options import JobOptions
+from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run, SafetyStatus
 from db.upsert import insert_ignoring_conflicts
 from monitoring import metrics
 from pixelmill.blocklist import Blocklist, load_blocklist
 from pixelmill.settings import Settings
-from pixelmill.storage import Storage
+from pixelmill.storage import Storage, StorageError
 from worker.claim import (
     ClaimedJob,
     bury_exhausted,
@@ -48,7 +51,9 @@ from worker.heartbeat import Heartbeat
 from worker.models import resolve_model
 
 if TYPE_CHECKING:
-    from worker.pipeline import LoadedModel, PipelineCache, RenderedImage
+    import PIL.Image
+
+    from worker.pipeline import LoadedModel, PipelineCache, RenderedImage, RenderParams
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +130,57 @@ def thumbnail_key(key: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, JobInputError) and exc.__cause__ is not None:
-        exc = exc.__cause__
+        # The cause's kind, the JobInputError's message (which may add the item key).
+        return f"{type(exc.__cause__).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _item_error(item_key: str, exc: Exception) -> JobInputError:
+    """A deterministic problem with one item's inputs, naming the item."""
+    error = JobInputError(f"item {item_key!r}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a job renders from besides its prompt (the jobs columns of issue 7)."""
+
+    kind: str
+    options: JobOptions
+    input_image: str | None  # sha256 of the staged input image
+    mask_image: str | None  # sha256 of the staged mask image (inpaint with a mask column)
+
+
+def _job_inputs(session: Session, job: ClaimedJob) -> JobInputs:
+    row = session.execute(
+        select(Job.kind, Job.options, Job.input_image, Job.mask_image).where(Job.id == job.id)
+    ).one()
+    try:
+        options = JobOptions.from_json(row.options)
+    except pydantic.ValidationError as exc:
+        raise JobInputError(f"options: {exc}") from exc
+    return JobInputs(
+        kind=row.kind, options=options, input_image=row.input_image, mask_image=row.mask_image
+    )
+
+
+def _staged_image(
+    session: Session, storage: Storage, sha256: str | None, what: str
+) -> PIL.Image.Image | None:
+    """Decode a staged input image, read from storage by its input_images row."""
+    from worker.conditioning import ConditioningError, decode_image
+
+    if sha256 is None:
+        return None
+    key = session.scalar(select(InputImage.storage_key).where(InputImage.sha256 == sha256))
+    if key is None:
+        raise ConditioningError(f"{what} {sha256}: no such staged image")
+    try:
+        data = storage.get(key)
+    except StorageError as exc:  # no such object: the staged image is gone
+        raise ConditioningError(f"{what} {sha256}: {exc}") from exc
+    return decode_image(data, what=f"{what} {key}")
 
 
 def render_job(runtime: WorkerRuntime, job_id: int) -> str:
@@ -230,6 +284,8 @@ class _ImageWriter:
         context: JobContext,
         model: LoadedModel,
         sampler: str,
+        inputs: JobInputs,
+        strength: float | None,
     ) -> None:
         from worker.identity import library_versions
 
@@ -238,6 +294,8 @@ class _ImageWriter:
         self.context = context
         self.model = model
         self.sampler = sampler
+        self.inputs = inputs
+        self.strength = strength  # the effective one (the kind's default when not given)
         self.versions = library_versions()
 
     def store(self, rendered: RenderedImage) -> StoredImage:
@@ -303,7 +361,30 @@ class _ImageWriter:
             model_name=job.model,
             model_hash=short_hash(self.model.sha256),
             version=f"pixelmill {pixelmill.__version__}",
+            extra=self._a1111_extra(),
         )
+
+    def _a1111_extra(self) -> list[tuple[str, str]]:
+        """The A1111 settings for the kind and adapters (civitai reads the hashes)."""
+        options = self.inputs.options
+        extra: list[tuple[str, str]] = []
+        if self.strength is not None:
+            extra.append(("Denoising strength", str(self.strength)))
+        if options.controlnet is not None:
+            spec = options.controlnet
+            module = "canny" if spec.conditioning == "canny" else "none"
+            extra.append(
+                ("ControlNet 0", f"Module: {module}, Model: {spec.model}, Weight: {spec.scale}")
+            )
+        if options.loras:
+            hashes = ", ".join(
+                f"{pathlib.Path(lora.path).stem}: {lora.sha256[:12]}" for lora in options.loras
+            )
+            extra.append(("Lora hashes", hashes))
+        if options.embeddings:
+            hashes = ", ".join(f"{e.token}: {e.sha256[:12]}" for e in options.embeddings)
+            extra.append(("TI hashes", hashes))
+        return extra
 
     def _pixelmill(self, seed: int, safety: SafetyStatus) -> dict[str, Any]:
         job, context = self.job, self.context
@@ -320,7 +401,28 @@ class _ImageWriter:
             "scheduler": job.scheduler,
             "safety": {"status": safety.value, "score": None},
             "versions": self.versions,
+            **self._kind_metadata(),
         }
+
+    def _kind_metadata(self) -> dict[str, Any]:
+        """The job's kind and what it rendered from; only the keys that apply."""
+        inputs, options = self.inputs, self.inputs.options
+        values: dict[str, Any] = {"kind": inputs.kind}
+        if inputs.input_image is not None:
+            values["input_image"] = inputs.input_image
+        if inputs.mask_image is not None:
+            values["mask_image"] = inputs.mask_image
+        if self.strength is not None:
+            values["strength"] = self.strength
+        if options.mask is not None:
+            values["mask"] = options.mask.model_dump(mode="json", exclude_none=True)
+        if options.controlnet is not None:
+            values["controlnet"] = options.controlnet.model_dump(mode="json")
+        if options.loras:
+            values["loras"] = [lora.model_dump(mode="json") for lora in options.loras]
+        if options.embeddings:
+            values["embeddings"] = [e.model_dump(mode="json") for e in options.embeddings]
+        return values
 
 
 def _render_claimed(
@@ -331,35 +433,45 @@ def _render_claimed(
     *,
     lost: Callable[[], bool] = lambda: False,
 ) -> None:
-    from worker.pipeline import RenderParams, check_inputs, render_batch, scheduler_label
+    from worker.adapters import AdapterError, AdapterLeakError
+    from worker.conditioning import ConditioningError
+    from worker.pipeline import check_inputs, render_batch, scheduler_label
 
-    params = RenderParams(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        steps=job.steps,
-        guidance=job.guidance,
-        width=job.width,
-        height=job.height,
-        scheduler=job.scheduler,
-    )
-    try:
-        check_inputs(params)
-    except ValueError as exc:
-        raise JobInputError(str(exc)) from exc
     done = set(session.scalars(select(Image.seed).where(Image.job_id == job.id)))
     todo = [seed for seed in job.seeds if seed not in done]
     if not todo:
         return
+    context = _job_context(session, job)
+    inputs = _job_inputs(session, job)
+    model_name = resolve_model(job.model, runtime.settings)
+    # Inputs first (images, adapter files, ControlNet), then the model: a bad input fails
+    # the job without loading a model for nothing.
     try:
-        model = runtime.pipelines.load(resolve_model(job.model, runtime.settings))
+        params = _render_params(runtime, session, job, inputs, model_name)
+        check_inputs(params)
+    except (ConditioningError, AdapterError) as exc:
+        raise _item_error(context.item_key, exc) from exc
+    except ValueError as exc:
+        raise JobInputError(str(exc)) from exc
+    try:
+        model = runtime.pipelines.load(model_name)
     except (FileNotFoundError, ValueError) as exc:  # no such model: another attempt cannot help
         raise JobInputError(str(exc)) from exc
+    if params.controlnet is not None:
+        from worker.conditioning import check_controlnet
+
+        try:
+            check_controlnet(model.pipe, params.controlnet)
+        except ConditioningError as exc:
+            raise _item_error(context.item_key, exc) from exc
     writer = _ImageWriter(
         runtime,
         job,
-        _job_context(session, job),
+        context,
         model,
         scheduler_label(job.scheduler, pipe=model.pipe),
+        inputs,
+        params.strength,
     )
     # End the read transaction: nothing stays "idle in transaction" while the GPU renders.
     session.commit()
@@ -374,7 +486,14 @@ def _render_claimed(
                 if lost():
                     raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
                 started = time.perf_counter()
-                rendered = render_batch(model.pipe, params, seeds)
+                try:
+                    rendered = render_batch(model.pipe, params, seeds)
+                except AdapterError as exc:  # a file that does not load onto this model
+                    raise _item_error(context.item_key, exc) from exc
+                except AdapterLeakError:
+                    # Never render another job with this pipeline's leftovers.
+                    runtime.pipelines.discard(model_name)
+                    raise
                 _observe_batch(time.perf_counter() - started, rendered)
                 _record(session, job, model, storing, lease)
                 storing = [pool.submit(writer.store, image) for image in rendered]
@@ -384,6 +503,58 @@ def _render_claimed(
             # job is no longer ours; a failure here must not hide the original error.
             _record_finished(session, job, model, storing, lease)
             raise
+
+
+def _render_params(
+    runtime: WorkerRuntime,
+    session: Session,
+    job: ClaimedJob,
+    inputs: JobInputs,
+    model_name: str,
+) -> RenderParams:
+    """The job's render parameters: its input images read from storage, decoded, fitted and
+    masked, its ControlNet loaded, its adapter files checked.
+
+    Raises ConditioningError or AdapterError naming the input, ValueError for the rest.
+    """
+    from worker.adapters import check_adapter_files
+    from worker.conditioning import CONTROLNET, ConditioningError, prepare_inputs
+    from worker.pipeline import NULL_MODEL, RenderParams
+
+    options = inputs.options
+    check_adapter_files(options.loras, options.embeddings)
+    image = _staged_image(session, runtime.storage, inputs.input_image, "input image")
+    mask = _staged_image(session, runtime.storage, inputs.mask_image, "mask image")
+    prepared = prepare_inputs(
+        inputs.kind, options, image=image, mask=mask, width=job.width, height=job.height
+    )
+    controlnet = None
+    # The null model renders flat images: it needs no ControlNet weights.
+    if options.controlnet is not None and inputs.kind == CONTROLNET and model_name != NULL_MODEL:
+        try:
+            controlnet = runtime.pipelines.controlnet(options.controlnet.model)
+        except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
+            raise ConditioningError(
+                f"controlnet: {options.controlnet.model}: cannot be loaded ({exc})"
+            ) from exc
+    return RenderParams(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        steps=job.steps,
+        guidance=job.guidance,
+        width=job.width,
+        height=job.height,
+        scheduler=job.scheduler,
+        kind=inputs.kind,
+        init_image=prepared.init_image,
+        mask_image=prepared.mask_image,
+        control_image=prepared.control_image,
+        strength=prepared.strength,
+        controlnet=controlnet,
+        controlnet_scale=options.controlnet.scale if options.controlnet is not None else 1.0,
+        loras=options.loras,
+        embeddings=options.embeddings,
+    )
 
 
 def _observe_batch(seconds: float, rendered: list[RenderedImage]) -> None:
