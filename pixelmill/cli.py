@@ -186,6 +186,7 @@ def produce(
                 priority=priority,
                 blocklist=blocklist,
                 progress=progress,
+                settings=settings,
             )
     except StrictModeError as exc:
         _print_problems(exc.problems, exc.total)
@@ -212,6 +213,11 @@ def produce(
         f"{report.jobs_new} new jobs, {report.jobs_unchanged} unchanged, "
         f"{report.images_planned} images planned"
     )
+    if report.inputs:
+        console.print(
+            f"catalogue images: {report.inputs} distinct, {report.inputs_fetched} fetched, "
+            f"{report.inputs_reused} staged by an earlier run, {report.inputs_failed} failed"
+        )
     if dispatch_jobs:
         _dispatch(settings, run_id=report.run_id)
     if not report.complete:
@@ -233,6 +239,11 @@ def _print_dry_run(report: ProduceReport, images_per_second: float) -> None:
         f"{report.images_planned} images, about {timedelta(seconds=round(gpu_seconds))} "
         f"of GPU time at {images_per_second:g} images/s"
     )
+    if report.inputs:
+        console.print(
+            f"catalogue images: {report.inputs} distinct, not fetched on a dry run "
+            "(unreachable or broken images show only in a real run)"
+        )
     for name, prompts in report.samples.items():
         console.print(f"[bold]{name}[/bold]")
         for prompt in prompts:

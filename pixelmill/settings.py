@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     # `quarantine/` key prefix, "drop" stores nothing (the row has an empty storage_key).
     # Either way its row says `flagged`.
     flagged_images: Literal["quarantine", "drop"] = "quarantine"
+    # Catalogue images (`produce` with an image template): each distinct image is fetched once
+    # (a path, s3:// or http(s)://) with this limit on connecting, on each read and on the
+    # whole download, at most this many bytes (read until the limit, whatever the server
+    # announces), and refused when it decodes to more pixels (a decompression bomb).
+    input_fetch_timeout_seconds: float = Field(default=20.0, gt=0)
+    input_max_bytes: int = Field(default=20_000_000, ge=1)
+    input_max_pixels: int = Field(default=50_000_000, ge=1)
+    # Images fetched at the same time.
+    input_fetch_workers: int = Field(default=8, ge=1, le=64)
     # Throughput assumed by `produce --dry-run` to estimate GPU time.
     images_per_second: float = Field(default=1.0, gt=0)
     render_queue: str = "render"

@@ -11,14 +11,20 @@ and memory stays flat however large the catalogue is.
 
 Jobs are deduplicated on a key over everything that determines their pixels, so producing an
 unchanged catalogue again creates no jobs; ``force`` salts the key to render again on purpose.
+
+Templates that start from the catalogue's images (img2img, inpaint, controlnet) have their
+images staged first, in a pass of their own over the catalogue (:mod:`producer.input_images`,
+in the same transaction); the jobs then refer to the staged images by content hash, and an
+image that cannot be fetched or decoded makes its item a bad row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,10 +32,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Run, RunStatus
+from db.job_options import JobOptions
+from db.models import JobKind, Run, RunStatus
 from pixelmill.blocklist import Blocklist
+from pixelmill.settings import Settings, get_settings
+from pixelmill.storage import Storage
 from producer.catalogue import CatalogueError, CatalogueRow
 from producer.errors import InputError
+from producer.input_images import InputImageError, InputStager, StagedImage, source_address
 from producer.seeds import SweepPlan, item_seed_state
 from producer.sources import CatalogueSource, open_catalogue
 from producer.staging import JobShape, StagedJob, open_staging
@@ -76,6 +86,13 @@ class ProduceReport:
     warnings: list[InputError] = field(default_factory=list)
     warnings_total: int = 0
     samples: dict[str, list[str]] = field(default_factory=dict)
+    # Catalogue images (templates with an image column): distinct addresses the accepted and
+    # rejected rows name; of those, fetched now, already staged by an earlier run, failed.
+    # A dry run fetches nothing: only ``inputs`` is counted.
+    inputs: int = 0
+    inputs_fetched: int = 0
+    inputs_reused: int = 0
+    inputs_failed: int = 0
 
     def add_problem(self, problem: InputError) -> None:
         self.problems_total += 1
@@ -139,6 +156,7 @@ class _Variant:
         token_counter: TokenCounter,
     ) -> None:
         self.template = template
+        options = template.conditioning.options.canonical()
         self.shape = JobShape(
             template=template.name,
             variant=variant,
@@ -148,6 +166,8 @@ class _Variant:
             guidance=template.guidance,
             width=template.width,
             height=template.height,
+            kind=template.conditioning.kind,
+            options=options or None,
         )
         self.sweep = SweepPlan(template.name, seeds, variant=variant)
         self.settings_state = hashlib.sha256(
@@ -161,6 +181,35 @@ class _Variant:
             ).encode("utf-8")
         )
         self.token_counter = token_counter
+
+
+class _Plan:
+    """One template's variants, and what its jobs' dedupe keys add after the prompt parts."""
+
+    def __init__(self, template: Template, variants: list[_Variant], force_salt: str) -> None:
+        self.template = template
+        self.variants = variants
+        self.conditioning = template.conditioning
+        self.shapes = [variant.shape for variant in variants]
+        # Whether the jobs start from a catalogue image (staged per row).
+        self.images = self.conditioning.image is not None
+        self.salt = _length_prefixed(force_salt)
+        self.options = self.conditioning.options.canonical()
+        # The dedupe key's tail (salt, then conditioning_parts()) of a job without images.
+        self.tail = self.salt + conditioning_parts(self.conditioning.kind, None, None, self.options)
+
+    def for_images(
+        self, image: StagedImage, mask: StagedImage | None
+    ) -> tuple[list[JobShape], str]:
+        """The shapes and dedupe key tail of one row's jobs, which start from ``image``."""
+        mask_sha = None if mask is None else mask.sha256
+        shapes = [
+            replace(shape, input_image=image.sha256, mask_image=mask_sha) for shape in self.shapes
+        ]
+        tail = self.salt + conditioning_parts(
+            self.conditioning.kind, image.sha256, mask_sha, self.options
+        )
+        return shapes, tail
 
 
 def fields_json(fields: dict[str, str]) -> str:
@@ -184,18 +233,48 @@ def _settings_parts(
     return "".join(map(_length_prefixed, parts))
 
 
+def conditioning_parts(
+    kind: str, input_image: str | None, mask_image: str | None, options: str
+) -> str:
+    """What the dedupe key covers beyond the prompt: the kind, the staged images' hashes and
+    the options' canonical JSON (``options``: :meth:`JobOptions.canonical`).
+
+    Nothing for a plain txt2img job (no images, no options), so its key is the one it had
+    before job kinds existed and earlier runs' jobs still match.
+    """
+    if kind == JobKind.TXT2IMG and input_image is None and mask_image is None and not options:
+        return ""
+    return "".join(map(_length_prefixed, (kind, input_image or "", mask_image or "", options)))
+
+
 def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
     """Hash of everything that determines a job's pixels (plus ``salt`` for forced renders).
 
-    The reference definition; the producer computes the same value through :class:`_Variant`
-    (the settings hashed once per template variant).
+    ``job`` holds the jobs table's columns (``kind``, ``input_image``, ``mask_image`` and
+    ``options`` may be left out for a plain txt2img job). The reference definition; the
+    producer computes the same value through :class:`_Variant` and :class:`_Plan` (the
+    settings hashed once per template variant).
     """
-    encoded = _settings_parts(
-        job["model"], job["scheduler"], job["steps"], job["guidance"], job["width"], job["height"]
-    ) + "".join(
-        map(
-            _length_prefixed,
-            (job["prompt"], job["negative_prompt"], ",".join(map(str, job["seeds"])), salt),
+    encoded = (
+        _settings_parts(
+            job["model"],
+            job["scheduler"],
+            job["steps"],
+            job["guidance"],
+            job["width"],
+            job["height"],
+        )
+        + "".join(
+            map(
+                _length_prefixed,
+                (job["prompt"], job["negative_prompt"], ",".join(map(str, job["seeds"])), salt),
+            )
+        )
+        + conditioning_parts(
+            job.get("kind") or JobKind.TXT2IMG.value,
+            job.get("input_image"),
+            job.get("mask_image"),
+            JobOptions.from_json(job.get("options")).canonical(),
         )
     )
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
@@ -225,12 +304,18 @@ def produce(
     priority: int = 0,
     blocklist: Blocklist | None = None,
     progress: Progress | None = None,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
 ) -> ProduceReport:
     """Validate the catalogue and write a run's jobs (commits on success).
 
     Raises an :class:`InputError` (having written nothing) on a structural problem, on bad rows
     when ``strict``, and when the expansion exceeds ``max_jobs``. Otherwise bad rows are
-    skipped and listed in the report. ``dry_run`` needs no session and writes nothing.
+    skipped and listed in the report. ``dry_run`` needs no session and writes nothing (and
+    fetches no catalogue image).
+
+    ``settings`` (default: from the environment) and ``storage`` (default: the settings')
+    are used only by templates with an image column, to fetch and store their images.
     """
     templates = load_templates(templates_path)
     source = open_catalogue(
@@ -247,7 +332,9 @@ def produce(
         priority=priority,
         blocklist=blocklist,
     )
-    return Producer(source, templates, options, progress).run(session)
+    return Producer(source, templates, options, progress, settings=settings, storage=storage).run(
+        session
+    )
 
 
 class Producer:
@@ -257,8 +344,13 @@ class Producer:
         templates: TemplateFile,
         options: ProduceOptions,
         progress: Progress | None = None,
+        *,
+        settings: Settings | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.source = source
+        self.settings = settings
+        self.storage = storage
         self.templates = templates
         self.options = options
         self.progress = progress
@@ -273,7 +365,19 @@ class Producer:
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
             source.require_columns(sorted(template.fields()), who=f"template {template.name!r}")
-        self.variants = [(template, self._variants(template)) for template in templates.templates]
+            source.require_columns(
+                template.conditioning.columns(), who=f"template {template.name!r} (images)"
+            )
+        self.plans = [
+            _Plan(template, self._variants(template), self.force_salt)
+            for template in templates.templates
+        ]
+        # Relative image paths in the catalogue start at the catalogue file's folder.
+        path = os.fspath(source.path)
+        self.image_base = Path(os.path.abspath(path)).parent if os.path.isfile(path) else Path()
+        # Address -> staged image or why it failed; None until staged (and on a dry run).
+        self.inputs: dict[str, StagedImage | InputImageError] | None = None
+        self.dry_run_addresses: set[str] = set()
 
     def _variants(self, template: Template) -> list[_Variant]:
         model = template.model or self.options.default_model
@@ -288,10 +392,12 @@ class Producer:
         if self.options.dry_run:
             for _item in self.expand():
                 pass
+            self.report.inputs = len(self.dry_run_addresses)
             return self.report
         if session is None:
             raise ValueError("a database session is needed unless dry_run is set")
         try:
+            self._stage_inputs(session)
             self._write(session)
         except BaseException:
             session.rollback()
@@ -351,6 +457,108 @@ class Producer:
             run.finished_at = None
             session.flush()
         return run, None
+
+    # --- catalogue images ------------------------------------------------------------------
+
+    def _stage_inputs(self, session: Session) -> None:
+        """Stages every image the catalogue's rows name for templates that take one.
+
+        A pass of its own before the jobs are expanded: staging uses the session, which the
+        job writer then has to itself.
+        """
+        plans = [plan for plan in self.plans if plan.images]
+        if not plans:
+            return
+        settings = self.settings if self.settings is not None else get_settings()
+        with InputStager(
+            session, settings, refetch=self.options.force, storage=self.storage
+        ) as stager:
+            stager.stage(self._addresses(plans))
+        self.inputs = stager.results
+        self.report.inputs = len(stager.results)
+        self.report.inputs_fetched = stager.counts.fetched
+        self.report.inputs_reused = stager.counts.reused
+        self.report.inputs_failed = stager.counts.failed
+
+    def _addresses(self, plans: list[_Plan]) -> Iterable[str]:
+        """The image addresses of the rows the templates apply to (with repeats).
+
+        Rows that are bad for another reason are left to the expansion to report.
+        """
+        rows = 0
+        for row in self.source.rows():
+            rows += 1
+            if self.progress is not None and rows % 100 == 0:
+                self.progress(rows, 0)
+            if row.problem is not None:
+                continue
+            for plan in plans:
+                try:
+                    if not plan.template.applies_to(row.fields, where=""):
+                        continue
+                except RenderError:
+                    continue
+                for column in plan.conditioning.columns():
+                    try:
+                        yield source_address(row.fields.get(column, ""), self.image_base)
+                    except InputImageError:
+                        continue
+
+    def _images_for(
+        self, plan: _Plan, row: CatalogueRow, key: str
+    ) -> tuple[StagedImage, StagedImage | None] | None:
+        """The row's staged image (and mask image) for ``plan``; None on a dry run.
+
+        Raises a CatalogueError naming the line, the column and the item when an image is
+        missing, failed to stage, or does not suit the template's mask.
+        """
+        conditioning = plan.conditioning
+        assert conditioning.image is not None
+        image_address, image = self._staged(row, key, conditioning.image)
+        mask = None
+        if conditioning.mask_column is not None:
+            _mask_address, mask = self._staged(row, key, conditioning.mask_column)
+        if image is None:
+            return None  # a dry run: nothing was fetched, so nothing more to check
+        if conditioning.mask_from_alpha and not image.has_alpha:
+            raise CatalogueError(
+                self.label,
+                row.line,
+                conditioning.image,
+                f"item {key!r}: template {plan.template.name!r}: mask 'alpha' needs an image "
+                f"with an alpha channel, and {image_address} has none (mode {image.mode})",
+            )
+        if mask is not None and (mask.width, mask.height) != (image.width, image.height):
+            raise CatalogueError(
+                self.label,
+                row.line,
+                conditioning.mask_column,
+                f"item {key!r}: mask {mask.width}x{mask.height} does not match image "
+                f"{image.width}x{image.height}",
+            )
+        return image, mask
+
+    def _staged(self, row: CatalogueRow, key: str, column: str) -> tuple[str, StagedImage | None]:
+        try:
+            address = source_address(row.fields.get(column, ""), self.image_base)
+        except InputImageError as exc:
+            raise CatalogueError(
+                self.label, row.line, column, f"item {key!r}: {exc.reason}"
+            ) from None
+        if self.inputs is None:
+            self.dry_run_addresses.add(address)
+            return address, None
+        result = self.inputs.get(address)
+        if result is None:
+            # _addresses() yields every address expand() can reach; this is a bug guard.
+            raise CatalogueError(
+                self.label, row.line, column, f"item {key!r}: {address}: was not staged"
+            )
+        if isinstance(result, InputImageError):
+            raise CatalogueError(
+                self.label, row.line, column, f"item {key!r}: {address}: {result.reason}"
+            )
+        return address, result
 
     # --- expansion -------------------------------------------------------------------------
 
@@ -412,8 +620,8 @@ class Producer:
         jobs: list[StagedJob] = []
         images = 0
         seed_state = item_seed_state(key)
-        salt = _length_prefixed(self.force_salt)
-        for template, variants in self.variants:
+        for plan in self.plans:
+            template = plan.template
             try:
                 if not template.applies_to(row.fields, where=where):
                     continue
@@ -422,14 +630,22 @@ class Producer:
                 raise CatalogueError(
                     self.label, row.line, exc.field, f"template {template.name!r}: {exc.reason}"
                 ) from exc
-            for variant, (prompt, negative) in zip(variants, prompts, strict=True):
+            shapes, tail = plan.shapes, plan.tail
+            if plan.images:
+                staged = self._images_for(plan, row, key)
+                if staged is not None:
+                    shapes, tail = plan.for_images(*staged)
+            for variant, shape, (prompt, negative) in zip(
+                plan.variants, shapes, prompts, strict=True
+            ):
                 self._check_prompt(row, variant, key, prompt, negative)
                 seeds = ",".join(map(str, variant.sweep.seeds(seed_state)))
                 digest = variant.settings_state.copy()
-                # The rest of dedupe_key()'s parts: prompt, negative prompt, seeds, salt.
+                # The rest of dedupe_key()'s parts: prompt, negative prompt, seeds, then the
+                # salt and conditioning_parts() in the tail.
                 rest = f"{len(prompt)}:{prompt}{len(negative)}:{negative}{len(seeds)}:{seeds}"
-                digest.update(f"{rest}{salt}".encode())
-                jobs.append((variant.shape, prompt, negative, f"[{seeds}]", digest.hexdigest()))
+                digest.update(f"{rest}{tail}".encode())
+                jobs.append((shape, prompt, negative, f"[{seeds}]", digest.hexdigest()))
                 images += variant.sweep.count
         return jobs, images
 

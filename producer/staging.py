@@ -10,6 +10,10 @@ All of it runs inside the caller's transaction, which commits only once the whol
 has been accepted, so a refused catalogue still leaves nothing behind; chunks keep memory
 flat however large the catalogue is.
 
+A job's kind, options and input images go to a staging table of their own, with a row only
+for the jobs that have them: plain txt2img jobs (a bulk run's usual millions) carry nothing
+more through COPY than before those columns existed, and the merge takes the defaults.
+
 On Postgres a writer thread does the copying and merging on the session's connection while
 the producer expands the next chunk: the database (another process) and Python then work at
 the same time, and the thread waits on the socket with the GIL released. The producer must
@@ -65,6 +69,8 @@ JOB_COLUMNS = (
     "width",
     "height",
 )
+# Only for jobs beyond a plain prompt (JobShape.option_values), joined by the job's number.
+OPTION_COLUMNS = ("ord", "kind", "options", "input_image", "mask_image")
 
 _TABLES = {
     "staging_items": (
@@ -76,6 +82,9 @@ _TABLES = {
         "dedupe_key TEXT NOT NULL, template TEXT NOT NULL, variant TEXT NOT NULL, "
         "model TEXT NOT NULL, scheduler TEXT, steps INTEGER NOT NULL, "
         "guidance {float} NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL"
+    ),
+    "staging_job_options": (
+        "ord BIGINT NOT NULL, kind TEXT NOT NULL, options {json}, input_image TEXT, mask_image TEXT"
     ),
 }
 
@@ -92,15 +101,17 @@ _MERGE_ITEMS = (
 _MERGE_JOBS = (
     "INSERT INTO jobs (run_id, item_id, template, variant, prompt, negative_prompt, "
     "model, scheduler, steps, guidance, width, height, seeds, status, attempts, "
-    "dedupe_key, created_at) "
+    "dedupe_key, created_at, kind, options, input_image, mask_image) "
     "WITH i AS MATERIALIZED ("
     "SELECT si.ord, (SELECT ci.id FROM catalogue_items ci WHERE ci.source = :source "
     "AND ci.external_key = si.external_key AND ci.content_hash = si.content_hash) AS id "
     "FROM staging_items si) "
     "SELECT :run_id, i.id, s.template, s.variant, s.prompt, s.negative_prompt, "
     "s.model, s.scheduler, s.steps, s.guidance, s.width, s.height, s.seeds, "
-    "'pending', 0, s.dedupe_key, :now "
+    "'pending', 0, s.dedupe_key, :now, "
+    "COALESCE(o.kind, 'txt2img'), o.options, o.input_image, o.mask_image "
     "FROM staging_jobs s JOIN i ON i.ord = s.item_ord "
+    "LEFT JOIN staging_job_options o ON o.ord = s.ord "
     "WHERE i.id IS NOT NULL ORDER BY s.ord "
     "ON CONFLICT (dedupe_key) DO NOTHING"
 )
@@ -118,9 +129,18 @@ def copy_text(value: str) -> str:
     return value.translate(_COPY_ESCAPES)
 
 
+# (kind, options, input_image, mask_image) of a plain txt2img job: what the merge defaults to.
+_PLAIN = ("txt2img", None, None, None)
+
+
 @dataclass(frozen=True)
 class JobShape:
-    """What every job of one template variant shares: the columns after ``dedupe_key``."""
+    """What every job of one template variant shares: the columns after ``dedupe_key``, and
+    the job's kind, options and input images.
+
+    A job that starts from a catalogue image carries the row's staged image (and mask) here,
+    so the producer makes one shape per row for those; plain jobs share one per variant.
+    """
 
     template: str
     variant: str
@@ -130,9 +150,16 @@ class JobShape:
     guidance: float
     width: int
     height: int
+    kind: str = "txt2img"
+    options: str | None = None  # JobOptions.canonical() (JSON text); None for no options
+    input_image: str | None = None  # sha256 of the staged input image
+    mask_image: str | None = None
     values: tuple[Any, ...] = field(init=False, repr=False, compare=False)
     # The same columns as the tail of a COPY text line, encoded once (tab-separated, escaped).
     copy_fields: str = field(init=False, repr=False, compare=False)
+    # OPTION_COLUMNS after "ord" (and as COPY text), or None for a plain txt2img job.
+    option_values: tuple[Any, ...] | None = field(init=False, repr=False, compare=False)
+    copy_options: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         values = (
@@ -155,6 +182,15 @@ class JobShape:
             for value in values
         )
         object.__setattr__(self, "copy_fields", encoded)
+        option_values = None
+        copy_options = None
+        if (self.kind, self.options, self.input_image, self.mask_image) != _PLAIN:
+            option_values = (self.kind, self.options, self.input_image, self.mask_image)
+            copy_options = "\t".join(
+                _COPY_NULL if value is None else copy_text(value) for value in option_values
+            )
+        object.__setattr__(self, "option_values", option_values)
+        object.__setattr__(self, "copy_options", copy_options)
 
 
 # A job as the producer hands it over: (shape, prompt, negative prompt, seeds as a JSON
@@ -247,6 +283,7 @@ class _SqlStaging(Staging):
         self.session = session
         self.items: list[tuple[Any, ...]] = []
         self.jobs: list[tuple[Any, ...]] = []
+        self.options: list[tuple[Any, ...]] = []
         self.count = 0
         self.items_added = 0
 
@@ -265,6 +302,8 @@ class _SqlStaging(Staging):
         for shape, prompt, negative, seeds, dedupe_key in jobs:
             self.count += 1
             self.jobs.append((self.count, item, prompt, negative, seeds, dedupe_key, *shape.values))
+            if shape.option_values is not None:
+                self.options.append((self.count, *shape.option_values))
 
     def _flush(self) -> None:
         if not self.items:
@@ -272,6 +311,7 @@ class _SqlStaging(Staging):
         for table, columns, rows in (
             ("staging_items", ITEM_COLUMNS, self.items),
             ("staging_jobs", JOB_COLUMNS, self.jobs),
+            ("staging_job_options", OPTION_COLUMNS, self.options),
         ):
             if rows:
                 placeholders = ", ".join(f":{c}" for c in columns)
@@ -281,6 +321,7 @@ class _SqlStaging(Staging):
                 )
         self.items.clear()
         self.jobs.clear()
+        self.options.clear()
         now = bindparam("now", self.params["now"], type_=DateTime(timezone=True))
         params = {"run_id": self.params["run_id"], "source": self.params["source"]}
         self.session.execute(text(_MERGE_ITEMS).bindparams(now), params)
@@ -304,7 +345,7 @@ def _merge_batch(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
         return psycopg.sql.Literal(params[match.group(1)]).as_string(conn)
 
     merges = [re.sub(r"(?<![:\w]):(\w+)", literal, sql) for sql in (_MERGE_ITEMS, _MERGE_JOBS)]
-    return "; ".join([*merges, "TRUNCATE staging_items, staging_jobs"])
+    return "; ".join([*merges, f"TRUNCATE {', '.join(_TABLES)}"])
 
 
 class _PostgresStaging(Staging):
@@ -315,6 +356,7 @@ class _PostgresStaging(Staging):
         self.session = session
         self.items: list[str] = []
         self.jobs: list[str] = []
+        self.options: list[str] = []
         self.count = 0
         self.items_added = 0
         raw = session.connection().connection.driver_connection
@@ -341,14 +383,21 @@ class _PostgresStaging(Staging):
                 f"{count}\t{item}\t{copy_text(prompt)}\t{copy_text(negative)}\t{seeds}\t"
                 f"{dedupe_key}\t{shape.copy_fields}\n"
             )
+            if shape.copy_options is not None:
+                self.options.append(f"{count}\t{shape.copy_options}\n")
         self.count = count
 
     def _flush(self) -> None:
         if not self.items:
             return
-        chunk = ("".join(self.items).encode(), "".join(self.jobs).encode())
+        chunk = (
+            "".join(self.items).encode(),
+            "".join(self.jobs).encode(),
+            "".join(self.options).encode(),
+        )
         self.items.clear()
         self.jobs.clear()
+        self.options.clear()
         self._writer.submit(chunk)
 
     def _close(self) -> None:
@@ -368,7 +417,7 @@ class _Writer(threading.Thread):
         self.merge_batch = merge_batch
         self.inserted = 0
         self.error: BaseException | None = None
-        self._chunks: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(CHUNKS_IN_FLIGHT)
+        self._chunks: queue.Queue[tuple[bytes, bytes, bytes] | None] = queue.Queue(CHUNKS_IN_FLIGHT)
         self._cancelled = threading.Event()
         self._switch_interval = sys.getswitchinterval()
 
@@ -377,7 +426,7 @@ class _Writer(threading.Thread):
         sys.setswitchinterval(min(self._switch_interval, WRITER_SWITCH_INTERVAL))
         super().start()
 
-    def submit(self, chunk: tuple[bytes, bytes]) -> None:
+    def submit(self, chunk: tuple[bytes, bytes, bytes]) -> None:
         self._raise_error()
         self._chunks.put(chunk)
 
@@ -410,11 +459,14 @@ class _Writer(threading.Thread):
                 while (chunk := self._chunks.get()) is not None:
                     if self._cancelled.is_set():
                         continue
-                    items, jobs = chunk
+                    items, jobs, options = chunk
                     for table, columns, data in (
                         ("staging_items", ITEM_COLUMNS, items),
                         ("staging_jobs", JOB_COLUMNS, jobs),
+                        ("staging_job_options", OPTION_COLUMNS, options),
                     ):
+                        if not data and table == "staging_job_options":
+                            continue  # the usual case: plain jobs only
                         statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
                         with cursor.copy(statement) as copy:
                             copy.write(data)

@@ -25,6 +25,14 @@ File format::
         prompt: "{{ colour }} {{ title }}, {white|grey} background"
         when: "category == 'mugs' and price|float > 20"
         steps: 25            # any default may be overridden per template
+      on_table:
+        kind: img2img        # txt2img (default), img2img, inpaint or controlnet
+        image: photo         # the catalogue column holding the product image
+        strength: 0.6
+        prompt: "{{ title }} on an oak table"
+
+Job kinds, the catalogue image, masks, ControlNet and LoRA/embedding adapters are described
+in producer.conditioning; they may be set in ``defaults`` too.
 
 Final prompt = before, prompt, after (joined with ", ", empty parts skipped); final
 negative = preset negative_prompt, template negative_prompt.  Variant syntax ({a|b},
@@ -52,6 +60,7 @@ import jinja2.runtime
 import jinja2.sandbox
 import yaml
 
+from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
 from producer.errors import InputError
 from producer.variants import Variant, VariantError, expand_variants
 
@@ -75,7 +84,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 
 _TOP_KEYS = frozenset({"key", "defaults", "presets", "templates"})
 _SETTING_KEYS = frozenset(BUILTIN_DEFAULTS)
-_TEMPLATE_KEYS = _SETTING_KEYS | {"prompt"}
+_DEFAULT_KEYS = _SETTING_KEYS | CONDITIONING_KEYS
+_TEMPLATE_KEYS = _DEFAULT_KEYS | {"prompt"}
 _PRESET_KEYS = frozenset({"before", "after", "negative_prompt"})
 
 # Template parts in the order their variant choices appear in a label.  Keys are the
@@ -298,6 +308,8 @@ class Template:
     preset_negative_prompt: str = ""
     # Where __name__ wildcards are read from (None: wildcards are an error).
     wildcards: Path | None = None
+    # The job kind, the catalogue columns of its images, and its options (adapters, ...).
+    conditioning: Conditioning = field(default_factory=Conditioning)
     _variants: tuple[_CompiledVariant, ...] = field(init=False, repr=False, compare=False)
     _when: Callable[..., Any] | None = field(init=False, repr=False, compare=False)
     _prompt_fields: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -527,6 +539,8 @@ class _Loader:
         self._constructor = yaml.constructor.SafeConstructor()
         # Kept so errors about a value inherited from defaults can point at its line.
         self.default_entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        # Adapter files are hashed once per load, however many templates use them.
+        self.conditioning = ConditioningReader(self, path.parent, FileHasher())
 
     def error(self, node: yaml.Node | None, field: str | None, reason: str) -> TemplateError:
         return TemplateError(self.path, None if node is None else _line(node), field, reason)
@@ -680,6 +694,14 @@ class _Loader:
             except jinja2.TemplateSyntaxError as exc:
                 raise self.jinja_error(name, locate("when"), exc) from None
 
+        conditioning = self.conditioning.read(
+            {k: v for k, v in entries.items() if k in CONDITIONING_KEYS},
+            {k: v for k, v in self.default_entries.items() if k in CONDITIONING_KEYS},
+            prefix=prefix,
+            node=node,
+            width=values["width"],
+            height=values["height"],
+        )
         try:
             return Template(
                 name=name,
@@ -688,6 +710,7 @@ class _Loader:
                 preset_after=texts.get("after", ""),
                 preset_negative_prompt=texts.get("preset_negative_prompt", ""),
                 wildcards=self.path.parent / "wildcards",
+                conditioning=conditioning,
                 **values,
             )
         except VariantError as exc:
@@ -768,7 +791,7 @@ class _Loader:
             node = top["defaults"][1]
             # "defaults:" with nothing under it is null; treat it like an empty mapping.
             if not (isinstance(node, yaml.ScalarNode) and self.scalar(node) is None):
-                self.default_entries = self.mapping(node, "defaults", _SETTING_KEYS)
+                self.default_entries = self.mapping(node, "defaults", _DEFAULT_KEYS)
                 defaults = self.settings(self.default_entries, "defaults")
 
         presets: dict[str, _Preset] = {}
