@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import pathlib
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,13 @@ from db.job_options import EmbeddingRef, LoraRef
 SAFETENSORS_SUFFIX = ".safetensors"
 # SDXL embeddings hold one tensor per text encoder under these keys (the kohya/A1111 layout).
 SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """The exception in one line of at most ``limit`` characters (a size mismatch lists
+    every layer)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class AdapterError(ValueError):
@@ -144,15 +152,25 @@ def _load_loras(pipe: Any, loras: Sequence[LoraRef], loaded: _Loaded) -> None:
         # Set first: a load that fails half-way may already have injected layers.
         loaded.loras = True
         try:
-            pipe.load_lora_weights(
-                str(path.parent), weight_name=path.name, adapter_name=name, local_files_only=True
-            )
+            with warnings.catch_warnings():
+                # peft's notice that a second adapter joins the first: that is the intent.
+                warnings.filterwarnings(
+                    "ignore",
+                    message="Already found a `peft_config` attribute",
+                    category=UserWarning,
+                )
+                pipe.load_lora_weights(
+                    str(path.parent),
+                    weight_name=path.name,
+                    adapter_name=name,
+                    local_files_only=True,
+                )
         except torch.OutOfMemoryError:
             raise  # the device, not the file: worth another attempt
         except Exception as exc:
             raise AdapterError(
                 f"loras[{index}]: {lora.path}: cannot be loaded as a LoRA for this model "
-                f"({type(exc).__name__}: {exc})"
+                f"({_short(exc)})"
             ) from exc
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
@@ -207,7 +225,7 @@ def _load_embeddings(pipe: Any, embeddings: Sequence[EmbeddingRef], loaded: _Loa
             except Exception as exc:
                 raise AdapterError(
                     f"embeddings[{index}]: {embedding.path}: cannot be loaded as the embedding "
-                    f"of {embedding.token!r} ({type(exc).__name__}: {exc})"
+                    f"of {embedding.token!r} ({_short(exc)})"
                 ) from exc
             loaded.embeddings.append((_vector_tokens(embedding.token, tensor), tokenizer, encoder))
 
@@ -222,11 +240,30 @@ def _has_lora_layers(pipe: Any) -> bool:
     )
 
 
-def _unload(pipe: Any, loaded: _Loaded, before: _Snapshot) -> None:
+def _requires_grad(pipe: Any) -> list[dict[str, bool]]:
+    return [
+        {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+        for model in _lora_models(pipe)
+    ]
+
+
+def _restore_requires_grad(pipe: Any, flags: list[dict[str, bool]]) -> None:
+    """peft freezes the base weights it wraps and unloading leaves them frozen. Frozen or not
+    makes no difference to what is computed, but it does to which CPU kernels compute it (a
+    rounding step apart), so they are put back as they were: a job after the adapters then
+    renders bit-identically to one before them."""
+    for model, model_flags in zip(_lora_models(pipe), flags, strict=True):
+        for name, parameter in model.named_parameters():
+            if name in model_flags and parameter.requires_grad != model_flags[name]:
+                parameter.requires_grad_(model_flags[name])
+
+
+def _unload(pipe: Any, loaded: _Loaded, before: _Snapshot, flags: list[dict[str, bool]]) -> None:
     for tokens, tokenizer, encoder in reversed(loaded.embeddings):
         pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
     if loaded.loras:
         pipe.unload_lora_weights()
+    _restore_requires_grad(pipe, flags)
     after = _Snapshot.of(pipe)
     if after != before or (loaded.loras and _has_lora_layers(pipe)):
         raise AdapterLeakError(
@@ -252,10 +289,11 @@ def applied_adapters(
         return
     check_adapter_files(loras, embeddings)
     before = _Snapshot.of(pipe)
+    flags = _requires_grad(pipe)
     loaded = _Loaded()
     try:
         _load_loras(pipe, loras, loaded)
         _load_embeddings(pipe, embeddings, loaded)
         yield
     finally:
-        _unload(pipe, loaded, before)
+        _unload(pipe, loaded, before, flags)

@@ -157,7 +157,8 @@ def _token_count(pipe: Any, text: str) -> int:
     tokenizer = _encoders(pipe)[0][0]
     if hasattr(pipe, "maybe_convert_prompt"):
         text = pipe.maybe_convert_prompt(text, tokenizer)
-    return len(tokenizer(text, truncation=False)["input_ids"])
+    # verbose=False: counting a long prompt is not an error worth a log line.
+    return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
 
 def needs_weighting(pipe: Any, prompt: str, negative_prompt: str) -> bool:
