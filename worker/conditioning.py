@@ -5,7 +5,10 @@ Conventions (db/job_options.py): the input image is fitted to the job's size (ce
 the aspect ratio, then a LANCZOS resize); a mask is white where pixels are generated and black
 where they are kept. After an inpaint render, :func:`keep_masked` pastes the fitted input back
 where the mask is black, so the kept pixels are exactly the product's, not a VAE round trip
-of them.
+of them. With an alpha mask the paste follows the alpha channel itself (the fitted cut-out is
+alpha-composited over the result): fully opaque pixels are the product's exactly, soft edges
+blend the product over the generated background as the cut-out's alpha says they should,
+instead of a hard edge with a fringe of the flattened background.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class PreparedInputs:
 
     init_image: PIL.Image.Image | None = None  # img2img, inpaint: RGB
     mask_image: PIL.Image.Image | None = None  # inpaint: L, 255 generate / 0 keep
+    # inpaint: the RGBA image pasted over the result (see keep_masked).
+    overlay: PIL.Image.Image | None = None
     control_image: PIL.Image.Image | None = None  # controlnet: RGB
     strength: float | None = None  # img2img, inpaint: the effective value
 
@@ -88,6 +93,16 @@ def fitted_rgb(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Ima
     return fit_image(image.convert("RGB"), width, height)
 
 
+def fitted_alpha(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """The input image's alpha channel, fitted like the image (mode L)."""
+    if not has_alpha(image):
+        raise ConditioningError(
+            f"mask: source 'alpha' needs an input image with transparency; it is "
+            f"{image.mode} without an alpha channel"
+        )
+    return fit_image(_rgba(image), width, height).getchannel("A")
+
+
 def build_mask(
     spec: MaskSpec,
     *,
@@ -101,13 +116,9 @@ def build_mask(
     ``image`` and ``mask`` are the decoded input and mask images (before fitting).
     """
     if spec.source == "alpha":
-        if not has_alpha(image):
-            raise ConditioningError(
-                f"mask: source 'alpha' needs an input image with transparency; it is "
-                f"{image.mode} without an alpha channel"
-            )
-        alpha = np.asarray(fit_image(_rgba(image), width, height).getchannel("A"))
-        # Only fully opaque pixels are the product; soft edges are regenerated.
+        alpha = np.asarray(fitted_alpha(image, width, height))
+        # Only fully opaque pixels are kept as they are; soft edges (and the resize's
+        # ringing) are generated, then the cut-out is composited back by its alpha.
         values = np.where(alpha == 255, KEEP, GENERATE).astype(np.uint8)
     elif spec.source == "column":
         if mask is None:
@@ -175,21 +186,31 @@ def prepare_inputs(
         if options.mask is None:
             raise ConditioningError("mask: an inpaint job needs a mask (alpha, column or box)")
         strength = options.strength if options.strength is not None else DEFAULT_STRENGTH[kind]
+        mask_image = build_mask(options.mask, image=image, mask=mask, width=width, height=height)
+        if options.mask.source == "alpha":
+            overlay = fit_image(_rgba(image), width, height)
+        else:
+            overlay = mask_overlay(fitted, mask_image)
         return PreparedInputs(
-            init_image=fitted,
-            mask_image=build_mask(options.mask, image=image, mask=mask, width=width, height=height),
-            strength=strength,
+            init_image=fitted, mask_image=mask_image, overlay=overlay, strength=strength
         )
     if options.controlnet is None:
         raise ConditioningError("controlnet: a controlnet job needs a ControlNet model")
     return PreparedInputs(control_image=control_image(options.controlnet, fitted))
 
 
-def keep_masked(
-    generated: PIL.Image.Image, init_image: PIL.Image.Image, mask: PIL.Image.Image
-) -> PIL.Image.Image:
-    """``generated`` where the mask is white, the fitted input image where it is black."""
-    return PIL.Image.composite(generated.convert("RGB"), init_image.convert("RGB"), mask)
+def mask_overlay(init_image: PIL.Image.Image, mask: PIL.Image.Image) -> PIL.Image.Image:
+    """The input image as an overlay: opaque where the mask is black (kept), transparent
+    where it is white (generated)."""
+    overlay = init_image.convert("RGBA")
+    overlay.putalpha(PIL.ImageOps.invert(mask))
+    return overlay
+
+
+def keep_masked(generated: PIL.Image.Image, overlay: PIL.Image.Image) -> PIL.Image.Image:
+    """``overlay`` (RGBA) composited over ``generated``: an opaque overlay pixel is kept
+    exactly, a transparent one shows the generated pixel, anything between blends."""
+    return PIL.Image.alpha_composite(generated.convert("RGBA"), overlay).convert("RGB")
 
 
 # --- pipelines --------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class RenderParams:
     kind: str = conditioning.TXT2IMG
     init_image: PIL.Image.Image | None = None  # img2img, inpaint: RGB
     mask_image: PIL.Image.Image | None = None  # inpaint: L, white generated, black kept
+    # inpaint: the RGBA image composited over the result, its opaque pixels kept exactly
+    # (conditioning.keep_masked); None: init_image where mask_image is black.
+    overlay: PIL.Image.Image | None = None
     control_image: PIL.Image.Image | None = None  # controlnet: RGB
     strength: float | None = None  # img2img, inpaint
     controlnet: Any = None  # controlnet: a loaded ControlNetModel (PipelineCache.controlnet)
@@ -257,6 +260,8 @@ def _check_kind_inputs(params: RenderParams) -> None:
             )
     if kind == conditioning.INPAINT:
         _check_image(params, "mask_image", "L")
+        if params.overlay is not None:
+            _check_image(params, "overlay", "RGBA")
     if kind == conditioning.CONTROLNET:
         _check_image(params, "control_image", "RGB")
         scale = params.controlnet_scale
@@ -560,12 +565,12 @@ def _keep_masked(params: RenderParams, rendered: list[RenderedImage]) -> list[Re
     """Inpaint: the kept pixels are exactly the input's (the VAE would shift them slightly)."""
     if params.kind != conditioning.INPAINT:
         return rendered
-    assert params.init_image is not None and params.mask_image is not None  # check_inputs
+    overlay = params.overlay
+    if overlay is None:
+        assert params.init_image is not None and params.mask_image is not None  # check_inputs
+        overlay = conditioning.mask_overlay(params.init_image, params.mask_image)
     return [
-        dataclasses.replace(
-            image,
-            image=conditioning.keep_masked(image.image, params.init_image, params.mask_image),
-        )
+        dataclasses.replace(image, image=conditioning.keep_masked(image.image, overlay))
         for image in rendered
     ]
 

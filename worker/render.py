@@ -548,6 +548,7 @@ def _render_params(
         kind=inputs.kind,
         init_image=prepared.init_image,
         mask_image=prepared.mask_image,
+        overlay=prepared.overlay,
         control_image=prepared.control_image,
         strength=prepared.strength,
         controlnet=controlnet,

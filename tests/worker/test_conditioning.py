@@ -22,7 +22,9 @@ from worker.conditioning import (
     decode_image,
     fit_image,
     fitted_rgb,
+    keep_masked,
     kind_pipeline,
+    mask_overlay,
     prepare_inputs,
 )
 from worker.pipeline import (
@@ -83,6 +85,7 @@ def _params(kind: str, options: JobOptions, image: PIL.Image.Image, **changes: A
         kind=kind,
         init_image=prepared.init_image,
         mask_image=prepared.mask_image,
+        overlay=prepared.overlay,
         control_image=prepared.control_image,
         strength=prepared.strength,
         **changes,
@@ -180,6 +183,23 @@ def test_box_mask_keeps_the_box() -> None:
         )
 
 
+def test_keep_masked_pastes_the_overlay_by_its_alpha() -> None:
+    generated = PIL.Image.new("RGB", (4, 1), (0, 0, 0))
+    overlay = PIL.Image.new("RGBA", (4, 1), (200, 100, 50, 255))
+    overlay.putpixel((1, 0), (200, 100, 50, 0))
+    overlay.putpixel((2, 0), (200, 100, 50, 128))
+    result = _array(keep_masked(generated, overlay))[0]
+    assert result[0].tolist() == [200, 100, 50]  # opaque: the product exactly
+    assert result[1].tolist() == [0, 0, 0]  # transparent: the generated pixel
+    assert np.allclose(result[2], [100, 50, 25], atol=1)  # a soft edge blends the two
+    # A binary mask as an overlay: the input where the mask is black.
+    init = PIL.Image.new("RGB", (4, 1), (9, 9, 9))
+    mask = PIL.Image.new("L", (4, 1), 255)
+    mask.putpixel((3, 0), 0)
+    masked = _array(keep_masked(generated, mask_overlay(init, mask)))[0]
+    assert masked.tolist() == [[0, 0, 0]] * 3 + [[9, 9, 9]]
+
+
 def test_canny_is_a_three_channel_edge_image() -> None:
     image = PIL.Image.new("RGB", (W, H), (0, 0, 0))
     image.paste((255, 255, 255), (20, 10, 40, 30))
@@ -213,6 +233,8 @@ def test_prepare_inputs_per_kind() -> None:
         height=H,
     )
     assert inpaint.strength == 0.9 and inpaint.mask_image is not None
+    # Alpha masks paste the fitted cut-out back by its own alpha.
+    assert inpaint.overlay == fit_image(photo, W, H)
     control = prepare_inputs(
         "controlnet",
         JobOptions(controlnet=ControlNetSpec(model="cn", conditioning="image")),
@@ -297,11 +319,16 @@ def test_inpaint_keeps_the_products_pixels_exactly(arch: str, sd_pipe: Any, sdxl
     init = _array(params.init_image)  # type: ignore[arg-type]
     keep = np.asarray(params.mask_image) == 0
     assert keep.sum() > 100
+    alpha = np.asarray(params.overlay.getchannel("A"))  # type: ignore[union-attr]
+    assert np.array_equal(keep, alpha == 255)  # the opaque pixels are the kept ones
+    soft = (alpha > 0) & (alpha < 255)
     for image in images:
         assert image.image.size == (W, H)
         result = _array(image.image)
         assert np.array_equal(result[keep], init[keep])  # exactly the product
         assert not np.array_equal(result[~keep], init[~keep])  # a generated background
+        # Soft edges lie between the product and the background: neither is pasted raw.
+        assert soft.any() and not np.array_equal(result[soft], init[soft])
     assert not np.array_equal(_array(images[0].image), _array(images[1].image))
 
 
@@ -407,7 +434,8 @@ def test_the_null_model_renders_every_kind_at_size() -> None:
     photo = product_photo()
     params = _params("inpaint", JobOptions(mask=MaskSpec(source="alpha")), photo)
     image = _array(render_batch(pipe, params, [1])[0].image)
-    keep = np.asarray(params.mask_image) == 0
+    alpha = np.asarray(params.overlay.getchannel("A"))  # type: ignore[union-attr]
     assert image.shape == (H, W, 3)
-    assert np.array_equal(image[keep], _array(params.init_image)[keep])  # type: ignore[arg-type]
-    assert (image[~keep] == 128).all()
+    init = _array(params.init_image)  # type: ignore[arg-type]
+    assert np.array_equal(image[alpha == 255], init[alpha == 255])
+    assert (image[alpha == 0] == 128).all()  # the null model's flat grey
