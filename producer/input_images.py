@@ -156,7 +156,9 @@ def _read_capped(stream: _Readable | BinaryIO, limits: FetchLimits, deadline: fl
     """Reads to the end, refusing more than ``max_bytes`` or a download past the deadline."""
     chunks: list[bytes] = []
     total = 0
-    while chunk := stream.read(READ_CHUNK):
+    # read1 returns what has arrived; read(n) would wait for n bytes however slowly they come.
+    read = getattr(stream, "read1", stream.read)
+    while chunk := read(READ_CHUNK):
         total += len(chunk)
         if total > limits.max_bytes:
             raise limits.too_large()

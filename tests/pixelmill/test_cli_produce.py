@@ -204,3 +204,32 @@ def test_run_pause_unknown_run_exits_1(workdir: Path) -> None:
 
     assert code == 1
     assert "no run 'nope'" in out
+
+
+def test_image_templates_dry_run_fetches_nothing_and_the_run_stages_images(
+    workdir: Path,
+) -> None:
+    from tests.producer.image_server import png
+
+    (workdir / "photos").mkdir()
+    (workdir / "photos" / "a.png").write_bytes(png(64, 64))
+    (workdir / "templates.yaml").write_text(
+        TEMPLATES + '  remix:\n    kind: img2img\n    image: photo\n    prompt: "a {{ title }}"\n'
+    )
+    (workdir / "cat.csv").write_text(
+        "sku,title,colour,photo\nA,mug,red,photos/a.png\nB,lamp,black,photos/gone.png\n"
+    )
+
+    code, out = produce("cat.csv", "--dry-run")
+
+    assert code == 0, out
+    assert "catalogue images: 2 distinct, not fetched on a dry run" in out
+    assert not (workdir / "var" / "images").exists()
+
+    code, out = produce("cat.csv", "--run", "r1")
+
+    assert code == EXIT_PARTIAL, out
+    assert "cat.csv:3: field 'photo': item 'B':" in out and "gone.png: no such file" in out
+    assert "catalogue images: 2 distinct, 1 fetched, 0 staged by an earlier run, 1 failed" in out
+    assert counts(workdir) == (1, 1, 2)
+    assert len(list((workdir / "var" / "images" / "inputs").glob("*/*.png"))) == 1

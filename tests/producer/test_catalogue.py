@@ -599,6 +599,7 @@ def test_sql_streams_through_a_server_side_cursor(
     # After 1,000 rows the server has handed over at most one batch more than that, not
     # the whole table (rownumber counts the rows fetched from the server so far).
     head = [first, *itertools.islice(rows, 999)]
+    assert cursor.rownumber is not None
     assert 1000 <= cursor.rownumber <= 1000 + 250
     numbers = [row.line for row in head] + [row.line for row in rows]
     assert numbers == list(range(1, 5001))
