@@ -46,6 +46,7 @@ from db.models import InputImage, InputSource, utcnow
 from db.upsert import insert_ignoring_conflicts_stmt
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage, storage_from_settings
+from producer.errors import InputError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -65,6 +66,10 @@ class InputImageError(ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class InputStorageError(InputError):
+    """The project's storage failed while staging an image: the whole produce stops."""
 
 
 @dataclass(frozen=True)
@@ -442,14 +447,21 @@ class InputStager:
             if not data:
                 raise InputImageError("is empty (0 bytes)")
             decoded = decode(data, self.limits)
-            sha256 = hashlib.sha256(data).hexdigest()
-            key = storage_key(sha256, decoded.format)
+        except InputImageError as exc:
+            return exc
+        sha256 = hashlib.sha256(data).hexdigest()
+        key = storage_key(sha256, decoded.format)
+        try:
             # Content-addressed: an object already there holds these very bytes.
             if not self.storage.exists(key):
                 content_type = Image.MIME.get(decoded.format, "application/octet-stream")
                 self.storage.put(key, data, content_type=content_type)
-        except InputImageError as exc:
-            return exc
+        except Exception as exc:
+            # Not this image's fault: storage is down or refuses, and every other image would
+            # fail the same way. The produce stops (and writes nothing).
+            raise InputStorageError(
+                self.storage.url(key), None, None, f"cannot store the image from {address}: {exc}"
+            ) from exc
         image = StagedImage(sha256, decoded.width, decoded.height, decoded.mode)
         row = {
             "sha256": sha256,

@@ -24,6 +24,7 @@ from db.migrate import upgrade
 from db.models import CatalogueItem, InputImage, InputSource, Job
 from db.session import make_sessionmaker
 from pixelmill.settings import Settings
+from producer.input_images import InputStorageError
 from producer.produce import ProduceReport, StrictModeError, dedupe_key, produce
 from tests.producer.image_server import ImageServer, jpeg, png
 
@@ -506,3 +507,21 @@ def test_image_jobs_on_sqlite(
         assert job["dedupe_key"] == dedupe_key(job)
     assert again.jobs_new == 7 and again.inputs_fetched == 3
     assert count(sqlite_session, InputSource) == 3
+
+
+def test_a_storage_failure_stops_the_produce_and_writes_nothing(
+    tmp_path: Path, db_session: Session, server: ImageServer, s3_settings: dict[str, str]
+) -> None:
+    broken = Settings(
+        **{**s3_settings, "s3_bucket": "no-such-bucket-for-inputs"},  # type: ignore[arg-type]
+        data_dir=tmp_path / "var",
+        input_fetch_timeout_seconds=0.5,
+    )
+    paths = write(tmp_path, catalogue_text(server))
+
+    with pytest.raises(InputStorageError) as info:
+        run(db_session, paths, broken)
+
+    assert "cannot store the image from" in str(info.value)
+    assert "s3://no-such-bucket-for-inputs/inputs/" in str(info.value)
+    assert (count(db_session, Job), count(db_session, InputImage)) == (0, 0)
