@@ -7,7 +7,8 @@ In a template (or in ``defaults``)::
     strength: 0.9            # img2img (default 0.75) and inpaint: 0 < strength <= 1
     mask: alpha              # inpaint: alpha, {column: mask} or {keep_box: [l, t, r, b]}
     controlnet:              # controlnet
-      model: controlnets/canny   # a diffusers folder (relative to this file) or a hub id
+      model: controlnets/canny   # a diffusers folder (relative to this file), a hub id,
+                                 # or tiny-controlnet (the workers' built-in tiny one)
       conditioning: canny        # canny (edges of the image) or image (it is the control)
       scale: 1.0
       low_threshold: 100         # canny only
@@ -64,6 +65,9 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 _CONTROLNET_KEYS = frozenset({"model", "conditioning", "scale", "low_threshold", "high_threshold"})
 _MAX_CONTROLNET_SCALE = 5.0
 _MAX_LORA_SCALE = 10.0
+# The workers' built-in tiny random ControlNet (worker.models.resolve_controlnet), the
+# ControlNet counterpart of the model name "tiny".
+BUILTIN_CONTROLNET = "tiny-controlnet"
 # A hub id ("owner/name"): what a controlnet model that is not a local folder must look like.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -341,6 +345,8 @@ class ConditioningReader:
             raise self.reader.error(
                 node, field_name, f"{local} is a file; give a diffusers ControlNet folder"
             )
+        if value == BUILTIN_CONTROLNET:
+            return value  # built by the workers themselves
         if not path.is_absolute() and not value.startswith(".") and _HUB_ID.fullmatch(value):
             return value  # a hub id, loaded by the workers
         raise self.reader.error(

@@ -104,6 +104,11 @@ def test_each_kind_and_its_options(tmp_path: Path) -> None:
             image: depth
             controlnet: {model: lllyasviel/sd-controlnet-depth, conditioning: image}
             prompt: "x"
+          builtin:
+            kind: controlnet
+            image: photo
+            controlnet: {model: tiny-controlnet}
+            prompt: "x"
         """,
     )
     assert result["remix"] == Conditioning(
@@ -136,6 +141,7 @@ def test_each_kind_and_its_options(tmp_path: Path) -> None:
         model="lllyasviel/sd-controlnet-depth", conditioning="image"
     )
     assert result["supplied"].image == "depth"
+    assert result["builtin"].options.controlnet == ControlNetSpec(model="tiny-controlnet")
 
 
 def test_adapters_resolve_against_the_template_file_and_are_hashed(tmp_path: Path) -> None:
@@ -320,6 +326,7 @@ def test_mask_refusals(tmp_path: Path, mask: str, field: str, reason: str) -> No
         ("{scale: 1}", "templates.t.controlnet.model", "is required"),
         ("{model: ''}", "templates.t.controlnet.model", "ControlNet folder or a hub id"),
         ("{model: ./nets/missing}", "templates.t.controlnet.model", "no such folder"),
+        ("{model: tiny-controlnets}", "templates.t.controlnet.model", "no such folder"),
         ("{model: nets/missing/deeper}", "templates.t.controlnet.model", "no such folder"),
         ("{model: /nowhere/net}", "templates.t.controlnet.model", "no such folder: /nowhere/net"),
         ("{model: file.txt}", "templates.t.controlnet.model", "is a file"),
