@@ -104,6 +104,10 @@ def on_task_end(task_id: str, retval: Any) -> None:
     started = _task_started.pop(task_id, None)
     if started is not None:
         metrics.JOB_SECONDS.observe(time.monotonic() - started)
+    if retval == "deferred":
+        # worker.render counts the job when its tail ends, with the real outcome.
+        record_gpu_memory()
+        return
     outcome = retval if isinstance(retval, str) and retval in JOB_OUTCOMES else "error"
     metrics.JOBS_FINISHED.labels(outcome).inc()
     record_gpu_memory()

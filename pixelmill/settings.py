@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in tiny random model: built on first use into the data folder, never downloaded.
 TINY_MODEL = "tiny"
+# The built-in tiny random ControlNet for the tiny model (worker.models.resolve_controlnet).
+TINY_CONTROLNET = "tiny-controlnet"
 
 
 class Settings(BaseSettings):

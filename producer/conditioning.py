@@ -45,6 +45,7 @@ import yaml
 
 from db.job_options import ControlNetSpec, EmbeddingRef, JobOptions, LoraRef, MaskSpec
 from db.models import JobKind
+from pixelmill.settings import TINY_CONTROLNET
 from producer.errors import InputError
 
 CONDITIONING_KEYS = frozenset(
@@ -65,9 +66,6 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 _CONTROLNET_KEYS = frozenset({"model", "conditioning", "scale", "low_threshold", "high_threshold"})
 _MAX_CONTROLNET_SCALE = 5.0
 _MAX_LORA_SCALE = 10.0
-# The workers' built-in tiny random ControlNet (worker.models.resolve_controlnet), the
-# ControlNet counterpart of the model name "tiny".
-BUILTIN_CONTROLNET = "tiny-controlnet"
 # A hub id ("owner/name"): what a controlnet model that is not a local folder must look like.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -345,7 +343,7 @@ class ConditioningReader:
             raise self.reader.error(
                 node, field_name, f"{local} is a file; give a diffusers ControlNet folder"
             )
-        if value == BUILTIN_CONTROLNET:
+        if value == TINY_CONTROLNET:  # built by the workers (worker.models)
             return value  # built by the workers themselves
         if not path.is_absolute() and not value.startswith(".") and _HUB_ID.fullmatch(value):
             return value  # a hub id, loaded by the workers

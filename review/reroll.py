@@ -47,6 +47,11 @@ COPIED_COLUMNS = (
     "guidance",
     "width",
     "height",
+    # An image job's re-roll starts from the same staged image, mask and options.
+    "kind",
+    "input_image",
+    "mask_image",
+    "options",
 )
 
 

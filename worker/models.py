@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from pixelmill.settings import TINY_MODEL, Settings
+from pixelmill.settings import TINY_CONTROLNET, TINY_MODEL, Settings
 
 
 def resolve_model(name: str, settings: Settings) -> str:
@@ -23,22 +24,39 @@ def resolve_model(name: str, settings: Settings) -> str:
     return str(target)
 
 
+def resolve_controlnet(name: str, settings: Settings) -> str:
+    """The built-in name ``tiny-controlnet`` means a tiny random ControlNet for the tiny
+    model, built on first use next to it; anything else is a local folder or a hub id."""
+    if name != TINY_CONTROLNET:
+        return name
+    from worker.tiny_adapters import build_tiny_controlnet
+
+    target = settings.tiny_model_dir.parent / TINY_CONTROLNET
+    if not (target / "config.json").is_file():
+        tiny = ensure_tiny_model(settings.tiny_model_dir)
+        _build_atomically(target, "config.json", lambda out: build_tiny_controlnet(tiny, out))
+    return str(target)
+
+
 def ensure_tiny_model(target: Path) -> Path:
     from worker.tiny_model import build_tiny_pipeline
 
-    if (target / "model_index.json").is_file():
-        return target
+    if not (target / "model_index.json").is_file():
+        _build_atomically(target, "model_index.json", build_tiny_pipeline)
+    return target
+
+
+def _build_atomically(target: Path, marker: str, build: Callable[[Path], object]) -> None:
+    """Build next to ``target``, then rename: two workers starting at once never see a half-
+    written model, and the loser of the race just discards its copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target, then rename: two workers starting at once never see a half-
-    # written model, and the loser of the race just discards its copy.
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
     try:
-        build_tiny_pipeline(scratch / "model")
+        build(scratch / "model")
         try:
             os.rename(scratch / "model", target)
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return target

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,8 @@ from worker.claim import (
     release_job,
 )
 from worker.heartbeat import Heartbeat
-from worker.models import resolve_model
+from worker.models import resolve_controlnet, resolve_model
+from worker.tail import JobTails
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -69,6 +70,18 @@ class WorkerRuntime:
     name: str
     # The prompt blocklist; None: the one settings name (blocklist_path or the shipped list).
     blocklist: Blocklist | None = None
+    # Jobs' tails finishing in the background (render_job(defer_tail=True)).
+    tails: JobTails = field(default_factory=JobTails)
+    # Encodes and uploads images for every job of this process (upload_workers threads); one
+    # pool, so a job's first batch can upload while the previous job's tail still does.
+    _uploads: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def uploads(self) -> ThreadPoolExecutor:
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(
+                max_workers=self.settings.upload_workers, thread_name_prefix="upload"
+            )
+        return self._uploads
 
 
 QUARANTINE_PREFIX = "quarantine/"
@@ -183,10 +196,18 @@ def _staged_image(
     return decode_image(data, what=f"{what} {key}")
 
 
-def render_job(runtime: WorkerRuntime, job_id: int) -> str:
+# render_job's answer when the job's tail finishes in the background (defer_tail=True).
+DEFERRED = "deferred"
+
+
+def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False) -> str:
     """Returns what happened: ``done``; ``skipped`` (not claimable, or taken over by another
     worker); ``blocked``; ``failed`` (bad input); ``retry`` (given back for another attempt);
-    ``dead`` (out of attempts)."""
+    ``dead`` (out of attempts).
+
+    With ``defer_tail`` (the Celery task), a job whose seeds have all rendered returns
+    ``deferred`` at once and its last uploads, rows and ``done`` finish on ``runtime.tails``
+    while the next job renders (see worker.tail)."""
     settings = runtime.settings
     lease = timedelta(seconds=settings.job_lease_seconds)
     blocklist = (
@@ -216,36 +237,88 @@ def render_job(runtime: WorkerRuntime, job_id: int) -> str:
             return "blocked"
 
         heartbeat = Heartbeat(runtime.sessions, job, lease)
+        heartbeat.start()
         try:
-            with heartbeat:
-                _render_claimed(runtime, session, job, lease, lost=heartbeat.lost.is_set)
+            tail = _render_claimed(runtime, session, job, lease, lost=heartbeat.lost.is_set)
+        except BaseException as exc:
+            heartbeat.stop()
+            if not isinstance(exc, Exception):
+                raise
+            return _end_with_error(runtime, session, job, exc)
+        if not defer_tail:
+            return _finish_tail(runtime, session, job, tail, lease, heartbeat)
+
+    def finish_in_background() -> str:
+        with runtime.sessions() as tail_session:
+            outcome = _finish_tail(runtime, tail_session, job, tail, lease, heartbeat)
+        metrics.JOBS_FINISHED.labels(outcome).inc()
+        return outcome
+
+    runtime.tails.defer(finish_in_background)
+    return DEFERRED
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """A rendered job's last batch, still being encoded and uploaded."""
+
+    model: LoadedModel | None  # None: every seed already had an image
+    storing: list[Future[StoredImage]]
+
+
+def _finish_tail(
+    runtime: WorkerRuntime,
+    session: Session,
+    job: ClaimedJob,
+    tail: _Tail,
+    lease: timedelta,
+    heartbeat: Heartbeat,
+) -> str:
+    """Record the last batch, then mark the job done (or end it by the error)."""
+    try:
+        try:
+            if tail.model is not None:
+                try:
+                    _record(session, job, tail.model, tail.storing, lease)
+                except BaseException:
+                    _record_finished(session, job, tail.model, tail.storing, lease)
+                    raise
         except Exception as exc:
-            session.rollback()
-            error = _describe(exc)
-            if isinstance(exc, LeaseLostError):
-                log.warning("job %s: %s", job_id, exc)
-                return "skipped"
-            if isinstance(exc, JobInputError):
-                log.error("job %s failed: %s", job_id, error)
-                status, outcome = JobStatus.FAILED, "failed"
-            elif job.attempt >= settings.max_attempts:
-                log.exception("job %s failed on its last attempt (%s)", job_id, job.attempt)
-                status, outcome = JobStatus.DEAD, "dead"
-            else:
-                log.exception("job %s failed on attempt %s, to be retried", job_id, job.attempt)
-                status, outcome = JobStatus.PENDING, "retry"
-            if status == JobStatus.PENDING:
-                ours = release_job(session, job, error)
-            else:
-                ours = fail_job(session, job, error, status=status)
-            if not ours:
-                log.warning("job %s was taken over by another worker before it ended", job_id)
-                return "skipped"
-            return outcome
+            return _end_with_error(runtime, session, job, exc)
         if not finish_job(session, job):
-            log.warning("job %s was taken over by another worker before it finished", job_id)
+            log.warning("job %s was taken over by another worker before it finished", job.id)
             return "skipped"
-    return "done"
+        return "done"
+    finally:
+        heartbeat.stop()
+
+
+def _end_with_error(
+    runtime: WorkerRuntime, session: Session, job: ClaimedJob, exc: Exception
+) -> str:
+    """End a job that raised: failed (bad input), given back for a retry, or dead."""
+    session.rollback()
+    error = _describe(exc)
+    if isinstance(exc, LeaseLostError):
+        log.warning("job %s: %s", job.id, exc)
+        return "skipped"
+    if isinstance(exc, JobInputError):
+        log.error("job %s failed: %s", job.id, error)
+        status, outcome = JobStatus.FAILED, "failed"
+    elif job.attempt >= runtime.settings.max_attempts:
+        log.error("job %s failed on its last attempt (%s)", job.id, job.attempt, exc_info=exc)
+        status, outcome = JobStatus.DEAD, "dead"
+    else:
+        log.error("job %s failed on attempt %s, to be retried", job.id, job.attempt, exc_info=exc)
+        status, outcome = JobStatus.PENDING, "retry"
+    if status == JobStatus.PENDING:
+        ours = release_job(session, job, error)
+    else:
+        ours = fail_job(session, job, error, status=status)
+    if not ours:
+        log.warning("job %s was taken over by another worker before it ended", job.id)
+        return "skipped"
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -432,7 +505,9 @@ def _render_claimed(
     lease: timedelta,
     *,
     lost: Callable[[], bool] = lambda: False,
-) -> None:
+) -> _Tail:
+    """Render the seeds that have no image yet; every batch but the last is recorded here,
+    the last one (still uploading) is returned for :func:`_finish_tail`."""
     from worker.adapters import AdapterError, AdapterLeakError
     from worker.conditioning import ConditioningError
     from worker.pipeline import check_inputs, render_batch, scheduler_label
@@ -440,7 +515,7 @@ def _render_claimed(
     done = set(session.scalars(select(Image.seed).where(Image.job_id == job.id)))
     todo = [seed for seed in job.seeds if seed not in done]
     if not todo:
-        return
+        return _Tail(model=None, storing=[])
     context = _job_context(session, job)
     inputs = _job_inputs(session, job)
     model_name = resolve_model(job.model, runtime.settings)
@@ -475,34 +550,31 @@ def _render_claimed(
     )
     # End the read transaction: nothing stays "idle in transaction" while the GPU renders.
     session.commit()
-    settings = runtime.settings
-    with ThreadPoolExecutor(
-        max_workers=settings.upload_workers, thread_name_prefix=f"job-{job.id}-upload"
-    ) as pool:
-        # At most two batches in flight: the one rendering and the one being stored.
-        storing: list[Future[StoredImage]] = []
-        try:
-            for seeds in _batches(todo, settings.render_batch_size):
-                if lost():
-                    raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
-                started = time.perf_counter()
-                try:
-                    rendered = render_batch(model.pipe, params, seeds)
-                except AdapterError as exc:  # a file that does not load onto this model
-                    raise _item_error(context.item_key, exc) from exc
-                except AdapterLeakError:
-                    # Never render another job with this pipeline's leftovers.
-                    runtime.pipelines.discard(model_name)
-                    raise
-                _observe_batch(time.perf_counter() - started, rendered)
-                _record(session, job, model, storing, lease)
-                storing = [pool.submit(writer.store, image) for image in rendered]
+    pool = runtime.uploads()
+    # At most two batches in flight: the one rendering and the one being stored.
+    storing: list[Future[StoredImage]] = []
+    try:
+        for seeds in _batches(todo, runtime.settings.render_batch_size):
+            if lost():
+                raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
+            started = time.perf_counter()
+            try:
+                rendered = render_batch(model.pipe, params, seeds)
+            except AdapterError as exc:  # a file that does not load onto this model
+                raise _item_error(context.item_key, exc) from exc
+            except AdapterLeakError:
+                # Never render another job with this pipeline's leftovers.
+                runtime.pipelines.discard(model_name)
+                raise
+            _observe_batch(time.perf_counter() - started, rendered)
             _record(session, job, model, storing, lease)
-        except BaseException:
-            # Keep what is already stored (a retry then renders only the rest) unless the
-            # job is no longer ours; a failure here must not hide the original error.
-            _record_finished(session, job, model, storing, lease)
-            raise
+            storing = [pool.submit(writer.store, image) for image in rendered]
+    except BaseException:
+        # Keep what is already stored (a retry then renders only the rest) unless the job is
+        # no longer ours; a failure here must not hide the original error.
+        _record_finished(session, job, model, storing, lease)
+        raise
+    return _Tail(model=model, storing=storing)
 
 
 def _render_params(
@@ -532,7 +604,9 @@ def _render_params(
     # The null model renders flat images: it needs no ControlNet weights.
     if options.controlnet is not None and inputs.kind == CONTROLNET and model_name != NULL_MODEL:
         try:
-            controlnet = runtime.pipelines.controlnet(options.controlnet.model)
+            controlnet = runtime.pipelines.controlnet(
+                resolve_controlnet(options.controlnet.model, runtime.settings)
+            )
         except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
             raise ConditioningError(
                 f"controlnet: {options.controlnet.model}: cannot be loaded ({exc})"

@@ -96,7 +96,19 @@ def _start_metrics(**_: Any) -> None:
 
 @app.task(name=RENDER_TASK)
 def render_job_task(job_id: int) -> str:
-    return render_job(get_runtime(), job_id)
+    # The job's tail (last uploads, rows, done) finishes while the next message renders.
+    return render_job(get_runtime(), job_id, defer_tail=True)
+
+
+# A pool process that exits (warm shutdown, max_tasks_per_child) first finishes its job's
+# tail; past this many seconds the job's lease covers it (re-queued when it expires).
+TAIL_DRAIN_SECONDS = 120.0
+
+
+@worker_process_shutdown.connect
+def _drain_tail(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.tails.wait(timeout=TAIL_DRAIN_SECONDS)
 
 
 # --- metrics (monitoring.worker_hooks): in the pool processes ------------------------------

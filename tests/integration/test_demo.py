@@ -17,10 +17,13 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_on_embedded_defaults(tmp_path: Path) -> None:
+# The demo catalogue, and the product-photo one (img2img, inpaint, ControlNet on the tiny
+# model and the built-in tiny ControlNet): both README examples run as they are.
+@pytest.mark.parametrize("examples", ["examples", "examples/product-scenes"])
+def test_demo_on_embedded_defaults(tmp_path: Path, examples: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
     result = subprocess.run(
-        [sys.executable, "-m", "pixelmill.cli", "demo", "--examples", str(REPO / "examples")],
+        [sys.executable, "-m", "pixelmill.cli", "demo", "--examples", str(REPO / examples)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

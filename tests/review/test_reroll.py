@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from db.models import (
     Decision,
     ImageReview,
+    InputImage,
     Job,
     JobStatus,
     Reviewer,
@@ -139,3 +140,33 @@ def test_reroll_is_refused_for_a_cancelled_run(session: Session, alice: Reviewer
     with pytest.raises(ReviewError, match="was cancelled"):
         reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
     assert len(session.scalars(select(Job.id)).all()) == jobs_before
+
+
+def test_reroll_of_an_image_job_keeps_its_image_mask_and_options(
+    session: Session, alice: Reviewer
+) -> None:
+    made = make_run(session, items=1, templates=("scene",), seeds=2)
+    staged = InputImage(
+        sha256="a" * 64, storage_key="inputs/aa/a.png", width=64, height=64, mode="RGBA", bytes=10
+    )
+    session.add(staged)
+    job = made.jobs[0]
+    job.kind = "inpaint"
+    job.input_image = staged.sha256
+    job.options = {"mask": {"source": "alpha"}, "strength": 0.9}
+    session.commit()
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+
+    (new_id,) = reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+
+    new = session.get(Job, new_id)
+    assert new is not None
+    assert (new.kind, new.input_image, new.mask_image, new.options) == (
+        "inpaint",
+        staged.sha256,
+        None,
+        {"mask": {"source": "alpha"}, "strength": 0.9},
+    )
+    assert not set(new.seeds) & set(job.seeds)
