@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format typecheck pytest migrations-check bench bench-worker review bench-review clean
+.PHONY: install demo demo-products test lint format typecheck pytest migrations-check bench bench-worker review bench-review clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
 # CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 ## Run the nightly job end to end on embedded defaults (SQLite, local folder, tiny model).
 demo: install
 	$(BIN)/pixelmill demo
+
+## The same on product photos: img2img, inpaint and ControlNet (examples/product-scenes).
+demo-products: install
+	$(BIN)/pixelmill demo --examples examples/product-scenes
 
 ## Lint, type-check and run every test against the real services.
 test: lint typecheck pytest
