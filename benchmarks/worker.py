@@ -232,8 +232,9 @@ def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> floa
         ).images
         return images
 
-    # First-call costs (allocations, kernels) are not the loop's.
-    call(pipe, Pair("warm-up", "", [0]))
+    # First-call costs (allocations, kernel and algorithm choices per batch shape) are not
+    # the loop's: warm up with a full batch, as the system's warm-up job does.
+    call(pipe, Pair("warm-up", pairs[0].negative_prompt, [0] * len(pairs[0].seeds)))
     synchronize(device)
     started = time.perf_counter()
     rendered = sum(len(call(pipe, pair)) for pair in pairs)
