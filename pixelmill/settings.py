@@ -6,6 +6,7 @@ tests and subcommands can build their own.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TINY_MODEL = "tiny"
 # The built-in tiny random ControlNet for the tiny model (worker.models.resolve_controlnet).
 TINY_CONTROLNET = "tiny-controlnet"
+# A Hugging Face Hub id ("owner/name"): what a model name that is no local path must be.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    return _HUB_ID.fullmatch(name) is not None
 
 
 class Settings(BaseSettings):

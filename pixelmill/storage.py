@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pixelmill.settings import Settings
 
 if TYPE_CHECKING:
+    from botocore.config import Config
     from mypy_boto3_s3 import S3Client
 
 
@@ -119,7 +120,8 @@ class S3Storage:
         return url
 
 
-def make_s3_client(settings: Settings) -> S3Client:
+def make_s3_client(settings: Settings, *, config: Config | None = None) -> S3Client:
+    """The project's S3 client; ``config`` replaces the default retries and timeouts."""
     import boto3
     from botocore.config import Config
 
@@ -127,7 +129,7 @@ def make_s3_client(settings: Settings) -> S3Client:
         "region_name": settings.s3_region,
         "endpoint_url": settings.s3_endpoint_url,
         # Retries with backoff on throttling and 5xx: uploads run all night.
-        "config": Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+        "config": config or Config(retries={"max_attempts": 8, "mode": "adaptive"}),
     }
     if settings.s3_access_key_id:
         kwargs["aws_access_key_id"] = settings.s3_access_key_id

@@ -33,10 +33,8 @@ builds :class:`db.job_options.JobOptions`, the contract the workers read.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +43,8 @@ import yaml
 
 from db.job_options import ControlNetSpec, EmbeddingRef, JobOptions, LoraRef, MaskSpec
 from db.models import JobKind
-from pixelmill.settings import TINY_CONTROLNET
+from pixelmill.hashing import file_sha256
+from pixelmill.settings import TINY_CONTROLNET, is_hub_id
 from producer.errors import InputError
 
 CONDITIONING_KEYS = frozenset(
@@ -66,8 +65,6 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 _CONTROLNET_KEYS = frozenset({"model", "conditioning", "scale", "low_threshold", "high_threshold"})
 _MAX_CONTROLNET_SCALE = 5.0
 _MAX_LORA_SCALE = 10.0
-# A hub id ("owner/name"): what a controlnet model that is not a local folder must look like.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 Entry = tuple[yaml.Node, yaml.Node]  # (key node, value node) of one mapping entry
 
@@ -111,11 +108,7 @@ class FileHasher:
     def __call__(self, path: str) -> str:
         digest = self._known.get(path)
         if digest is None:
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    sha.update(chunk)
-            digest = self._known[path] = sha.hexdigest()
+            digest = self._known[path] = file_sha256(Path(path))
         return digest
 
 
@@ -345,7 +338,7 @@ class ConditioningReader:
             )
         if value == TINY_CONTROLNET:  # built by the workers (worker.models)
             return value  # built by the workers themselves
-        if not path.is_absolute() and not value.startswith(".") and _HUB_ID.fullmatch(value):
+        if not path.is_absolute() and not value.startswith(".") and is_hub_id(value):
             return value  # a hub id, loaded by the workers
         raise self.reader.error(
             node,

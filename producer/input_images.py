@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from db.models import InputImage, InputSource, utcnow
 from db.upsert import insert_ignoring_conflicts_stmt
 from pixelmill.settings import Settings
-from pixelmill.storage import Storage, storage_from_settings
+from pixelmill.storage import Storage, make_s3_client, storage_from_settings
 from producer.errors import InputError
 
 if TYPE_CHECKING:
@@ -234,25 +234,16 @@ def _read_file(path: str, limits: FetchLimits) -> bytes:
 
 def make_input_s3_client(settings: Settings) -> S3Client:
     """An S3 client with the project's endpoint and credentials and the fetch time limit."""
-    import boto3
     from botocore.config import Config
 
     timeout = settings.input_fetch_timeout_seconds
-    kwargs: dict[str, Any] = {
-        "region_name": settings.s3_region,
-        "endpoint_url": settings.s3_endpoint_url,
-        # One retry: a missing object or a dead endpoint must not hold the run for minutes.
-        "config": Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 2, "mode": "standard"},
-        ),
-    }
-    if settings.s3_access_key_id:
-        kwargs["aws_access_key_id"] = settings.s3_access_key_id
-        kwargs["aws_secret_access_key"] = settings.s3_secret_access_key
-    client: S3Client = boto3.session.Session().client("s3", **kwargs)
-    return client
+    # One retry: a missing object or a dead endpoint must not hold the run for minutes.
+    config = Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"max_attempts": 2, "mode": "standard"},
+    )
+    return make_s3_client(settings, config=config)
 
 
 def _fetch_s3(address: str, client: S3Client, limits: FetchLimits) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import pathlib
 import threading
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from db.job_options import EmbeddingRef, LoraRef
+from pixelmill import hashing
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # SDXL embeddings hold one tensor per text encoder under these keys (the kohya/A1111 layout).
@@ -63,11 +63,7 @@ def file_sha256(path: pathlib.Path) -> str:
         cached = _HASHES.get(key)
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = hashing.file_sha256(path)
     with _HASHES_LOCK:
         _HASHES[key] = value
     return value

@@ -21,6 +21,8 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from pixelmill.hashing import update_with_file
+
 log = logging.getLogger(__name__)
 
 # Files that hold weights. Configs and tokenizers are left out: tools rewrite them freely
@@ -28,7 +30,6 @@ log = logging.getLogger(__name__)
 # steps) is recorded on the job itself.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
-_CHUNK = 1 << 20
 _lock = threading.Lock()
 
 
@@ -56,9 +57,7 @@ def _digest(path: Path, files: list[Path]) -> str:
     for file in files:
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        update_with_file(digest, file)
     return digest.hexdigest()
 
 

@@ -42,6 +42,7 @@ from packaging.version import Version
 
 from db.job_options import EmbeddingRef, LoraRef
 from monitoring import metrics
+from pixelmill.settings import is_hub_id
 from worker import conditioning
 from worker.adapters import applied_adapters
 from worker.prompt_weights import (
@@ -294,9 +295,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # --- loading ------------------------------------------------------------------------------
 
-# "org/name" as on the Hugging Face Hub (no leading ./ or /, exactly one slash).
-_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warns on the old name;
 # 0.42 is the first version this project verified with `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
@@ -446,7 +444,7 @@ def load_pipeline(
         if not safety_checker and _has_safety_checker(path):
             kwargs = _without_safety_checker(kwargs)
         pipe = AutoPipelineForText2Image.from_pretrained(str(path), local_files_only=True, **kwargs)
-    elif _HUB_ID_RE.fullmatch(model):
+    elif is_hub_id(model):
         # Needs network (or a populated HF cache); honours HF_HUB_OFFLINE.
         if not safety_checker:
             kwargs = _without_safety_checker(kwargs)
@@ -481,7 +479,7 @@ def load_controlnet(model: str, *, device: torch.device, dtype: torch.dtype) -> 
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{model}: not a diffusers ControlNet folder (no config.json)")
         controlnet = ControlNetModel.from_pretrained(str(path), local_files_only=True, **kwargs)
-    elif _HUB_ID_RE.fullmatch(model):
+    elif is_hub_id(model):
         controlnet = ControlNetModel.from_pretrained(model, **kwargs)
     else:
         raise FileNotFoundError(f"ControlNet folder not found: {model}")
