@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -285,6 +285,10 @@ def _fetch_s3(address: str, client: S3Client, limits: FetchLimits) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 
+# EXIF orientations that turn the stored pixels by 90 degrees (with or without a mirror).
+ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
 @dataclass(frozen=True)
 class _Decoded:
     width: int
@@ -294,7 +298,8 @@ class _Decoded:
 
 
 def decode(data: bytes, limits: FetchLimits) -> _Decoded:
-    """Checks that ``data`` is a whole image of an allowed format and size."""
+    """Checks that ``data`` is a whole image of an allowed format and size; the dimensions are
+    the image's as shown, upright by its EXIF orientation."""
     try:
         # Opening reads the header only: the size is checked before any pixel is decoded.
         with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
@@ -308,6 +313,10 @@ def decode(data: bytes, limits: FetchLimits) -> _Decoded:
         # verify() leaves the image unusable: decode it again, fully, to catch truncation.
         with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
             image.load()
+            if image.getexif().get(ExifTags.Base.Orientation) in ROTATED_ORIENTATIONS:
+                # A phone photo taken upright, stored sideways: every viewer (and the
+                # worker, see worker.conditioning.decode_image) shows it turned upright.
+                width, height = height, width
             return _Decoded(width, height, image.mode, str(image.format))
     except InputImageError:
         raise

@@ -59,13 +59,16 @@ class PreparedInputs:
 
 
 def decode_image(data: bytes, *, what: str) -> PIL.Image.Image:
-    """Decode image bytes completely (a truncated file fails here, not mid-render)."""
+    """Decode image bytes completely (a truncated file fails here, not mid-render), turned
+    upright by their EXIF orientation as every image viewer shows them (a phone's photo is
+    often stored sideways with an orientation tag); the producer records those dimensions."""
     try:
         image = PIL.Image.open(io.BytesIO(data))
         image.load()
+        upright = PIL.ImageOps.exif_transpose(image)
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise ConditioningError(f"{what}: not a readable image ({exc})") from exc
-    return image
+    return upright
 
 
 def has_alpha(image: PIL.Image.Image) -> bool:

@@ -117,6 +117,17 @@ def test_decode_reads_size_mode_and_format() -> None:
     assert (decoded.width, decoded.height, decoded.mode, decoded.format) == (32, 16, "RGB", "JPEG")
 
 
+@pytest.mark.parametrize(("orientation", "size"), [(1, (32, 16)), (3, (32, 16)), (6, (16, 32))])
+def test_decode_gives_the_size_as_shown_upright(orientation: int, size: tuple[int, int]) -> None:
+    # A phone photo: stored 32x16, tagged "turn 90 degrees" (6), shown 16x32.
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (32, 16), "red").save(buffer, format="JPEG", exif=exif)
+    decoded = decode(buffer.getvalue(), LIMITS)
+    assert (decoded.width, decoded.height) == size
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -4,6 +4,7 @@ controlnet through pipelines made from the cached base pipeline."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 from typing import Any
 
@@ -261,6 +262,21 @@ def test_prepare_inputs_errors(
     photo = product_photo() if image else None
     with pytest.raises(ConditioningError, match=message):
         prepare_inputs(kind, options, image=photo, mask=None, width=W, height=H)
+
+
+def test_decoded_images_are_upright_by_their_exif_orientation() -> None:
+    # Stored 40x20 with a green top-left pixel, tagged "turn 90 degrees clockwise" (6):
+    # shown 20x40 with that pixel top-right, transparency kept.
+    stored = PIL.Image.new("RGBA", (40, 20), (255, 0, 0, 128))
+    stored.putpixel((0, 0), (0, 255, 0, 255))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    image = decode_image(buffer.getvalue(), what="input image")
+    assert (image.size, image.mode) == ((20, 40), "RGBA")
+    assert image.getpixel((19, 0)) == (0, 255, 0, 255)
+    assert image.getpixel((0, 0)) == (255, 0, 0, 128)
 
 
 def test_decode_errors_name_the_image() -> None:
