@@ -469,6 +469,7 @@ class Producer:
         plans = [plan for plan in self.plans if plan.images]
         if not plans:
             return
+        self._refuse_an_explosion_before_fetching()
         settings = self.settings if self.settings is not None else get_settings()
         with InputStager(
             session, settings, refetch=self.options.force, storage=self.storage
@@ -479,6 +480,27 @@ class Producer:
         self.report.inputs_fetched = stager.counts.fetched
         self.report.inputs_reused = stager.counts.reused
         self.report.inputs_failed = stager.counts.failed
+
+    def _refuse_an_explosion_before_fetching(self) -> None:
+        """Raises ExpansionLimitError if the catalogue expands to more than ``--max-jobs``
+        jobs, counted as a dry run does (every image taken as good, none fetched).
+
+        A template that matches far more rows than meant would otherwise download all their
+        images (hours, for a large catalogue) before the expansion refuses it.
+        """
+        report, progress = self.report, self.progress
+        self.report = ProduceReport(run_name=report.run_name, dry_run=True)
+        self.progress = None  # a quick pass: the terminal shows the staging and the expansion
+        try:
+            for _item in self.expand():
+                pass
+        except ExpansionLimitError as exc:
+            raise ExpansionLimitError(
+                exc.path, exc.line, exc.field, f"{exc.reason} (counted before fetching images)"
+            ) from None
+        finally:
+            self.report, self.progress = report, progress
+            self.dry_run_addresses.clear()
 
     def _addresses(self, plans: list[_Plan]) -> Iterable[str]:
         """The image addresses of the rows the templates apply to (with repeats).

@@ -25,7 +25,13 @@ from db.models import CatalogueItem, InputImage, InputSource, Job
 from db.session import make_sessionmaker
 from pixelmill.settings import Settings
 from producer.input_images import InputStorageError
-from producer.produce import ProduceReport, StrictModeError, dedupe_key, produce
+from producer.produce import (
+    ExpansionLimitError,
+    ProduceReport,
+    StrictModeError,
+    dedupe_key,
+    produce,
+)
 from tests.producer.image_server import ImageServer, jpeg, png
 
 TEMPLATES = """\
@@ -376,6 +382,29 @@ def test_dry_run_fetches_nothing(tmp_path: Path, server: ImageServer, settings: 
         "field 'photo': item 'A6': is empty"
     ]
     assert report.jobs == 3 + 2 + 2 + 3 + 2
+
+
+def test_max_jobs_refuses_before_any_image_is_fetched(
+    tmp_path: Path, db_session: Session, server: ImageServer, settings: Settings
+) -> None:
+    # A template that matches every row of a big catalogue would download every image and
+    # only then be refused: the expansion is counted first.
+    rows = "".join(f"B{n},mug {n},{server.url(f'/b{n}.png')},no\n" for n in range(50))
+    paths = write(tmp_path, "sku,title,photo,cutout\n" + rows)
+
+    with pytest.raises(ExpansionLimitError) as info:
+        run(db_session, paths, settings, max_jobs=20)
+
+    assert server.requests == {}
+    assert info.value.line == 12  # the row at which the 21st job appeared (2 per row)
+    assert "more than 20 jobs" in info.value.reason
+    assert "counted before fetching images" in info.value.reason
+    assert (count(db_session, Job), count(db_session, InputSource)) == (0, 0)
+    # Within the limit, the same catalogue is fetched and produced as before.
+    report = run(db_session, paths, settings, max_jobs=100)
+    # Every image is a 404 here (or, on a busy machine, past the test's 0.5 s timeout).
+    assert (report.inputs_failed, report.rows_skipped, report.jobs) == (50, 50, 0)
+    assert server.requests
 
 
 MASK_TEMPLATES = """\
