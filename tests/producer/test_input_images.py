@@ -35,7 +35,8 @@ from producer.input_images import (
 )
 from tests.producer.image_server import ImageServer, elapsed, jpeg, png
 
-TIMEOUT = 0.5
+# Long enough for a loaded CI machine to serve a good image, short enough for the hang tests.
+TIMEOUT = 2.0
 
 
 @pytest.fixture
