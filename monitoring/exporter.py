@@ -49,6 +49,7 @@ class RunFigures:
     name: str
     created_at: datetime
     active: bool = False
+    finished_at: datetime | None = None
     jobs: dict[str, int] = field(default_factory=dict)
     images: int = 0
     images_planned: int = 0
@@ -69,9 +70,13 @@ class RunFigures:
         return self.recent_images / RATE_WINDOW.total_seconds()
 
     def projected_finish(self, now: datetime) -> datetime | None:
-        """When the open jobs will be done at the recent rate; None if nothing is made now."""
+        """When the open jobs will be done at the recent rate; None if nothing is made now.
+
+        With nothing left, the run's own finish (None while it is not marked finished): a
+        finished run projected at "now" would move past its deadline and alert all day.
+        """
         if self.remaining_images == 0:
-            return now
+            return self.finished_at
         if self.images_per_second <= 0:
             return None
         return now + timedelta(seconds=self.remaining_images / self.images_per_second)
@@ -91,7 +96,7 @@ def _aware(value: datetime) -> datetime:
 def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     now = now or datetime.now(UTC)
     runs = session.execute(
-        select(Run.id, Run.name, Run.created_at, Run.status)
+        select(Run.id, Run.name, Run.created_at, Run.status, Run.finished_at)
         .where(
             or_(
                 Run.status.in_([RunStatus.ACTIVE, RunStatus.PAUSED]),
@@ -102,8 +107,13 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
         .limit(MAX_RUNS)
     ).all()
     figures = {
-        run_id: RunFigures(name, _aware(created), active=status == RunStatus.ACTIVE)
-        for run_id, name, created, status in runs
+        run_id: RunFigures(
+            name,
+            _aware(created),
+            active=status == RunStatus.ACTIVE,
+            finished_at=_aware(finished) if finished is not None else None,
+        )
+        for run_id, name, created, status, finished in runs
     }
     ids = list(figures)
     if ids:
@@ -197,7 +207,8 @@ def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     images = _gauge("pixelmill_run_images", "Image rows of a recent run.", ["run"])
     planned = _gauge(
         "pixelmill_run_images_planned",
-        "Images a recent run will have (seeds of its jobs, blocked and cancelled left out).",
+        "Images a recent run plans: the seeds of its jobs, blocked and cancelled left out "
+        "(failed and dead jobs count: their images are planned but may never be made).",
         ["run"],
     )
     remaining = _gauge(

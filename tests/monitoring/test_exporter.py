@@ -101,6 +101,25 @@ def test_snapshot_matches_the_rows(db_session: Session) -> None:
     assert ("pixelmill_run_projected_finish_timestamp_seconds", (("run", "paused"),)) not in parsed
 
 
+def test_a_finished_run_is_projected_at_its_finish_not_now(db_session: Session) -> None:
+    # Finished on time: its projection must not move along with the clock past its deadline.
+    run = Run(name="done", source="c.csv", created_at=NOW - timedelta(hours=11))
+    run.status = RunStatus.FINISHED
+    run.finished_at = NOW - timedelta(hours=3)
+    db_session.add(run)
+    db_session.flush()
+    done = add_job(db_session, run, JobStatus.DONE, [1])
+    db_session.add(_image(done.id, 1, NOW - timedelta(hours=3)))
+    db_session.flush()
+
+    (figures,) = read_snapshot(db_session, now=NOW).runs
+    assert figures.remaining_images == 0
+    assert figures.projected_finish(NOW) == NOW - timedelta(hours=3)
+    # Nothing left but not marked finished (yet): no projection at all.
+    figures.finished_at = None
+    assert figures.projected_finish(NOW) is None
+
+
 def samples_of(families: list) -> dict:  # type: ignore[type-arg]
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
 
