@@ -1,4 +1,4 @@
-"""INSERT ... ON CONFLICT DO NOTHING on Postgres and SQLite alike."""
+"""INSERT ... ON CONFLICT DO NOTHING / DO UPDATE on Postgres and SQLite alike."""
 
 from __future__ import annotations
 
@@ -12,13 +12,26 @@ from sqlalchemy.orm import Session
 from db.models import Base
 
 
-def insert_ignoring_conflicts_stmt(session: Session, model: type[Base]) -> Insert:
+def _dialect(session: Session) -> Any:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(model).on_conflict_do_nothing()
+        return postgresql
     if dialect == "sqlite":
-        return sqlite.insert(model).on_conflict_do_nothing()
+        return sqlite
     raise NotImplementedError(f"database {dialect!r} is not supported (use Postgres or SQLite)")
+
+
+def insert_ignoring_conflicts_stmt(session: Session, model: type[Base]) -> Insert:
+    result: Insert = _dialect(session).insert(model).on_conflict_do_nothing()
+    return result
+
+
+def upsert(session: Session, model: type[Base], values: dict[str, Any], key: list[str]) -> None:
+    """Insert ``values``, or update the row whose ``key`` columns match with the rest of them:
+    one statement, so two sessions doing it at once do not collide on the key."""
+    statement = _dialect(session).insert(model).values(values)
+    updates = {column: value for column, value in values.items() if column not in key}
+    session.execute(statement.on_conflict_do_update(index_elements=key, set_=updates))
 
 
 def insert_ignoring_conflicts(

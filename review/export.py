@@ -82,7 +82,13 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
         .join(Job, Job.id == Image.job_id)
         .join(CatalogueItem, CatalogueItem.id == Job.item_id)
         .join(Reviewer, Reviewer.id == ImageReview.reviewer_id)
-        .where(ImageReview.run_id == run.id, ImageReview.decision == Decision.KEEP)
+        .where(
+            ImageReview.run_id == run.id,
+            ImageReview.decision == Decision.KEEP,
+            # A flagged image that was not stored has no file (decide() refuses to keep one;
+            # this guards decisions recorded before it did): it would break the export.
+            Image.storage_key != "",
+        )
         .order_by(CatalogueItem.external_key, Image.id)
         .execution_options(yield_per=5_000)
     )

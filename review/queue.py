@@ -35,7 +35,7 @@ from db.models import (
     SafetyStatus,
     utcnow,
 )
-from db.upsert import insert_ignoring_conflicts_stmt
+from db.upsert import insert_ignoring_conflicts_stmt, upsert
 from review.metrics import DECISIONS
 
 OPEN_JOB_STATES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
@@ -139,12 +139,14 @@ def _reopen_rerolled(session: Session, run_id: int) -> int:
 
 
 def _record_sync(session: Session, run_id: int, finished_at: datetime | None) -> None:
-    row = session.get(ReviewSync, run_id)
-    if row is None:
-        session.add(ReviewSync(run_id=run_id, run_finished_at=finished_at, synced_at=utcnow()))
-    else:
-        row.run_finished_at = finished_at
-        row.synced_at = utcnow()
+    # An upsert: two app processes (or a sync thread and a reviewer's on-demand sync) may
+    # record a new run's first sync at the same time.
+    upsert(
+        session,
+        ReviewSync,
+        {"run_id": run_id, "run_finished_at": finished_at, "synced_at": utcnow()},
+        key=["run_id"],
+    )
 
 
 # --- claims ----------------------------------------------------------------------------
@@ -304,7 +306,10 @@ def decide(
 ) -> None:
     """Record keep or reject on one image of the item the reviewer holds. Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
-    _image_of_item(session, item, image_id)
+    image = _image_of_item(session, item, image_id)
+    if decision == Decision.KEEP and not image.storage_key:
+        # Flagged with PIXELMILL_FLAGGED_IMAGES=drop: there is no file to keep or export.
+        raise ReviewError(f"image {image_id} was flagged and not stored: there is nothing to keep")
     current = session.get(ImageReview, image_id)
     previous = current.decision if current is not None else None
     _set_decision(session, item, image_id, decision.value, reviewer_id)

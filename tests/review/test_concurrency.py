@@ -6,12 +6,12 @@ import threading
 from collections import Counter
 from datetime import timedelta
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import ReviewItem
+from db.models import ReviewItem, ReviewSync
 from review.accounts import add_reviewer
-from review.queue import claim_next, sync_queue
+from review.queue import _record_sync, claim_next, sync_queue
 from tests.review.factory import make_run
 
 REVIEWERS = 8
@@ -91,3 +91,33 @@ def test_simultaneous_claims_with_fewer_items_than_reviewers(
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 3
     holders = dict(session.execute(select(ReviewItem.id, ReviewItem.claimed_by)).all())
     assert {results[r]: r for r in reviewers if results[r] is not None} == holders
+
+
+def test_a_runs_first_sync_recorded_twice_at_once(
+    sessions: sessionmaker[Session], session: Session
+) -> None:
+    # Two app processes (or the sync thread and a reviewer's on-demand sync) record a new
+    # run's first sync together: the second waits for the first and then updates its row.
+    made = make_run(session, items=1, templates=("studio",), seeds=1)
+    first = sessions()
+    _record_sync(first, made.run.id, None)
+    first.flush()  # holds the new row's key, not yet committed
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with sessions() as own:
+                _record_sync(own, made.run.id, None)
+                own.commit()
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(timeout=1)  # blocked on the first session's uncommitted row
+    assert thread.is_alive()
+    first.commit()
+    first.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and errors == []
+    assert session.scalar(select(func.count()).select_from(ReviewSync)) == 1

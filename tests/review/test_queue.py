@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from db.models import (
     Decision,
+    Image,
     ImageReview,
     Job,
     JobStatus,
@@ -21,7 +22,16 @@ from db.models import (
     RunStatus,
     utcnow,
 )
-from review.queue import ClaimError, claim_next, decide, hold, submit, sync_queue, undo
+from review.queue import (
+    ClaimError,
+    ReviewError,
+    claim_next,
+    decide,
+    hold,
+    submit,
+    sync_queue,
+    undo,
+)
 from tests.review.factory import add_images, make_run
 
 LEASE = timedelta(minutes=10)
@@ -155,6 +165,24 @@ def test_flagged_images_are_not_rejected_by_submit(session: Session, alice: Revi
     assert item_id is not None
     assert submit(session, item_id, reviewer_id=alice.id, lease=LEASE) == 1
     assert session.scalar(select(func.count()).select_from(ImageReview)) == 1
+
+
+def test_a_flagged_image_that_was_not_stored_cannot_be_kept(
+    session: Session, alice: Reviewer
+) -> None:
+    made = make_run(session, items=1, seeds=2, templates=("studio",), flagged_seeds=1)
+    dropped = made.images[0]  # PIXELMILL_FLAGGED_IMAGES=drop: no object behind the row
+    session.execute(update(Image).where(Image.id == dropped.id).values(storage_key=""))
+    session.commit()
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+
+    with pytest.raises(ReviewError, match="flagged and not stored: there is nothing to keep"):
+        decide(session, item_id, dropped.id, Decision.KEEP, reviewer_id=alice.id, lease=LEASE)
+    session.rollback()
+    decide(session, item_id, dropped.id, Decision.REJECT, reviewer_id=alice.id, lease=LEASE)
+    assert session.get(ImageReview, dropped.id).decision == Decision.REJECT  # type: ignore[union-attr]
 
 
 def test_hold_takes_over_an_expired_claim(session: Session, alice: Reviewer, bob: Reviewer) -> None:

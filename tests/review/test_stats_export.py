@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from db.models import Decision, Reviewer, ReviewEvent, utcnow
+from db.models import Decision, Image, Reviewer, ReviewEvent, utcnow
 from pixelmill.storage import Storage
 from review.export import ExportError, escape_cell, export_lines
 from review.queue import claim_next, decide, submit, sync_queue
@@ -146,6 +146,25 @@ def test_export_csv_and_jsonl_with_approved_copies(
     assert {r["seed"] for r in records} == {int(r["seed"]) for r in rows}
     with pytest.raises(ExportError, match="'xlsx'"):
         list(export_lines(session, made.run, storage, "xlsx"))
+
+
+def test_a_kept_image_without_a_file_does_not_break_the_export(
+    session: Session, storage: Storage, alice: Reviewer
+) -> None:
+    made = make_run(session, items=2, templates=("studio",), seeds=2, storage=storage)
+    _review(session, made, alice, keep={"studio": 2})
+    # A keep recorded on an image whose file was dropped (flagged, PIXELMILL_FLAGGED_IMAGES=
+    # drop) before decide() refused that: it is left out, every other keeper is exported.
+    first = min(made.images, key=lambda image: image.id)
+    session.execute(
+        update(Image).where(Image.id == first.id).values(storage_key="", safety="flagged")
+    )
+    session.commit()
+
+    lines = list(export_lines(session, made.run, storage, "jsonl", copy=True))
+
+    exported = [json.loads(line)["image_id"] for line in lines]
+    assert sorted(exported) == sorted(image.id for image in made.images if image.id != first.id)
 
 
 def test_admins_export_and_read_stats_in_the_app(
