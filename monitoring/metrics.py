@@ -47,7 +47,8 @@ BATCH_RENDER_SECONDS = Histogram(
 )
 JOB_SECONDS = Histogram(
     "pixelmill_job_duration_seconds",
-    "Seconds a render task ran, from message received to finished (every outcome).",
+    "Seconds a render job took, from its task's start to its end (a job whose tail finishes "
+    "in the background: to the tail's end), every outcome.",
     buckets=JOB_BUCKETS,
 )
 MODEL_LOAD_SECONDS = Histogram(
@@ -74,7 +75,7 @@ REDELIVERIES = Counter(
 )
 JOBS_FINISHED = Counter(
     "pixelmill_jobs_finished_total",
-    "Render tasks by how they ended (done, failed, blocked, dead, skipped, released, error).",
+    "Render tasks by how they ended (done, failed, blocked, dead, skipped, retry, error).",
     ["outcome"],
 )
 # Memory the CUDA caching allocator holds, per visible GPU. `livesum`: the processes sharing a

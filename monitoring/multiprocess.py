@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,16 +53,15 @@ def use_multiprocess_dir(path: Path) -> Path:
 
 
 def clean_multiprocess_dir(path: Path) -> None:
-    """Delete every metrics file in ``path`` (the previous run's), keeping the directory.
+    """Delete the metrics files in ``path`` (the previous run's ``*.db``), keeping the
+    directory and anything else in it: the variable may point at a folder shared by mistake.
 
     Only the process that serves the metrics of a host calls this, once, at start: a file
     deleted while another live process writes to it would lose that process's counts."""
     if not path.is_dir():
         raise MultiprocessSetupError(f"{ENV_VAR}={path}: not a directory")
-    for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
+    for entry in path.glob("*.db"):
+        if entry.is_file() and not entry.is_symlink():
             entry.unlink()
 
 

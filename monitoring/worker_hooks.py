@@ -102,12 +102,12 @@ def on_task_end(task_id: str, retval: Any) -> None:
     from monitoring import metrics
 
     started = _task_started.pop(task_id, None)
-    if started is not None:
-        metrics.JOB_SECONDS.observe(time.monotonic() - started)
     if retval == "deferred":
-        # worker.render counts the job when its tail ends, with the real outcome.
+        # worker.render counts the job and its duration when its tail ends.
         record_gpu_memory()
         return
+    if started is not None:
+        metrics.JOB_SECONDS.observe(time.monotonic() - started)
     outcome = retval if isinstance(retval, str) and retval in JOB_OUTCOMES else "error"
     metrics.JOBS_FINISHED.labels(outcome).inc()
     record_gpu_memory()

@@ -5,7 +5,7 @@ lease, so while a job renders the heartbeat pushes the lease forward every ``lea
 through a session of its own (never the render's session: sessions are not thread-safe).
 If the job is taken over (the lease expired anyway, the reaper re-queued it), the fenced
 update matches nothing: the heartbeat stops and sets :attr:`Heartbeat.lost`, and the render
-stops at its next seed.
+stops before its next batch of seeds (a batch under way finishes; its rows are fenced off).
 """
 
 from __future__ import annotations

@@ -208,6 +208,7 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
     With ``defer_tail`` (the Celery task), a job whose seeds have all rendered returns
     ``deferred`` at once and its last uploads, rows and ``done`` finish on ``runtime.tails``
     while the next job renders (see worker.tail)."""
+    started = time.monotonic()
     settings = runtime.settings
     lease = timedelta(seconds=settings.job_lease_seconds)
     blocklist = (
@@ -249,12 +250,23 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
             return _finish_tail(runtime, session, job, tail, lease, heartbeat)
 
     def finish_in_background() -> str:
-        with runtime.sessions() as tail_session:
-            outcome = _finish_tail(runtime, tail_session, job, tail, lease, heartbeat)
+        # Counted here, not by the task's end (monitoring.worker_hooks): the job ends now.
+        try:
+            with runtime.sessions() as tail_session:
+                outcome = _finish_tail(runtime, tail_session, job, tail, lease, heartbeat)
+        except BaseException:
+            metrics.JOBS_FINISHED.labels("error").inc()
+            raise
+        finally:
+            metrics.JOB_SECONDS.observe(time.monotonic() - started)
         metrics.JOBS_FINISHED.labels(outcome).inc()
         return outcome
 
-    runtime.tails.defer(finish_in_background)
+    # A tail that outlives a whole job's time limit is hung: stop its heartbeat so the lease
+    # expires and the job is re-queued (its late writes are fenced off by the lease).
+    runtime.tails.defer(
+        finish_in_background, deadline=settings.job_time_limit_seconds, overdue=heartbeat.stop
+    )
     return DEFERRED
 
 

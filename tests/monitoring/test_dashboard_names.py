@@ -32,7 +32,11 @@ def exported_names() -> set[str]:
         for suffix in suffixes.get(family.type, ("",))
     }
     now = datetime.now(UTC)
-    run = RunFigures("r", now, jobs={"done": 1}, images=1, recent_images=1, reviewed=1)
+    # A run still rendering (a finished one has no projected finish): every series there is.
+    run = RunFigures(
+        "r", now, jobs={"done": 1, "running": 1}, images=1, recent_images=1, reviewed=1,
+        open_planned=2,
+    )  # fmt: skip
     snapshot = Snapshot(now=now, runs=[run], oldest_waiting_age=0)
     names |= {s.name for f in snapshot_metrics(snapshot, timedelta(hours=1)) for s in f.samples}
     names |= {"pixelmill_exporter_database_up", "pixelmill_exporter_scrape_duration_seconds"}

@@ -77,11 +77,16 @@ def test_a_killed_process_leaves_live_gauges_but_its_counts_stay(tmp_path: Path)
     assert ("pixelmill_gpu_memory_bytes", (("gpu", "0"),)) not in values
 
 
-def test_cleaning_empties_the_directory(tmp_path: Path) -> None:
+def test_cleaning_deletes_the_metrics_files_and_nothing_else(tmp_path: Path) -> None:
     _reap(_record(tmp_path, images=3, memory=1, how="die"))
-    assert list(tmp_path.iterdir())
+    assert list(tmp_path.glob("*.db"))
+    # PROMETHEUS_MULTIPROC_DIR pointed at a shared folder by mistake: its files survive.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("keep me")
     clean_multiprocess_dir(tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.txt"]
+    assert (tmp_path / "images" / "a.png").read_bytes() == b"png"
     assert ("pixelmill_images_total", (("outcome", "safe"),)) not in _values(tmp_path)
 
 

@@ -4,6 +4,7 @@ under its lease until the tail commits, and a failing tail gives the job back.""
 from __future__ import annotations
 
 import pathlib
+import signal
 import threading
 import time
 
@@ -126,4 +127,46 @@ def test_a_tail_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixtur
 
     tails.defer(broken)
     assert tails.wait(timeout=10) is None
-    assert "a job's tail did not finish" in caplog.text
+    assert "a job's tail failed" in caplog.text
+    assert "a bug in a tail" in caplog.text
+
+
+class SoftTimeLimit(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded (an Exception raised by a signal)."""
+
+
+def test_a_time_limit_while_waiting_ends_the_task_and_the_tail_is_kept() -> None:
+    tails = JobTails()
+    release = threading.Event()
+    tails.defer(lambda: "first" if release.wait(30) else "never released")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise SoftTimeLimit
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(SoftTimeLimit):
+            tails.defer(lambda: "second")  # waits for the first: interrupted there
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    release.set()
+    assert tails.wait(timeout=10) == "first"  # still tracked, drained as before
+
+
+def test_an_overdue_tail_gives_its_job_up() -> None:
+    tails = JobTails()
+    release = threading.Event()
+    overdue = threading.Event()
+    tails.defer(lambda: "late" if release.wait(30) else "never", deadline=0.2, overdue=overdue.set)
+    assert overdue.wait(10)  # e.g. the heartbeat stops, so the lease can expire
+    release.set()
+    assert tails.wait(timeout=10) == "late"
+
+    # A tail that ends in time never calls it.
+    called = threading.Event()
+    tails.defer(lambda: "quick", deadline=0.5, overdue=called.set)
+    assert tails.wait(timeout=10) == "quick"
+    time.sleep(0.8)
+    assert not called.is_set()
