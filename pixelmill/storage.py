@@ -7,7 +7,7 @@ in both backends: a reader never sees half an object.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,13 +50,17 @@ class LocalStorage:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file in the same folder, then rename: atomic on POSIX.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        # Not mkstemp: its file is owner-only (0600). Created with 0666, the kernel applies the
+        # umask, so an image is as readable as any file this process writes (by a web server
+        # running as another user, say).
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def get(self, key: str) -> bytes:

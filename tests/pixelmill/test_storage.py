@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,19 @@ def test_local_storage_writes_atomically_and_leaves_no_temp_files(tmp_path: Path
     storage.put("a/b.png", b"data", content_type="image/png")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.png"]
     assert storage.url("a/b.png") == (tmp_path / "a" / "b.png").as_uri()
+
+
+def test_local_files_are_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        storage.put("a/b.png", b"data", content_type="image/png")
+        os.umask(0o077)
+        storage.put("a/c.png", b"data", content_type="image/png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a" / "b.png").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a" / "c.png").stat().st_mode) == 0o600
 
 
 def test_s3_storage_uses_prefix_and_bucket(s3_settings: dict[str, str]) -> None:
