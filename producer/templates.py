@@ -53,13 +53,18 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
+import jinja2.filters
 import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 import jinja2.runtime
 import jinja2.sandbox
+import sqlalchemy
 import yaml
 
+from db.models import Job
+from pixelmill.schedulers import KNOWN_SCHEDULERS, canonical_scheduler
 from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
 from producer.errors import InputError
 from producer.variants import Variant, VariantError, expand_variants
@@ -95,6 +100,18 @@ _NEGATIVE_PARTS = ("preset_negative_prompt", "negative_prompt")
 
 # Template names end up in job rows, seeds and output paths, so keep them path-safe.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _column_length(column: Any) -> int:
+    column_type = column.type
+    assert isinstance(column_type, sqlalchemy.String) and column_type.length is not None
+    return column_type.length
+
+
+# The jobs table's columns for a template's name and model: a longer value would abort the
+# whole produce at the database, so the loader refuses it with the line.
+TEMPLATE_NAME_LENGTH = _column_length(Job.__table__.c.template)
+MODEL_LENGTH = _column_length(Job.__table__.c.model)
 
 
 class TemplateError(InputError):
@@ -150,9 +167,96 @@ _ALLOWED_FILTERS = (
     "upper",
 )
 
-# Longest string/list a template may build with "*" (e.g. "{{ title * 10**9 }}").
-_MAX_REPEAT_LEN = MAX_PROMPT_CHARS
+# A prompt never needs a text longer than the prompt limit, so an operation that builds one
+# (``*``, ``+``, ``~``, ``replace``, ``join``) is refused before it allocates it: otherwise a
+# few nested filters can build gigabytes before the rendered prompt's length is checked
+# (``(title*100)|replace("", title*100)`` is 4 million characters).  An operation may still
+# keep a longer catalogue field at its length, so "description|replace('\n', ' ')|
+# truncate(300)" works on a long description.
+_MAX_BUILT_CHARS = MAX_PROMPT_CHARS
+# Numbers: "(2**64)**64" or a number squared again and again in "{% set %}"s grows without
+# bound; no prompt needs more than a few digits.
 _MAX_EXPONENT = 64
+_MAX_INT_BITS = 4096
+
+
+def _size(value: Any) -> int:
+    """About how many characters ``value`` is as text: strings by length, lists by their items
+    (a list of 2000 long strings is as big as their join); anything else counts as 1."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return len(value) + sum(map(_size, value))
+    return 1
+
+
+def _check_built(operation: str, size: int, *inputs: int) -> None:
+    if size > max(_MAX_BUILT_CHARS, *inputs):
+        raise jinja2.sandbox.SecurityError(
+            f"{operation} would build a text of {size} characters (prompt limit {MAX_PROMPT_CHARS})"
+        )
+
+
+def _bounded_replace(s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    """Jinja's ``replace`` filter, refusing a result longer than the limit before building it."""
+    text, old_text, new_text = str(s), str(old), str(new)
+    found = text.count(old_text)  # "" is found between every two characters
+    replaced = found if count is None or count < 0 else min(found, count)
+    _check_built("replace", len(text) + replaced * (len(new_text) - len(old_text)), len(text))
+    return text.replace(old_text, new_text, -1 if count is None else count)
+
+
+@jinja2.pass_environment
+def _bounded_join(
+    environment: jinja2.Environment, value: Any, d: Any = "", attribute: Any = None
+) -> str:
+    """Jinja's ``join`` filter, refusing a result longer than the limit before building it."""
+    if attribute is not None:
+        value = map(jinja2.filters.make_attrgetter(environment, attribute), value)
+    texts = [str(item) for item in value]
+    separator = str(d)
+    joined = sum(map(len, texts))
+    _check_built("join", joined + len(separator) * max(len(texts) - 1, 0), joined)
+    return separator.join(texts)
+
+
+# The filters that can build a text longer than their input.
+_BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "join": _bounded_join,
+    "replace": _bounded_replace,
+}
+
+
+class _NotAllowed(jinja2.TemplateSyntaxError):
+    """A Jinja construct prompts may not use; raised when the template is parsed (loaded)."""
+
+
+# Constructs that repeat work, the only way to make rendering one row slow (three nested
+# loops over a 2000-character text are 8 billion steps; a macro calling itself twice per
+# call doubles with every level).  Catalogue fields are single texts, so a prompt has nothing
+# to loop over.  Other templates cannot be reached (there is no loader).
+_NOT_ALLOWED: dict[type[jinja2.nodes.Node], str] = {
+    jinja2.nodes.For: "'for' loops are not allowed in prompts (catalogue fields are single texts)",
+    jinja2.nodes.Macro: "macros are not allowed in prompts",
+    jinja2.nodes.CallBlock: "'call' blocks are not allowed in prompts",
+    jinja2.nodes.Extends: "'extends' is not allowed in prompts",
+    jinja2.nodes.Include: "'include' is not allowed in prompts",
+    jinja2.nodes.Import: "'import' is not allowed in prompts",
+    jinja2.nodes.FromImport: "'import' is not allowed in prompts",
+}
+
+
+class _PromptCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Compiles ``a ~ b`` to the sandbox's bounded concatenation: the plain one is a
+    module-level function of Jinja's runtime, which a sandbox cannot intercept."""
+
+    @jinja2.compiler.optimizeconst
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: jinja2.compiler.Frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
 
 class _PromptSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
@@ -160,43 +264,82 @@ class _PromptSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     On top of Jinja's sandbox (no underscore attributes, no mutation of containers):
     no globals (``range``, ``cycler``, ``lipsum`` ... are not needed and would otherwise be
-    reported as catalogue fields), a filter allow-list, no calls except macros (string
-    methods such as ``title.center(10**9)`` could exhaust memory; filters cover the
-    legitimate uses), and bounded ``*`` / ``**``.
+    reported as catalogue fields), a filter allow-list, no calls (string methods such as
+    ``title.center(10**9)`` could exhaust memory; filters cover the legitimate uses), no
+    loops or macros (refused when the template is parsed), and every operation that can
+    build a long text or a huge number bounded.  Rendering one row therefore takes time
+    and memory in proportion to the template and the row.
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _PromptCodeGenerator
 
     def __init__(self) -> None:
         super().__init__(undefined=jinja2.StrictUndefined, autoescape=False)
         self.globals.clear()
-        self.filters = {name: self.filters[name] for name in _ALLOWED_FILTERS}
+        self.filters = {
+            name: _BOUNDED_FILTERS.get(name, self.filters[name]) for name in _ALLOWED_FILTERS
+        }
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
+        tree = super()._parse(source, name, filename)
+        for node in tree.find_all(tuple(_NOT_ALLOWED)):
+            raise _NotAllowed(_NOT_ALLOWED[type(node)], node.lineno, name, filename)
+        return tree
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        # A method cannot be called, and written out it would put its repr, with a memory
+        # address that differs on every run, into the prompt and so into the dedupe key.
+        return not callable(value) and super().is_safe_attribute(obj, attr, value)
+
+    def wrap_str_format(self, value: Any) -> None:
+        return None  # str.format is a method like any other (see is_safe_attribute)
 
     def is_safe_callable(self, obj: Any) -> bool:
-        return isinstance(obj, jinja2.runtime.Macro)
+        return False  # no globals, no macros: nothing a prompt calls is ours
 
     def call(self, context: jinja2.runtime.Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         # Same as the base class, but without putting the object's repr (with its memory
         # address) into the message.
-        if not self.is_safe_callable(obj):
-            raise jinja2.sandbox.SecurityError(
-                "calling functions or methods is not allowed in prompts (use filters)"
-            )
-        return context.call(obj, *args, **kwargs)
+        raise jinja2.sandbox.SecurityError(
+            "calling functions or methods is not allowed in prompts (use filters)"
+        )
+
+    def bounded_concat(self, values: tuple[Any, ...]) -> str:
+        """``a ~ b ~ ...``: each value as text, joined, refused past the limit."""
+        texts = [str(value) for value in values]
+        _check_built("'~'", sum(map(len, texts)), *map(len, texts))
+        return "".join(texts)
 
     def call_binop(self, context: jinja2.runtime.Context, op: str, left: Any, right: Any) -> Any:
-        if op == "**" and isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
-            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
+        if op == "%" and isinstance(left, str):
+            # "%0999999999d" % 1 is a gigabyte; prompts write "{{ a }}, {{ b }}" instead.
+            raise jinja2.sandbox.SecurityError("'%' string formatting is not allowed in prompts")
+        if op == "+" and isinstance(left, str | list | tuple):
+            _check_built("'+'", _size(left) + _size(right), _size(left), _size(right))
         if op == "*":
             for seq, count in ((left, right), (right, left)):
-                if (
-                    isinstance(seq, str | list | tuple)
-                    and isinstance(count, int)
-                    and len(seq) * count > _MAX_REPEAT_LEN
-                ):
-                    raise jinja2.sandbox.SecurityError("repetition result is too long")
-        binop: Callable[[Any, Any], Any] = {"*": operator.mul, "**": operator.pow}[op]
+                if isinstance(seq, str | list | tuple) and isinstance(count, int):
+                    _check_built("'*'", _size(seq) * count, _size(seq) if count <= 1 else 0)
+        if _is_int(left) and _is_int(right):
+            if op == "**" and abs(right) > _MAX_EXPONENT:
+                raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
+            bits = {"*": left.bit_length() + right.bit_length(), "**": left.bit_length() * right}
+            if bits.get(op, 0) > _MAX_INT_BITS:
+                raise jinja2.sandbox.SecurityError(f"the result of '{op}' is too large a number")
+        elif op == "**" and isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
+        binop: Callable[[Any, Any], Any] = {
+            "*": operator.mul,
+            "**": operator.pow,
+            "+": operator.add,
+            "%": operator.mod,
+        }[op]
         return binop(left, right)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # One environment is shared: it holds no per-render state.
@@ -388,6 +531,8 @@ class Template:
                 raise  # the text as written is broken: the loader locates the line
             # The text as written was valid Jinja, so the variant split a Jinja block
             # (e.g. "{% if x %}{a|b{% endif %}}").
+            if isinstance(exc, _NotAllowed):  # e.g. a wildcard file holding a loop
+                raise VariantError(part, f"variant {variant.label!r}: {exc.message}") from None
             raise VariantError(
                 part, f"variant {variant.label!r} is not valid Jinja: {exc.message}"
             ) from None
@@ -582,7 +727,35 @@ class _Loader:
                 return None
             if not isinstance(value, str) or not value.strip():
                 raise self.error(node, field, "must be a non-empty string or null")
-            return value.strip()
+            value = value.strip()
+        if name == "scheduler":
+            # Checked here, not by the worker failing every job; the canonical name (None for
+            # the model's own) goes into the job row, so that "Euler a" and "euler_a" share a
+            # dedupe key and a spelling change re-renders nothing.
+            try:
+                return canonical_scheduler(value)
+            except ValueError:
+                raise self.error(
+                    node,
+                    field,
+                    f"unknown scheduler {value!r} (known: {', '.join(KNOWN_SCHEDULERS)}; "
+                    "A1111 names such as 'Euler a' work too)",
+                ) from None
+        if name == "model":
+            if len(value) > MODEL_LENGTH:
+                raise self.error(
+                    node,
+                    field,
+                    f"model name is {len(value)} characters; the jobs table holds at most "
+                    f"{MODEL_LENGTH}",
+                )
+            if "\x00" in value:  # Postgres stores no NUL character in text
+                raise self.error(
+                    node,
+                    field,
+                    "model name contains a NUL character (\\x00), which the database cannot store",
+                )
+            return value
         if name == "when":
             if value is None:
                 return None
@@ -640,6 +813,13 @@ class _Loader:
         if not _NAME_RE.fullmatch(name):
             raise self.error(
                 key_node, prefix, "template name must use only letters, digits, '_', '.', '-'"
+            )
+        if len(name) > TEMPLATE_NAME_LENGTH:
+            raise self.error(
+                key_node,
+                prefix,
+                f"template name is {len(name)} characters; the jobs table holds at most "
+                f"{TEMPLATE_NAME_LENGTH}",
             )
         entries = self.mapping(node, prefix, _TEMPLATE_KEYS)
         if "prompt" not in entries:
@@ -730,12 +910,12 @@ class _Loader:
         style = getattr(value_node, "style", None)
         first = _line(value_node) + (1 if style in ("|", ">") else 0)
         part = field_name.rsplit(".", 1)[-1]
+        what = "" if isinstance(exc, _NotAllowed) else "Jinja syntax error: "
         return TemplateError(
             self.path,
             first + (exc.lineno or 1) - 1,
             field_name,
-            f"template {name!r}: Jinja syntax error: {exc.message} "
-            f"(line {exc.lineno} of the {part})",
+            f"template {name!r}: {what}{exc.message} (line {exc.lineno} of the {part})",
         )
 
     def presets(self, node: yaml.Node) -> dict[str, _Preset]:

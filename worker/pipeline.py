@@ -42,6 +42,7 @@ from packaging.version import Version
 
 from db.job_options import EmbeddingRef, LoraRef
 from monitoring import metrics
+from pixelmill.schedulers import SCHEDULER_LABELS, canonical_scheduler
 from pixelmill.settings import is_hub_id
 from worker import conditioning
 from worker.adapters import applied_adapters
@@ -105,12 +106,6 @@ class NullPipeline:
 # --- schedulers ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _SchedulerSpec:
-    label: str  # the AUTOMATIC1111 sampler name, written into PNG metadata
-    factory: Callable[[Any], Any]  # scheduler config -> new scheduler instance
-
-
 def _dpmpp_2m(config: Any, *, karras: bool) -> Any:
     # Force the DPM++ 2M settings: a model's own config may carry another algorithm/order.
     return DPMSolverMultistepScheduler.from_config(
@@ -118,34 +113,17 @@ def _dpmpp_2m(config: Any, *, karras: bool) -> Any:
     )
 
 
-_SCHEDULERS: dict[str, _SchedulerSpec] = {
-    "euler": _SchedulerSpec("Euler", EulerDiscreteScheduler.from_config),
-    "euler_a": _SchedulerSpec("Euler a", EulerAncestralDiscreteScheduler.from_config),
-    "ddim": _SchedulerSpec("DDIM", DDIMScheduler.from_config),
-    "dpmpp_2m": _SchedulerSpec("DPM++ 2M", lambda c: _dpmpp_2m(c, karras=False)),
-    "dpmpp_2m_karras": _SchedulerSpec("DPM++ 2M Karras", lambda c: _dpmpp_2m(c, karras=True)),
-    "pndm": _SchedulerSpec("PNDM", PNDMScheduler.from_config),
+# Canonical name (pixelmill.schedulers, which also maps the other spellings) -> a function
+# building a new scheduler instance from a scheduler config. Every name there needs one here
+# (tests/worker/test_pipeline.py checks).
+_SCHEDULER_FACTORIES: dict[str, Callable[[Any], Any]] = {
+    "euler": EulerDiscreteScheduler.from_config,
+    "euler_a": EulerAncestralDiscreteScheduler.from_config,
+    "ddim": DDIMScheduler.from_config,
+    "dpmpp_2m": lambda c: _dpmpp_2m(c, karras=False),
+    "dpmpp_2m_karras": lambda c: _dpmpp_2m(c, karras=True),
+    "pndm": PNDMScheduler.from_config,
 }
-
-# Accept both our snake_case names and the A1111 labels, case-insensitively.
-_SCHEDULER_ALIASES: dict[str, str] = {
-    **{name: name for name in _SCHEDULERS},
-    **{spec.label.lower(): name for name, spec in _SCHEDULERS.items()},
-}
-
-KNOWN_SCHEDULERS: tuple[str, ...] = ("default", *_SCHEDULERS)
-
-
-def _canonical_scheduler(name: str | None) -> str | None:
-    """Our canonical scheduler name, None for the model's own; ValueError if unknown."""
-    if name is None or name.strip().lower() in ("", "default"):
-        return None
-    canonical = _SCHEDULER_ALIASES.get(name.strip().lower())
-    if canonical is None:
-        raise ValueError(
-            f"scheduler: unknown scheduler {name!r}; known: {', '.join(KNOWN_SCHEDULERS)}"
-        )
-    return canonical
 
 
 # The scheduler each pipeline was loaded with, so "default" can be restored after a job
@@ -167,14 +145,14 @@ def apply_scheduler(pipe: DiffusionPipeline, name: str | None) -> None:
     index), and a fresh one guarantees nothing leaks from one render into the next.
     Building one from a config is cheap (no weights).
     """
-    canonical = _canonical_scheduler(name)
+    canonical = canonical_scheduler(name)
     default = _default_scheduler(pipe)
     # Always derive from the model's own config (not the currently installed scheduler),
     # so the result does not depend on which scheduler the previous job used.
     if canonical is None:
         scheduler = type(default).from_config(default.config)
     else:
-        scheduler = _SCHEDULERS[canonical].factory(default.config)
+        scheduler = _SCHEDULER_FACTORIES[canonical](default.config)
     # setattr: `scheduler` is not declared on the DiffusionPipeline base class (see above).
     setattr(pipe, "scheduler", scheduler)  # noqa: B010
 
@@ -185,9 +163,9 @@ def scheduler_label(name: str | None, *, pipe: DiffusionPipeline | None = None) 
     For the model's own scheduler (None/"default") this is the scheduler's class name,
     e.g. "PNDMScheduler", which needs ``pipe``; without it the label is "default".
     """
-    canonical = _canonical_scheduler(name)
+    canonical = canonical_scheduler(name)
     if canonical is not None:
-        return _SCHEDULERS[canonical].label
+        return SCHEDULER_LABELS[canonical]
     if pipe is None:
         return "default"
     return type(_default_scheduler(pipe)).__name__
@@ -219,7 +197,7 @@ def check_inputs(params: RenderParams) -> None:
         raise ValueError(
             f"negative_prompt must be a string, got {type(params.negative_prompt).__name__}"
         )
-    _canonical_scheduler(params.scheduler)
+    canonical_scheduler(params.scheduler)
     for field in ("prompt", "negative_prompt"):
         try:
             parse_prompt_attention(getattr(params, field))

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from producer.templates import (
+    MAX_PROMPT_CHARS,
+    MODEL_LENGTH,
+    TEMPLATE_NAME_LENGTH,
     RenderedPrompt,
     RenderError,
     Template,
@@ -288,7 +293,7 @@ def test_fields_lists_referenced_fields(tmp_path: Path) -> None:
     studio, lifestyle = load_templates(write(tmp_path, GOOD)).templates
     assert studio.fields() == frozenset({"title", "colour"})
     assert lifestyle.fields() == frozenset({"title", "colour"})
-    t = make("{% set x = title|upper %}{{ x }} {% for w in words %}{{ w }}{% endfor %}", "{{ n }}")
+    t = make("{% set x = title|upper %}{{ x }} {% if words %}{{ words }}{% endif %}", "{{ n }}")
     assert t.fields() == frozenset({"title", "words", "n"})
 
 
@@ -518,3 +523,233 @@ def test_preset_errors_point_at_preset(tmp_path: Path) -> None:
 def test_fields_include_preset_fields(tmp_path: Path) -> None:
     a, _b, _c = load_templates(write(tmp_path, PRESETS)).templates
     assert a.prompt_fields() == frozenset({"title", "style"})
+
+
+# ----------------------------------------------------------------------------- bounded rendering
+
+# A 20-character field, as in the review that found these templates unbounded.
+TITLE = {"title": "t" * 20}
+# Far more than a bounded render of a tiny template needs, even on a loaded CI machine; the
+# unbounded renders took minutes or gigabytes.
+QUICK_SECONDS = 2.0
+
+
+def render_error(source: str, fields: dict[str, str]) -> RenderError:
+    started = time.monotonic()
+    with pytest.raises(RenderError) as err:
+        make(source).render(fields, where="cat.csv:2")
+    assert time.monotonic() - started < QUICK_SECONDS
+    assert str(err.value).startswith("cat.csv:2: template 't': field 'prompt': ")
+    return err.value
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        # 4,004,000 characters from a 20-character field, before the 2,000-character check.
+        ('{{ (title*100)|replace("", title*100) }}', "replace would build a text of 4004000"),
+        # Nested, that used to multiply again.
+        (
+            '{{ ((title*100)|replace("", title*100))|replace("", title*100) }}',
+            "replace would build a text of 4004000",
+        ),
+        ("{{ title|join(title|join(title)) }}", "join would build a text of 7620"),
+        ('{% filter replace("", title) %}{{ title*100 }}{% endfilter %}', "replace would build"),
+        # Doubling a text in "set"s: 2**n characters after n lines.
+        (
+            "{% set a = title*100 %}{% set a = a ~ a %}{% set a = a ~ a %}{{ a|truncate(9) }}",
+            "'~' would build a text of 4000",
+        ),
+        (
+            "{% set a = title*100 %}{% set a = a + a %}{% set a = a + a %}{{ a|truncate(9) }}",
+            "'+' would build a text of 4000",
+        ),
+        # 100 references to one 2000-character text are 200,000 characters once written out.
+        ("{{ [title*100]*100 }}", "'*' would build a text of 200100"),
+        ('{{ "%099999999d" % 1 }}', "'%' string formatting is not allowed"),
+        ("{{ ((2**64)**64)**64 }}", "the result of '**' is too large a number"),
+        (
+            "{% set n = 2**64 %}{% set n = n*n %}{% set n = n*n %}{% set n = n*n %}"
+            "{% set n = n*n %}{% set n = n*n %}{% set n = n*n %}{{ n % 10 }}",
+            "the result of '*' is too large a number",
+        ),
+    ],
+)
+def test_building_a_huge_value_fails_quickly(source: str, reason: str) -> None:
+    err = render_error(source, TITLE)
+    assert reason in err.reason, err.reason
+    assert "forbidden by the template sandbox" in err.reason
+    if "would build" in reason:
+        assert f"prompt limit {MAX_PROMPT_CHARS}" in err.reason
+
+
+def test_bounded_operations_still_work() -> None:
+    fields = {"title": "red mug", "price": "7", "description": "word " * 3000}
+    source = (
+        '{{ title|replace(" ", "-") }} {{ [title, "blue"]|join(" and ") }} {{ "~" ~ title }} '
+        '{{ title + "!" }} {{ price|int % 4 }} {{ 2 ** 10 }} {{ "ab" * 3 }} '
+        # A catalogue field longer than the limit may be reshaped without growing.
+        "{{ description|replace('word', 'text')|truncate(14, True, '') }}"
+    )
+    assert make(source).render(fields, where="c:2")[0] == (
+        "red-mug red mug and blue ~red mug red mug! 3 1024 ababab text text text"
+    )
+    # Up to the limit is fine; one character more is not.
+    assert make("{{ title|replace('t', 'tt') }}").render(TITLE, where="c:2")[0] == "t" * 40
+    assert len(make("{{ (title*50)|replace('t', 'tt') }}").render(TITLE, where="c:2")[0]) == 2000
+    assert "2001" in render_error("{{ (title*50)|replace('t', 'tt') ~ '!' }}", TITLE).reason
+
+
+def test_methods_are_not_written_into_the_prompt() -> None:
+    # Written out, a method would put a memory address, different on every run, into the
+    # prompt and so into the job's dedupe key.
+    for source in ("{{ title.upper }}", "{{ title['upper'] }}", "{{ title.format }}"):
+        err = render_error(source, TITLE)
+        assert "'upper'" in err.reason or "'format'" in err.reason
+        assert "0x" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "line", "reason"),
+    [
+        # Three nested loops over a 2000-character text: minutes per row.
+        (
+            "{% for a in title*100 %}{% for b in title*100 %}{% for c in title*100 %}"
+            "{% endfor %}{% endfor %}{% endfor %}",
+            1,
+            "'for' loops are not allowed in prompts",
+        ),
+        (
+            "{% for x in title recursive %}{{ loop(x) }}{% endfor %}",
+            1,
+            "'for' loops are not allowed in prompts",
+        ),
+        # A macro calling itself twice doubles the work with every level.
+        (
+            "{% macro m(n) %}{{ m(n) }}{{ m(n) }}{% endmacro %}{{ m(1) }}",
+            1,
+            "macros are not allowed in prompts",
+        ),
+        ("{% call x() %}y{% endcall %}", 1, "'call' blocks are not allowed in prompts"),
+        ("{% include 'other.txt' %}", 1, "'include' is not allowed in prompts"),
+    ],
+)
+def test_loops_and_macros_fail_at_load(tmp_path: Path, prompt: str, line: int, reason: str) -> None:
+    started = time.monotonic()
+    path = tmp_path / "templates.yaml"
+    # JSON is a double-quoted YAML scalar: the prompt's quotes and newline are escaped.
+    path.write_text(
+        "templates:\n  studio:\n    prompt: " + json.dumps(prompt) + "\n", encoding="utf-8"
+    )
+    with pytest.raises(TemplateError) as err:
+        load_templates(path)
+    assert time.monotonic() - started < QUICK_SECONDS
+    assert (err.value.path, err.value.line, err.value.field) == (
+        str(path),
+        3,
+        "templates.studio.prompt",
+    )
+    assert err.value.reason.startswith(f"template 'studio': {reason}")
+    assert err.value.reason.endswith(f"(line {line} of the prompt)")
+
+
+def test_loop_in_a_block_prompt_names_its_line(tmp_path: Path) -> None:
+    text = """\
+    templates:
+      studio:
+        prompt: |
+          photo of {{ title }},
+          {% for c in title %}{{ c }}{% endfor %}
+    """
+    err = load_error(tmp_path, text)
+    assert (err.line, err.field) == (5, "templates.studio.prompt")
+    assert "'for' loops are not allowed" in err.reason and "line 2 of the prompt" in err.reason
+
+
+def test_loop_from_a_wildcard_fails_at_load(tmp_path: Path) -> None:
+    (tmp_path / "wildcards").mkdir()
+    (tmp_path / "wildcards" / "style.txt").write_text(
+        "plain\n{% for c in title %}{{ c }}{% endfor %}\n", encoding="utf-8"
+    )
+    err = load_error(tmp_path, "templates:\n  studio:\n    prompt: '{{ title }}, __style__'\n")
+    assert (err.line, err.field) == (3, "templates.studio.prompt")
+    assert "'for' loops are not allowed" in err.reason and "template 'studio'" in err.reason
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("euler_a", "euler_a"),  # the canonical spelling is stored as it is
+        ("Euler a", "euler_a"),
+        ("EULER_A", "euler_a"),
+        ("DPM++ 2M Karras", "dpmpp_2m_karras"),
+        ("ddim", "ddim"),
+        ("default", None),
+        ("Default", None),
+        ("null", None),
+    ],
+)
+def test_scheduler_is_stored_canonical(tmp_path: Path, written: str, stored: str | None) -> None:
+    # The job row and its dedupe key take the template's scheduler: one name per scheduler,
+    # so a spelling change re-renders nothing.
+    text = f"templates:\n  a:\n    prompt: x\n    scheduler: {written}\n"
+    (t,) = load_templates(write(tmp_path, text)).templates
+    assert t.scheduler == stored
+    text = f"defaults:\n  scheduler: {written}\ntemplates:\n  a:\n    prompt: x\n"
+    (t,) = load_templates(write(tmp_path, text)).templates
+    assert t.scheduler == stored
+
+
+def test_readme_schedulers_are_accepted(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    (line,) = [line for line in readme.splitlines() if line.strip().startswith("scheduler:")]
+    names = line.split("#", 1)[1].split(",")
+    assert len(names) == 7
+    for name in names:
+        text = f"templates:\n  a:\n    prompt: x\n    scheduler: {name.strip()}\n"
+        (t,) = load_templates(write(tmp_path, text)).templates
+        assert t.scheduler == (None if name.strip() == "default" else name.strip())
+
+
+def test_unknown_scheduler_fails_at_load(tmp_path: Path) -> None:
+    err = load_error(tmp_path, "templates:\n  a:\n    prompt: x\n    scheduler: euler_ancestral\n")
+    assert (err.line, err.field) == (4, "templates.a.scheduler")
+    assert err.reason == (
+        "unknown scheduler 'euler_ancestral' (known: default, euler, euler_a, ddim, dpmpp_2m, "
+        "dpmpp_2m_karras, pndm; A1111 names such as 'Euler a' work too)"
+    )
+    err = load_error(tmp_path, "defaults:\n  scheduler: lms\ntemplates:\n  a:\n    prompt: x\n")
+    assert (err.line, err.field) == (2, "defaults.scheduler")
+    assert "unknown scheduler 'lms'" in err.reason
+
+
+# ----------------------------------------------------------------------------- column lengths
+
+
+def test_template_name_longer_than_its_column(tmp_path: Path) -> None:
+    assert TEMPLATE_NAME_LENGTH == 200  # jobs.template
+    longest = "n" * TEMPLATE_NAME_LENGTH
+    (t,) = load_templates(write(tmp_path, f"templates:\n  {longest}:\n    prompt: x\n")).templates
+    assert t.name == longest
+    err = load_error(tmp_path, f"templates:\n  ok:\n    prompt: x\n  {longest}n:\n    prompt: y\n")
+    assert (err.line, err.field) == (4, f"templates.{longest}n")
+    assert err.reason == "template name is 201 characters; the jobs table holds at most 200"
+
+
+def test_model_longer_than_its_column(tmp_path: Path) -> None:
+    assert MODEL_LENGTH == 500  # jobs.model
+    longest = "org/" + "m" * (MODEL_LENGTH - 4)
+    text = f"templates:\n  a:\n    prompt: x\n    model: {longest}\n"
+    (t,) = load_templates(write(tmp_path, text)).templates
+    assert t.model == longest
+    err = load_error(tmp_path, f"templates:\n  a:\n    prompt: x\n    model: {longest}m\n")
+    assert (err.line, err.field) == (4, "templates.a.model")
+    assert err.reason == "model name is 501 characters; the jobs table holds at most 500"
+    err = load_error(tmp_path, f"defaults:\n  model: {longest}m\ntemplates:\n  a:\n    prompt: x\n")
+    assert (err.line, err.field) == (2, "defaults.model")
+    err = load_error(tmp_path, 'templates:\n  a:\n    prompt: x\n    model: "tiny\\0"\n')
+    assert (err.line, err.field) == (4, "templates.a.model")
+    assert "NUL character" in err.reason

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import worker.pipeline
+from pixelmill.schedulers import KNOWN_SCHEDULERS, SCHEDULER_LABELS
 from worker.pipeline import (
     NULL_MODEL,
     NullPipeline,
@@ -143,6 +145,14 @@ def test_schedulers_change_the_image(pipe: Any) -> None:
     euler = render_seed(pipe, dataclasses.replace(PARAMS, scheduler="euler"), 5)
     ddim = render_seed(pipe, dataclasses.replace(PARAMS, scheduler="ddim"), 5)
     assert not np.array_equal(_pixels(euler), _pixels(ddim))
+
+
+def test_every_known_scheduler_can_be_built(pipe: Any) -> None:
+    # pixelmill.schedulers lists the names the producer accepts; the worker must build each.
+    for name in KNOWN_SCHEDULERS:
+        apply_scheduler(pipe, name)
+        assert scheduler_label(name, pipe=pipe)
+    assert set(worker.pipeline._SCHEDULER_FACTORIES) == set(SCHEDULER_LABELS)
 
 
 def test_scheduler_label_without_pipe() -> None:
