@@ -28,6 +28,9 @@ from sqlalchemy.sql import Executable
 
 from producer.errors import InputError
 
+# How much of a catalogue file is read and decoded at a time.
+READ_BYTES = 64 * 1024
+
 
 class CatalogueError(InputError):
     """A problem with the catalogue file, located by file, line and field."""
@@ -78,12 +81,12 @@ def _raise_problems(rows: Generator[CatalogueRow]) -> Iterator[CatalogueRow]:
 
 
 class _Source:
-    """Decodes a binary file line by line and counts physical lines.
+    """Decodes a binary file and hands out its lines, counting physical lines.
 
     Decoding is done here rather than by ``open(..., encoding=...)`` so that a bad byte is
     reported on the line that contains it instead of wherever the text layer's read buffer
-    happened to fail.  An incremental decoder is used so that a multi-byte character is
-    never split by our line boundaries.
+    happened to fail.  The file is decoded first and split into lines after: in UTF-16 (Excel's
+    "Unicode Text") a newline is two bytes, and a 0x0A byte can be half of another character.
     """
 
     def __init__(self, path: Path, raw: BinaryIO, encoding: str) -> None:
@@ -91,31 +94,90 @@ class _Source:
         self._raw = raw
         self._encoding = encoding
         self._decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-        # Physical line number of the last line handed to the csv reader.
+        # Physical line number of the last line handed out.
         self.line = 0
 
     def __iter__(self) -> Iterator[str]:
-        # Iterating a binary file splits on b"\n" only; line endings are kept so the csv
-        # module sees exactly what newline="" would give it (quoted newlines survive).
-        for chunk in self._raw:
+        # Only "\n" ends a line, and line endings are kept: the csv module sees exactly what
+        # newline="" would give it ("\r\n" is its business, and quoted newlines survive).
+        pending: list[str] = []  # decoded pieces of a line whose end has not been read yet
+        at_start = True
+        while True:
+            data = self._raw.read(READ_BYTES)
+            final = not data
+            text, error = self._decode(data, final=final)
+            if at_start and text:
+                # A byte order mark is not content (utf-8-sig and utf-16 drop it already;
+                # utf-8 or utf-16-le given explicitly would keep it in the first column name).
+                text = text.removeprefix("\ufeff")
+                at_start = False
+            *complete, rest = text.split("\n")
+            for piece in complete:
+                pending.append(piece)
+                self.line += 1
+                yield "".join(pending) + "\n"
+                pending = []
+            if rest:
+                pending.append(rest)
+            if error is not None:
+                # The lines before the bad byte are handed out first, so the error comes
+                # where it did when the file was read line by line.
+                raise self._not_valid(error, position=sum(map(len, pending)))
+            if final:
+                break
+        if pending:
             self.line += 1
-            yield self._decode(chunk, final=False)
-        tail = self._decode(b"", final=True)
-        if tail:
-            yield tail
+            yield "".join(pending)
 
-    def _decode(self, chunk: bytes, *, final: bool) -> str:
+    def _decode(self, data: bytes, *, final: bool) -> tuple[str, UnicodeDecodeError | None]:
+        """The text of ``data``; on a bad byte, the text before it and the error."""
+        state = self._decoder.getstate()
         try:
-            return self._decoder.decode(chunk, final)
+            return self._decoder.decode(data, final), None
         except UnicodeDecodeError as exc:
-            bad = exc.object[exc.start : exc.start + 1].hex()
-            raise CatalogueError(
-                self._path,
-                max(self.line, 1),
-                None,
-                f"not valid {self._encoding} (byte 0x{bad} at position {exc.start}); "
-                "pass --encoding",
-            ) from None
+            error = exc
+        # Only on this error path: decode the chunk again from the same state, a byte at a
+        # time, to find the text before the bad byte (and so its line).
+        decoder = codecs.getincrementaldecoder(self._encoding)(errors="strict")
+        decoder.setstate(state)
+        good: list[str] = []
+        try:
+            for index in range(len(data)):
+                good.append(decoder.decode(data[index : index + 1], False))
+            decoder.decode(b"", final)
+        except UnicodeDecodeError as exc:
+            return "".join(good), exc
+        # A codec that fails only on the whole chunk: the error is placed at the chunk's
+        # first line, which is still the file's error.
+        return "", error
+
+    def _not_valid(self, exc: UnicodeDecodeError, *, position: int) -> CatalogueError:
+        bad = exc.object[exc.start : exc.start + 1].hex()
+        # The error is on the line being read, after the ones already handed out;
+        # ``position`` counts the characters of that line before the bad byte.
+        return CatalogueError(
+            self._path,
+            self.line + 1,
+            None,
+            f"not valid {self._encoding} (byte 0x{bad} at position {position}); pass --encoding",
+        )
+
+
+def _unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored as an item's field (None when it can).
+
+    Postgres text and jsonb cannot hold a NUL character, and no text can hold a lone UTF-16
+    surrogate (JSON's "\\ud800" escape): such a cell is its row's problem, not a failure of
+    the whole produce when the items are written.
+    """
+    if "\0" in text:
+        return "contains a NUL character, which the database cannot store"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}), not text"
+    return None
 
 
 def _blank(cells: list[str]) -> bool:
@@ -203,6 +265,11 @@ class CsvCatalogue:
                 raise CatalogueError(
                     self.path, line, None, f"column {position} of the header has an empty name"
                 )
+            reason = _unstorable(name)
+            if reason is not None:
+                raise CatalogueError(
+                    self.path, line, None, f"column {position} of the header {reason}"
+                )
             if name in seen:
                 raise CatalogueError(
                     self.path,
@@ -252,8 +319,19 @@ class CsvCatalogue:
                 )
                 yield CatalogueRow(line=line, fields={}, problem=problem)
                 continue
-            values = (cell.strip() for cell in cells)
-            yield CatalogueRow(line=line, fields=dict(zip(self.columns, values, strict=True)))
+            fields = {name: cell.strip() for name, cell in zip(self.columns, cells, strict=True)}
+            unstorable = self._unstorable_cell(line, fields)
+            if unstorable is not None:
+                yield CatalogueRow(line=line, fields={}, problem=unstorable)
+                continue
+            yield CatalogueRow(line=line, fields=fields)
+
+    def _unstorable_cell(self, line: int, fields: dict[str, str]) -> CatalogueError | None:
+        for name, value in fields.items():
+            reason = _unstorable(value)
+            if reason is not None:
+                return CatalogueError(self.path, line, name, reason)
+        return None
 
     def require_columns(self, needed: Iterable[str], *, who: str) -> None:
         """Fails on the first column in ``needed`` that the header (line 1) lacks."""
@@ -266,6 +344,14 @@ class _UnsupportedValue(Exception):
 
 def _text(value: object) -> str:
     """The text a template sees for one JSON or SQL value."""
+    plain = _plain_text(value)
+    reason = _unstorable(plain)
+    if reason is not None:
+        raise _UnsupportedValue(reason)
+    return plain
+
+
+def _plain_text(value: object) -> str:
     # bool before int: True is an int, and "True" would surprise a template author.
     if value is None:
         return ""
@@ -306,11 +392,16 @@ def _json_kind(value: object) -> str:
     return "a number"
 
 
+# How the producer's ``require_columns(..., who=...)`` names a template's requirement.
+TEMPLATE_REQUIREMENT = "template "
+
+
 class JsonlCatalogue:
     """A JSON Lines catalogue: one JSON object per line, blank lines skipped.
 
     There is no header, so ``columns`` is None and rows may carry different keys.
-    ``require_columns`` records what is needed and iteration checks it on every row.
+    ``require_columns`` records the keys every row must have (the item key) and iteration
+    checks them on every row.
     """
 
     columns: list[str] | None = None
@@ -333,10 +424,8 @@ class JsonlCatalogue:
         """Yields (physical line, text) for each non-blank line."""
         with _open_binary(self.path) as raw:
             source = _Source(self.path, raw, self.encoding)
+            # A BOM (not JSON, but editors on Windows still write one) is dropped by _Source.
             for text_line in source:
-                if source.line == 1:
-                    # A BOM is not JSON; editors on Windows still write one.
-                    text_line = text_line.removeprefix("\ufeff")
                 if text_line.strip():
                     yield source.line, text_line
 
@@ -372,6 +461,9 @@ class JsonlCatalogue:
         for key, item in value:
             if not key.strip():
                 raise CatalogueError(self.path, line, None, "a key is empty")
+            reason = _unstorable(key)
+            if reason is not None:
+                raise CatalogueError(self.path, line, None, f"key {key!r} {reason}")
             if key in fields:
                 raise CatalogueError(self.path, line, key, "duplicate key")
             try:
@@ -389,7 +481,17 @@ class JsonlCatalogue:
         return fields
 
     def require_columns(self, needed: Iterable[str], *, who: str) -> None:
-        """Records keys that every row must have; iteration fails on a row that lacks one."""
+        """Records keys that every row must have; iteration fails on a row that lacks one.
+
+        Keys a template needs (``who`` names the template: "template 'studio'", as the
+        producer asks) are not required on every row: rows may carry different keys, and a
+        template with a ``when`` needs its prompt and image keys only on the rows it applies
+        to. The template reports a key missing from such a row itself, naming the row's line
+        and the key (a CSV or SQL catalogue checks them in its header instead, where every
+        row has every column).
+        """
+        if who.startswith(TEMPLATE_REQUIREMENT):
+            return
         for name in needed:
             self._required.setdefault(name, who)
 

@@ -30,6 +30,7 @@ import io
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,10 @@ if TYPE_CHECKING:
 
 # Formats a catalogue image may have; anything else is refused (less decoder surface).
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+# Formats Pillow names apart that are stored as one of FORMATS: a multi-picture JPEG (MPO,
+# as many cameras and phones write) opens as "MPO", yet its bytes are a JPEG whose first
+# picture every JPEG reader shows (the worker too).
+FORMAT_ALIASES = {"MPO": "JPEG"}
 # input_sources.source is a String(2000).
 MAX_SOURCE_CHARS = 2000
 READ_CHUNK = 64 * 1024
@@ -132,6 +137,11 @@ def source_address(value: str, base: Path) -> str:
     value = value.strip()
     if not value:
         raise InputImageError("is empty")
+    # Postgres text cannot hold either, and the address is looked up in input_sources.
+    if "\0" in value:
+        raise InputImageError("contains a NUL character")
+    if not _is_utf8(value):
+        raise InputImageError("is not valid text (it holds a lone UTF-16 surrogate)")
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     if scheme in ("http", "https"):
         address = scheme + value[len(scheme) :]
@@ -148,6 +158,14 @@ def source_address(value: str, base: Path) -> str:
     if len(address) > MAX_SOURCE_CHARS:
         raise InputImageError(f"address longer than {MAX_SOURCE_CHARS} characters")
     return address
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- fetching
@@ -194,9 +212,40 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects())
 
 
+def _request_url(url: str) -> str:
+    """The URL as it is sent. urllib sends only ASCII: a non-ASCII host is IDNA-encoded and
+    every other non-ASCII character (a product name in the path) is percent-encoded as UTF-8,
+    as a browser does; the rest is sent as written. Raises ValueError for a URL that cannot
+    be sent."""
+    if url.isascii():
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, host_port = netloc.rpartition("@")
+        host, colon, port = host_port.rpartition(":")
+        if not colon or not port.isdigit():  # no port given
+            host, colon, port = host_port, "", ""
+        netloc = (
+            _percent_encoded(userinfo) + at + host.encode("idna").decode("ascii") + colon + port
+        )
+    rest = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    return f"{parts.scheme}://{netloc}{_percent_encoded(rest)}"
+
+
+def _percent_encoded(text: str) -> str:
+    """``text`` with its non-ASCII characters percent-encoded as UTF-8."""
+    return "".join(c if c.isascii() else urllib.parse.quote(c, safe="") for c in text)
+
+
 def _fetch_http(url: str, limits: FetchLimits) -> bytes:
     deadline = time.monotonic() + limits.timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "pixelmill-producer"})
+    try:
+        request = urllib.request.Request(
+            _request_url(url), headers={"User-Agent": "pixelmill-producer"}
+        )
+    except ValueError as exc:  # "http://[bad/x.png": Invalid IPv6 URL, a bad host name, ...
+        raise InputImageError(f"not a valid URL: {exc}") from None
     try:
         # The timeout applies to connecting and to every read of the socket.
         with _OPENER.open(request, timeout=limits.timeout) as response:
@@ -215,6 +264,12 @@ def _fetch_http(url: str, limits: FetchLimits) -> bytes:
         raise limits.timed_out() from None
     except (http.client.HTTPException, OSError) as exc:
         raise InputImageError(f"download failed: {exc or type(exc).__name__}") from None
+    except InputImageError:
+        raise  # a ValueError too: the limits and the redirect check, with their own reasons
+    except ValueError as exc:
+        # What urllib, http.client and the resolver find wrong only when connecting, such as
+        # a host name label longer than 63 characters.
+        raise InputImageError(f"not a valid URL: {exc}") from None
 
 
 def _read_file(path: str, limits: FetchLimits) -> bytes:
@@ -230,6 +285,10 @@ def _read_file(path: str, limits: FetchLimits) -> bytes:
         raise InputImageError("is a folder, not an image file") from None
     except OSError as exc:
         raise InputImageError(f"cannot read: {exc.strerror or exc}") from None
+    except InputImageError:
+        raise  # a ValueError too: the limits, with their own reasons
+    except ValueError as exc:  # a path open() refuses, such as one with a NUL character
+        raise InputImageError(f"not a valid path: {exc}") from None
 
 
 def make_input_s3_client(settings: Settings) -> S3Client:
@@ -317,7 +376,13 @@ def decode(data: bytes, limits: FetchLimits) -> _Decoded:
                 # A phone photo taken upright, stored sideways: every viewer (and the
                 # worker, see worker.conditioning.decode_image) shows it turned upright.
                 width, height = height, width
-            return _Decoded(width, height, image.mode, str(image.format))
+            image_format = FORMAT_ALIASES.get(str(image.format), str(image.format))
+            if image_format not in FORMATS:
+                # Opening was limited to FORMATS, but a plugin may name its image apart (as
+                # JPEG's does for MPO): refused here, not a crash when it is stored.
+                kinds = ", ".join(FORMATS)
+                raise InputImageError(f"unsupported format {image.format} (expected {kinds})")
+            return _Decoded(width, height, image.mode, image_format)
     except InputImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from producer.catalogue import (
+    READ_BYTES,
     CatalogueError,
     CatalogueRow,
     CsvCatalogue,
@@ -63,6 +64,64 @@ def test_bom_is_stripped(tmp_path: Path) -> None:
     cat = CsvCatalogue(path)
     assert cat.columns == ["sku", "title"]
     assert [r.fields for r in cat] == [{"sku": "A1", "title": "Mug"}]
+
+
+def excel_unicode_text(rows: list[list[str]]) -> bytes:
+    """What Excel's "Unicode Text" export writes: UTF-16 LE with a BOM, tabs, CRLF."""
+    return "\r\n".join("\t".join(row) for row in rows).encode("utf-16") + "\r\n".encode("utf-16-le")
+
+
+def test_utf16_tab_separated_as_excel_writes_it(tmp_path: Path) -> None:
+    data = excel_unicode_text(
+        [
+            ["sku", "title", "colour"],
+            ["A1", '"Mug\r\nwith a handle"', "红"],
+            ["A2", "Lamp", "blue"],
+            ["A3", "Ċhair", "green"],  # U+010A: its UTF-16 bytes are 0x0A 0x01
+        ]
+    )
+    assert data.startswith(b"\xff\xfe") and b"\n\x01" in data
+    cat = CsvCatalogue(write(tmp_path, data, "catalogue.txt"), encoding="utf-16")
+    assert (cat.delimiter, cat.columns) == ("\t", ["sku", "title", "colour"])
+    assert [(r.line, r.fields) for r in cat] == [
+        (2, {"sku": "A1", "title": "Mug\r\nwith a handle", "colour": "红"}),
+        (4, {"sku": "A2", "title": "Lamp", "colour": "blue"}),
+        (5, {"sku": "A3", "title": "Ċhair", "colour": "green"}),
+    ]
+
+
+def test_utf16_bad_data_names_the_line(tmp_path: Path) -> None:
+    # A lone low surrogate (0xDC00) on line 3 cannot be decoded.
+    data = (
+        excel_unicode_text([["sku", "title"], ["A1", "ok"]])
+        + b"A\x002\x00\t\x00\x00\xdc\r\x00\n\x00"
+    )
+    path = write(tmp_path, data)
+    with pytest.raises(CatalogueError) as err:
+        list(CsvCatalogue(path, encoding="utf-16", delimiter="\t"))
+    assert err.value.line == 3
+    assert str(err.value).startswith(f"{path}:3: not valid utf-16 (byte 0x")
+    assert "at position 3); pass --encoding" in str(err.value)
+
+
+def test_bom_is_dropped_whatever_the_encoding(tmp_path: Path) -> None:
+    path = write(tmp_path, "\ufeffsku,title\nA1,Mug\n".encode("utf-16-le"))
+    assert CsvCatalogue(path, encoding="utf-16-le").columns == ["sku", "title"]
+    path = write(tmp_path, "\ufeffsku\nA1\n".encode(), "plain-utf8.csv")
+    assert CsvCatalogue(path, encoding="utf-8").columns == ["sku"]
+
+
+def test_a_line_longer_than_a_read_keeps_its_number(tmp_path: Path) -> None:
+    long_title = "红" * (READ_BYTES // 2)  # 3 bytes each in UTF-8: spans several reads
+    data = f"sku,title\nA1,{long_title}\nA2,b\xe4d\n".encode()
+    rows = list(CsvCatalogue(write(tmp_path, data)))
+    assert [(r.line, r.fields["title"]) for r in rows] == [(2, long_title), (3, "bäd")]
+    bad = data.replace(b"b\xc3\xa4d", b"b\xe4d")
+    with pytest.raises(CatalogueError) as err:
+        list(CsvCatalogue(write(tmp_path, bad)))
+    assert str(err.value).startswith(
+        f"{tmp_path / 'catalogue.csv'}:3: not valid utf-8-sig (byte 0xe4 at position 4)"
+    )
 
 
 def test_quoted_newlines_keep_line_numbers(tmp_path: Path) -> None:
@@ -314,18 +373,31 @@ def test_jsonl_duplicate_key(tmp_path: Path) -> None:
 
 
 def test_jsonl_required_key_checked_per_row(tmp_path: Path) -> None:
-    path = jsonl(tmp_path, '{"sku": "A1", "title": "x"}\n{"sku": "A2"}\n')
+    path = jsonl(tmp_path, '{"sku": "A1", "title": "x"}\n{"title": "y"}\n')
     cat = JsonlCatalogue(path)
     cat.require_columns(["sku"], who="the template file's 'key'")
-    cat.require_columns(["title"], who="template 'studio'")
     rows = iter(cat)
     assert next(rows).fields == {"sku": "A1", "title": "x"}
     with pytest.raises(CatalogueError) as err:
         next(rows)
-    assert (err.value.line, err.value.field) == (2, "title")
+    assert (err.value.line, err.value.field) == (2, "sku")
     assert str(err.value) == (
-        f"{path}:2: field 'title': key required by template 'studio' is missing (keys: sku)"
+        f"{path}:2: field 'sku': key required by the template file's 'key' is missing (keys: title)"
     )
+
+
+def test_jsonl_template_keys_are_not_required_on_every_row(tmp_path: Path) -> None:
+    # A template with a `when` needs its keys only on the rows it applies to; the template
+    # reports a missing one on such a row (tests/producer/test_sources.py, through produce).
+    path = jsonl(tmp_path, '{"sku": "A1", "title": "x"}\n{"sku": "A2"}\n')
+    cat = JsonlCatalogue(path)
+    cat.require_columns(["sku"], who="the template file's 'key'")
+    cat.require_columns(["title"], who="template 'studio'")
+    cat.require_columns(["photo"], who="template 'studio' (images)")
+    assert [(r.line, r.fields, r.problem) for r in cat.rows()] == [
+        (1, {"sku": "A1", "title": "x"}, None),
+        (2, {"sku": "A2"}, None),
+    ]
 
 
 def test_jsonl_bad_encoding_names_the_line(tmp_path: Path) -> None:
@@ -334,6 +406,15 @@ def test_jsonl_bad_encoding_names_the_line(tmp_path: Path) -> None:
         list(JsonlCatalogue(path))
     assert err.value.line == 2
     assert "not valid utf-8" in err.value.reason
+
+
+def test_jsonl_utf16_with_bom(tmp_path: Path) -> None:
+    data = '{"sku": "A1", "title": "红"}\r\n\r\n{"sku": "A2", "title": "\u010a"}\r\n'
+    path = write(tmp_path, data.encode("utf-16"), "c.jsonl")
+    assert [(r.line, r.fields) for r in JsonlCatalogue(path, encoding="utf-16")] == [
+        (1, {"sku": "A1", "title": "红"}),
+        (3, {"sku": "A2", "title": "Ċ"}),
+    ]
 
 
 def test_jsonl_gbk(tmp_path: Path) -> None:
@@ -615,3 +696,44 @@ def test_sql_abandoned_iteration_closes_the_cursor(
     [cursor] = [c for c in cursors if isinstance(c, psycopg.ServerCursor) and not c.closed]
     rows.close()  # type: ignore[attr-defined]
     assert cursor.closed
+
+
+# --- text the database cannot store --------------------------------------------------------
+
+
+def test_csv_cell_with_a_nul_is_its_row_s_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, b"sku,title\nA1,mu\x00g\nA2,lamp\n")
+    rows = list(CsvCatalogue(path).rows())
+    assert rows[1] == CatalogueRow(line=3, fields={"sku": "A2", "title": "lamp"})
+    problem = rows[0].problem
+    assert problem is not None and rows[0].fields == {}
+    assert str(problem) == (
+        f"{path}:2: field 'title': contains a NUL character, which the database cannot store"
+    )
+
+
+def test_csv_header_with_a_nul(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError) as err:
+        CsvCatalogue(write(tmp_path, b"sku,ti\x00tle\nA1,x\n"))
+    assert (err.value.line, err.value.reason) == (
+        1,
+        "column 2 of the header contains a NUL character, which the database cannot store",
+    )
+
+
+def test_jsonl_text_the_database_cannot_store(tmp_path: Path) -> None:
+    path = jsonl(
+        tmp_path,
+        '{"sku": "A1", "title": "a\\u0000b"}\n'
+        '{"sku": "A2", "title": "a\\ud800b"}\n'
+        '{"sku": "A3", "ti\\u0000tle": "x"}\n'
+        '{"sku": "A4", "title": "\\ud83d\\ude00"}\n',  # a surrogate pair is one character
+    )
+    rows = list(JsonlCatalogue(path).rows())
+    assert [(r.line, r.problem and (r.problem.field, r.problem.reason)) for r in rows] == [
+        (1, ("title", "contains a NUL character, which the database cannot store")),
+        (2, ("title", "holds a lone UTF-16 surrogate (\\ud800), not text")),
+        (3, (None, "key 'ti\\x00tle' contains a NUL character, which the database cannot store")),
+        (4, None),
+    ]
+    assert rows[3].fields == {"sku": "A4", "title": "\U0001f600"}

@@ -29,10 +29,12 @@ from producer.input_images import (
     InputImageError,
     InputStager,
     StagedImage,
+    _read_file,
     decode,
     source_address,
     storage_key,
 )
+from producer.produce import produce
 from tests.producer.image_server import ImageServer, elapsed, jpeg, png
 
 # Long enough for a loaded CI machine to serve a good image, short enough for the hang tests.
@@ -90,6 +92,9 @@ def test_source_addresses(tmp_path: Path) -> None:
         ("s3://bucket", "s3://bucket: an S3 address is s3://bucket/key"),
         ("ftp://h/a.png", "ftp://h/a.png: unsupported address"),
         ("http://h/" + "a" * 2000, "longer than 2000 characters"),
+        # Postgres cannot look such an address up in input_sources.
+        ("photos/a\0.png", "contains a NUL character"),
+        ("http://h/\ud800.png", "is not valid text (it holds a lone UTF-16 surrogate)"),
     ]:
         with pytest.raises(InputImageError) as info:
             source_address(value, tmp_path)
@@ -148,6 +153,37 @@ def test_decode_refuses_more_pixels_than_the_limit() -> None:
     with pytest.raises(InputImageError) as info:
         decode(png(64, 64), limits)
     assert "image is 64x64 pixels, more than the limit of 4,095" in info.value.reason
+
+
+def mpo(width: int = 32, height: int = 16) -> bytes:
+    """A multi-picture JPEG, as cameras and phones write (Pillow opens it as "MPO")."""
+    buffer = io.BytesIO()
+    first, second = Image.new("RGB", (width, height), "red"), Image.new("RGB", (8, 8), "blue")
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    return buffer.getvalue()
+
+
+def test_decode_takes_a_multi_picture_jpeg_for_a_jpeg() -> None:
+    data = mpo(32, 16)
+    with Image.open(io.BytesIO(data)) as image:
+        assert (image.format, getattr(image, "n_frames", 1)) == ("MPO", 2)
+    decoded = decode(data, LIMITS)
+    assert (decoded.width, decoded.height, decoded.mode, decoded.format) == (32, 16, "RGB", "JPEG")
+
+
+def test_a_multi_picture_jpeg_is_stored_as_a_jpeg(tmp_path: Path, db_session: Session) -> None:
+    data = mpo(32, 16)
+    (tmp_path / "camera.jpg").write_bytes(data)
+    address = str(tmp_path / "camera.jpg")
+
+    stager = stage(db_session, settings_for(tmp_path), [address])
+
+    digest = hashlib.sha256(data).hexdigest()
+    assert stager.results[address] == StagedImage(digest, 32, 16, "RGB")
+    key = f"inputs/{digest[:2]}/{digest}.jpg"
+    assert LocalStorage(tmp_path / "store").get(key) == data  # the original bytes, untouched
+    stored = db_session.scalar(select(InputImage.storage_key).where(InputImage.sha256 == digest))
+    assert stored == key
 
 
 def test_decode_refuses_formats_outside_the_list() -> None:
@@ -263,6 +299,30 @@ def test_http_failures_are_per_address_and_the_others_are_staged(
     assert db_session.scalar(select(func.count()).select_from(InputSource)) == 1
 
 
+def test_malformed_urls_are_the_address_s_error(
+    tmp_path: Path, db_session: Session, server: ImageServer
+) -> None:
+    server.files["/good.png"] = png()
+    # Non-ASCII in a URL is sent percent-encoded (the host IDNA-encoded), as a browser does.
+    server.files["/caf%C3%A9.png"] = png(24, 24)
+    bad = {
+        "http://[bad/x.png": "not a valid URL: Invalid IPv6 URL",
+        "http://" + "a" * 64 + ".example/x.png": "not a valid URL: encoding with 'idna' codec",
+        "http://" + "é" * 64 + ".example/x.png": "not a valid URL: encoding with 'idna' codec",
+    }
+    good = [server.url("/good.png"), server.url("/café.png")]
+
+    stager = stage(db_session, settings_for(tmp_path), [*bad, *good])
+
+    for address, message in bad.items():
+        assert reason(stager, address).startswith(message), address
+    assert isinstance(stager.results[good[0]], StagedImage)
+    cafe = stager.results[good[1]]
+    assert isinstance(cafe, StagedImage) and (cafe.width, cafe.height) == (24, 24)
+    assert server.requests == {"/good.png": 1, "/caf%C3%A9.png": 1}
+    assert (stager.counts.fetched, stager.counts.failed) == (2, len(bad))
+
+
 def test_the_size_limit_is_counted_not_announced(
     tmp_path: Path, db_session: Session, server: ImageServer
 ) -> None:
@@ -304,6 +364,13 @@ def test_local_files(tmp_path: Path, db_session: Session) -> None:
     assert reason(stager, str(base)) == "is a folder, not an image file"
     assert reason(stager, str(base / "big.png")) == "larger than 5 kB"
     assert "not an image (cannot identify" in reason(stager, str(base / "notes.txt"))
+
+
+def test_a_path_open_refuses_is_the_address_s_error(tmp_path: Path) -> None:
+    # source_address() refuses a NUL already; reading such a path must not crash either.
+    with pytest.raises(InputImageError) as info:
+        _read_file(str(tmp_path / "a\0.png"), LIMITS)
+    assert info.value.reason == "not a valid path: embedded null byte"
 
 
 # --------------------------------------------------------------------------- S3
@@ -351,3 +418,49 @@ def test_many_images_on_few_workers(
     assert all(isinstance(stager.results[a], StagedImage) for a in addresses)
     assert sum(server.requests.values()) == 150
     assert db_session.scalar(select(func.count()).select_from(InputImage)) == 150
+
+
+# --------------------------------------------------------------------------- through produce
+
+
+def test_an_unusual_image_cell_is_its_row_s_error_and_the_others_go_on(
+    tmp_path: Path, db_session: Session, server: ImageServer
+) -> None:
+    (tmp_path / "camera.jpg").write_bytes(mpo(64, 64))
+    server.files["/a3.png"] = png(64, 64)
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text(
+        "sku,title,photo\n"
+        "A1,mug,camera.jpg\n"  # line 2: a multi-picture JPEG
+        "A2,lamp,http://[bad/x.png\n"  # line 3: a malformed URL
+        f"A3,chair,{server.url('/a3.png')}\n"  # line 4
+        "A4,vase,photos/a\0.png\n",  # line 5: a NUL in a path
+        encoding="utf-8",
+    )
+    templates = tmp_path / "templates.yaml"
+    templates.write_text(
+        "key: sku\n"
+        "defaults: {steps: 2, width: 64, height: 64, seeds: 1}\n"
+        "templates:\n"
+        "  remix: {kind: img2img, image: photo, strength: 0.5, prompt: '{{ title }} on a table'}\n",
+        encoding="utf-8",
+    )
+
+    report = produce(
+        db_session,
+        catalogue_path=catalogue,
+        templates_path=templates,
+        default_model="tiny",
+        run_name="run-1",
+        settings=settings_for(tmp_path),
+    )
+
+    assert (report.rows, report.items, report.jobs, report.rows_skipped) == (4, 2, 2, 2)
+    assert [(p.line, p.field) for p in report.problems] == [(3, "photo"), (5, "photo")]
+    assert str(report.problems[0]) == (
+        f"{catalogue}:3: field 'photo': item 'A2': http://[bad/x.png: "
+        "not a valid URL: Invalid IPv6 URL"
+    )
+    assert "NUL character" in report.problems[1].reason
+    keys = db_session.scalars(select(InputImage.storage_key).order_by(InputImage.storage_key))
+    assert sorted(key.rsplit(".", 1)[1] for key in keys) == ["jpg", "png"]
