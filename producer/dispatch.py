@@ -84,18 +84,33 @@ def _room(session: Session, batch_size: int, window: int | None) -> int:
 
 
 def _mark_queued(session: Session, limit: int, run_id: int | None) -> list[int]:
+    # The active runs' rows first, FOR SHARE until the commit: a pause or cancel of one of
+    # them (which locks the run's row before its jobs) waits for these jobs to be queued and
+    # then returns them to pending, or is waited for, and then the run is no longer active
+    # here. Runs, then jobs: the order pause and cancel take them, so neither waits for the
+    # other's second lock. Dispatchers' share locks do not conflict with each other.
+    # (SQLite ignores FOR SHARE and FOR UPDATE; it serialises writers anyway.)
+    active_runs = (
+        select(Run.id)
+        .where(Run.status == RunStatus.ACTIVE)
+        .order_by(Run.id)
+        .with_for_update(read=True)
+    )
+    if run_id is not None:
+        active_runs = active_runs.where(Run.id == run_id)
+    run_ids = list(session.scalars(active_runs))
+    if not run_ids:
+        session.commit()
+        return []
     # SKIP LOCKED: two dispatchers running at once split the pending jobs between them.
-    # (SQLite ignores FOR UPDATE; it serialises writers anyway.)
     candidates = (
         select(Job.id)
         .join(Run, Run.id == Job.run_id)
-        .where(Job.status == JobStatus.PENDING, Run.status == RunStatus.ACTIVE)
+        .where(Job.status == JobStatus.PENDING, Job.run_id.in_(run_ids))
         .order_by(Run.priority.desc(), Job.id)
         .limit(limit)
         .with_for_update(of=Job, skip_locked=True)
     )
-    if run_id is not None:
-        candidates = candidates.where(Job.run_id == run_id)
     ids = list(session.scalars(candidates))
     if ids:
         session.execute(

@@ -4,6 +4,11 @@ Pausing and cancelling act within seconds because the backlog lives in Postgres,
 broker: the dispatcher publishes only a small window of jobs at a time, a paused run's queued
 jobs go back to ``pending``, and a worker refuses to claim a job whose run is not active (its
 message is then dropped harmlessly). Jobs already running finish.
+
+Pause, resume and cancel lock the run's row before they read its status or touch its jobs, as
+the dispatcher (FOR SHARE) and the workers do (see worker.claim for the lock order): a
+dispatcher queueing the run's jobs, or a worker ending its last job, commits first and is then
+seen, or waits for this to commit.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus, Run, RunStatus, utcnow
+from worker.claim import finish_run_if_complete
 
 
 class RunStateError(ValueError):
@@ -87,6 +93,7 @@ def list_runs(session: Session, *, limit: int = 50) -> list[RunSummary]:
 
 def pause_run(session: Session, run: Run) -> int:
     """Stop dispatching; returns how many queued jobs went back to pending."""
+    _lock(session, run)
     _require(run, {RunStatus.ACTIVE, RunStatus.PAUSED}, "pause")
     run.status = RunStatus.PAUSED
     requeued = _unqueue(session, run)
@@ -95,13 +102,19 @@ def pause_run(session: Session, run: Run) -> int:
 
 
 def resume_run(session: Session, run: Run) -> None:
+    """Dispatch the run's jobs again. A run whose jobs all ended while it was paused is
+    ``finished`` instead: no job is left to end it."""
+    _lock(session, run)
     _require(run, {RunStatus.PAUSED, RunStatus.ACTIVE}, "resume")
     run.status = RunStatus.ACTIVE
+    session.flush()
+    finish_run_if_complete(session, run.id)
     session.commit()
 
 
 def cancel_run(session: Session, run: Run) -> int:
     """Cancel every job that has not started; returns how many were cancelled."""
+    _lock(session, run)
     _require(run, {RunStatus.ACTIVE, RunStatus.PAUSED, RunStatus.CANCELLED}, "cancel")
     run.status = RunStatus.CANCELLED
     run.finished_at = utcnow()
@@ -128,6 +141,13 @@ def _unqueue(session: Session, run: Run) -> int:
         .values(status=JobStatus.PENDING, queued_at=None)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _lock(session: Session, run: Run) -> None:
+    """Lock the run's row (FOR NO KEY UPDATE, as worker.claim.lock_run) and reload it, so its
+    status is the last committed one and stays so until this transaction ends. Locked before
+    its jobs are touched: the dispatcher too takes the run's row, then its jobs' rows."""
+    session.refresh(run, with_for_update={"key_share": True})
 
 
 def _require(run: Run, allowed: set[RunStatus], action: str) -> None:

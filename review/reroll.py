@@ -61,8 +61,17 @@ def reroll(
     """Reject the item's undecided images, queue a new job per (template, variant) with fresh
     seeds, and park the item until they have rendered. Returns the new job ids. Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
-    run = session.get(Run, item.run_id)
-    assert run is not None
+    # The run's row, locked before the jobs are added (see worker.claim for the lock order)
+    # and held until the commit: a worker ending the run's last other job meanwhile waits,
+    # then sees the new jobs and leaves the run active; one that ended it first has committed
+    # the run finished, which this reads and re-activates below. A cancel waits likewise, or
+    # has committed and is refused here.
+    run = session.scalars(
+        select(Run)
+        .where(Run.id == item.run_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    ).one()
     if run.status == RunStatus.CANCELLED:
         session.rollback()
         raise ReviewError(f"run {run.name!r} was cancelled: it takes no new jobs")

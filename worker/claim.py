@@ -4,10 +4,22 @@ A message may be delivered more than once (acks_late, redelivery, the dispatcher
 The claim makes that harmless: only one worker can move a job to ``running``, and every later
 write is fenced on the ``attempts`` value of that claim, so a worker whose lease expired and
 whose job was taken over cannot overwrite the new owner's outcome.
+
+Lock order. Whatever changes a run's status, or adds or ends jobs in a way that depends on it,
+locks the run's row (:func:`lock_run`) so that those changes happen one at a time and each sees
+the others' commits: pause, resume and cancel (producer.runs), the dispatcher (FOR SHARE,
+producer.dispatch), a re-roll adding jobs (review.reroll) and here a job ending or given back.
+A transaction that locks *pending or queued* job rows and the run's row takes the run's row
+first (pause, cancel,
+the dispatcher, :func:`bury_exhausted`). Transactions that end or give back a *running* job
+lock the job's row first (the fenced update) and the run's row after: that cannot deadlock
+with the others, because nothing that holds a run's row then waits for a running job's row
+(pause and cancel update only pending and queued jobs; the dispatcher skips locked rows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -118,6 +130,13 @@ def claim_job(
 def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:
     """Make a claimable job that has had ``max_attempts`` attempts ``dead``, keeping its last
     error (or saying its last worker was lost). True if it did."""
+    run_id = session.scalar(select(Job.run_id).where(Job.id == job_id))
+    if run_id is None:
+        session.rollback()
+        return False
+    # The run's row before the job's: the job is pending or queued, rows that pause and cancel
+    # update while holding the run's row (see the lock order above).
+    lock_run(session, run_id)
     now = utcnow()
     row = session.execute(
         update(Job)
@@ -131,7 +150,7 @@ def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:
         .returning(Job.run_id)
     ).one_or_none()
     if row is not None:
-        _finish_run_if_complete(session, row.run_id)
+        finish_run_if_complete(session, row.run_id)
     session.commit()
     return row is not None
 
@@ -140,12 +159,14 @@ def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:
 class ReapReport:
     requeued: list[int] = field(default_factory=list)  # back to pending for another attempt
     dead: list[int] = field(default_factory=list)  # out of attempts
+    cancelled: list[int] = field(default_factory=list)  # their run was cancelled meanwhile
 
 
 def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = None) -> ReapReport:
     """Running jobs whose lease expired were lost with their worker (killed, hung, cut off):
     re-queue them (``pending``, so the dispatcher publishes them again) or, once they have had
     ``max_attempts`` attempts, make them ``dead``. Each keeps an error saying what happened.
+    A job of a cancelled run is ``cancelled`` instead of re-queued: nothing would run it.
 
     A worker that is in fact still running such a job is fenced off (its claim's status and
     attempt no longer match), so it stops at its next seed and records nothing more.
@@ -163,7 +184,7 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
         )
         .returning(Job.id, Job.run_id)
     ).all()
-    requeued = session.scalars(
+    requeued_rows = session.execute(
         update(Job)
         .where(*expired, Job.attempts < max_attempts)
         .values(
@@ -172,12 +193,25 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
             lease_expires_at=None,
             queued_at=None,
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.run_id)
     ).all()
-    for run_id in {row.run_id for row in dead_rows}:
-        _finish_run_if_complete(session, run_id)
+    requeued_by_run: dict[int, list[int]] = {}
+    for row in requeued_rows:
+        requeued_by_run.setdefault(row.run_id, []).append(row.id)
+    dead_runs = {row.run_id for row in dead_rows}
+    cancelled: list[int] = []
+    # One run at a time, in id order: two reapers lock the runs they share in the same order.
+    for run_id in sorted(dead_runs | set(requeued_by_run)):
+        cancelled += _cancel_if_run_cancelled(session, run_id, requeued_by_run.get(run_id, []))
+        if run_id in dead_runs:
+            finish_run_if_complete(session, run_id)
     session.commit()
-    return ReapReport(requeued=sorted(requeued), dead=sorted(row.id for row in dead_rows))
+    requeued = {row.id for row in requeued_rows} - set(cancelled)
+    return ReapReport(
+        requeued=sorted(requeued),
+        dead=sorted(row.id for row in dead_rows),
+        cancelled=sorted(cancelled),
+    )
 
 
 def _fenced(job: ClaimedJob) -> list[ColumnElement[bool]]:
@@ -210,22 +244,63 @@ def finish_job(session: Session, job: ClaimedJob) -> bool:
         .where(*_fenced(job))
         .values(status=JobStatus.DONE, finished_at=now, lease_expires_at=None)
     )
-    _finish_run_if_complete(session, job.run_id)
+    finish_run_if_complete(session, job.run_id)
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def _finish_run_if_complete(session: Session, run_id: int) -> None:
-    """The last job of an active run to end marks the run finished."""
-    open_jobs = select(Job.id).where(
-        Job.run_id == run_id,
-        Job.status.in_([JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING]),
+OPEN_JOB_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def lock_run(session: Session, run_id: int) -> str | None:
+    """Lock the run's row until the transaction ends and return its status as last committed
+    (None if there is no such run). See the lock order above.
+
+    FOR NO KEY UPDATE, not FOR UPDATE: it excludes the others that change the run (and the
+    dispatcher's FOR SHARE) but not the key-share lock a job insert takes on its run's row,
+    so a long produce adding jobs to the run does not hold up a worker finishing one.
+    SQLite ignores it; it runs one writer at a time anyway."""
+    status: str | None = session.scalar(
+        select(Run.status).where(Run.id == run_id).with_for_update(key_share=True)
     )
+    return status
+
+
+def finish_run_if_complete(session: Session, run_id: int) -> bool:
+    """Mark an active run with no open jobs left ``finished`` (the last of its jobs to end
+    does this, and so does resuming a run whose jobs all ended while it was paused). True if
+    it did. Does not commit.
+
+    The run's row is locked before the open jobs are counted, in a statement of its own: a
+    transaction adding jobs to the run (a re-roll) holds that lock until it commits, so the
+    count, which sees what was committed before it started, includes them."""
+    if lock_run(session, run_id) != RunStatus.ACTIVE:
+        return False
+    open_job = session.scalar(
+        select(Job.id).where(Job.run_id == run_id, Job.status.in_(OPEN_JOB_STATUSES)).limit(1)
+    )
+    if open_job is not None:
+        return False
     session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status == RunStatus.ACTIVE, ~open_jobs.exists())
-        .values(status=RunStatus.FINISHED, finished_at=utcnow())
+        update(Run).where(Run.id == run_id).values(status=RunStatus.FINISHED, finished_at=utcnow())
     )
+    return True
+
+
+def _cancel_if_run_cancelled(session: Session, run_id: int, job_ids: Collection[int]) -> list[int]:
+    """Jobs just given back to ``pending`` whose run is cancelled would never run: cancel them
+    as cancel_run did the run's other jobs. Returns their ids. Locks the run's row first, so
+    a cancel that has not committed yet is waited for; one that commits after this sees the
+    jobs pending and cancels them itself."""
+    if not job_ids or lock_run(session, run_id) != RunStatus.CANCELLED:
+        return []
+    cancelled = session.scalars(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.PENDING)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        .returning(Job.id)
+    ).all()
+    return list(cancelled)
 
 
 def fail_job(
@@ -240,19 +315,23 @@ def fail_job(
         .where(*_fenced(job))
         .values(status=status, error=error[:4000], finished_at=utcnow(), lease_expires_at=None)
     )
-    _finish_run_if_complete(session, job.run_id)
+    finish_run_if_complete(session, job.run_id)
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def release_job(session: Session, job: ClaimedJob, error: str) -> bool:
     """Give the job back for another attempt (``pending``: the dispatcher publishes it again),
-    keeping ``error``. Images already recorded stay: the next attempt renders the rest.
-    False if the job is no longer ours."""
+    keeping ``error``. Images already recorded stay: the next attempt renders the rest. If its
+    run was cancelled meanwhile, the job is ``cancelled`` instead. False if the job is no
+    longer ours."""
     result = session.execute(
         update(Job)
         .where(*_fenced(job))
         .values(status=JobStatus.PENDING, error=error[:4000], lease_expires_at=None, queued_at=None)
     )
+    ours = bool(result.rowcount)  # type: ignore[attr-defined]
+    if ours:
+        _cancel_if_run_cancelled(session, job.run_id, [job.id])
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return ours

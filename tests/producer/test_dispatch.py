@@ -14,9 +14,11 @@ from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
-from producer.dispatch import dispatch
+from producer.dispatch import DispatchReport, dispatch
 from producer.produce import produce
+from producer.runs import pause_run
 from tests.producer.jobs import Recorder, make_jobs, make_run
+from tests.races import race
 
 HOUR = timedelta(hours=1)
 
@@ -327,3 +329,42 @@ def test_concurrent_dispatchers_split_the_jobs(committed_engine: Engine, tmp_pat
 
     with Session(committed_engine) as session:
         assert set(statuses(session, ids).values()) == {JobStatus.QUEUED}
+
+
+@pytest.mark.parametrize("first", ["dispatch", "pause"])
+def test_pause_racing_the_dispatcher_leaves_no_job_queued(
+    committed_engine: Engine, first: str
+) -> None:
+    """A run paused while the dispatcher queues its jobs: whichever commits first, the paused
+    run has no queued job left, and pause counts the jobs it returned to pending."""
+    with Session(committed_engine, expire_on_commit=False) as session:
+        run = make_run(session)
+        ids = make_jobs(session, run, 3)
+        run_id = run.id
+    recorder = Recorder()
+
+    def dispatch_jobs(session: Session) -> DispatchReport:
+        return dispatch(session, recorder, requeue_after=HOUR)
+
+    def pause(session: Session) -> int:
+        run = session.get(Run, run_id)
+        assert run is not None
+        return pause_run(session, run)
+
+    if first == "dispatch":
+        dispatched_first = race(committed_engine, dispatch_jobs, pause, hold_after="UPDATE jobs")
+        # The dispatcher queued (and published) every job, and pause took them all back.
+        assert sorted(recorder.ids) == sorted(ids)
+        assert dispatched_first.second == 3
+        second_waited = dispatched_first.second_waited
+    else:
+        paused_first = race(committed_engine, pause, dispatch_jobs, hold_after="UPDATE jobs")
+        # The dispatcher waited for the pause and then found no active run.
+        assert recorder.ids == []
+        assert paused_first.first == 0
+        second_waited = paused_first.second_waited
+
+    with Session(committed_engine) as session:
+        assert session.scalar(select(Run.status).where(Run.id == run_id)) == RunStatus.PAUSED
+        assert set(statuses(session, ids).values()) == {JobStatus.PENDING}
+    assert second_waited  # serialised on the run's row

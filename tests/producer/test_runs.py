@@ -3,17 +3,19 @@ window of queued jobs and run priority."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus, Run, RunStatus
 from producer.dispatch import dispatch
 from producer.runs import RunStateError, cancel_run, list_runs, pause_run, resume_run
 from tests.producer.jobs import Recorder, make_jobs, make_run
+from tests.races import race
+from worker.claim import claim_job, finish_job
 
 HOUR = timedelta(hours=1)
 
@@ -109,6 +111,78 @@ def test_pause_unqueues_and_dispatch_skips_the_run_until_resumed(db_session: Ses
     after_resume = run_dispatch(db_session)
     assert sorted(after_resume.ids) == sorted(paused_ids)
     assert set(statuses(db_session, paused_ids).values()) == {JobStatus.QUEUED}
+
+
+def test_resuming_a_run_whose_jobs_ended_while_paused_finishes_it(db_session: Session) -> None:
+    run = make_run(db_session)
+    (job_id,) = make_jobs(db_session, run, 1)
+    claim = claim_job(db_session, job_id, worker="w", lease=HOUR)
+    assert claim is not None
+    pause_run(db_session, run)
+    assert finish_job(db_session, claim)  # the run's last job ends while it is paused
+    assert db_session.scalar(select(Run.status).where(Run.id == run.id)) == "paused"
+
+    resume_run(db_session, run)
+
+    row = db_session.execute(select(Run.status, Run.finished_at).where(Run.id == run.id)).one()
+    assert row.status == "finished" and row.finished_at is not None
+    assert run.status == RunStatus.FINISHED  # the caller's object says so too
+
+
+def test_resuming_a_run_with_jobs_left_keeps_it_active(db_session: Session) -> None:
+    run = make_run(db_session, RunStatus.PAUSED)
+    make_jobs(db_session, run, 1, status=JobStatus.DONE)
+    make_jobs(db_session, run, 1, status=JobStatus.RUNNING)
+
+    resume_run(db_session, run)
+
+    row = db_session.execute(select(Run.status, Run.finished_at).where(Run.id == run.id)).one()
+    assert (row.status, row.finished_at) == ("active", None)
+
+
+@pytest.fixture
+def committed_engine(fresh_database_url: str) -> Iterator[Engine]:
+    engine = create_engine(fresh_database_url, pool_size=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("first", ["finish", "resume"])
+def test_resume_racing_the_last_job_to_end_finishes_the_run(
+    committed_engine: Engine, first: str
+) -> None:
+    """The paused run's last job ends while the run is resumed: whichever commits first, the
+    run ends up finished, not active with nothing left to end it."""
+    with Session(committed_engine, expire_on_commit=False) as session:
+        run = make_run(session)
+        (job_id,) = make_jobs(session, run, 1)
+        claim = claim_job(session, job_id, worker="w", lease=HOUR)
+        assert claim is not None
+        pause_run(session, run)
+        run_id = run.id
+
+    def finish(session: Session) -> bool:
+        return finish_job(session, claim)
+
+    def resume(session: Session) -> None:
+        run = session.get(Run, run_id)
+        assert run is not None
+        resume_run(session, run)
+
+    if first == "finish":
+        second_waited = race(
+            committed_engine, finish, resume, hold_after="UPDATE jobs"
+        ).second_waited
+    else:
+        second_waited = race(
+            committed_engine, resume, finish, hold_after="UPDATE runs"
+        ).second_waited
+
+    with Session(committed_engine) as session:
+        row = session.execute(select(Run.status, Run.finished_at).where(Run.id == run_id)).one()
+        assert row.status == "finished" and row.finished_at is not None
+        assert session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.DONE
+    assert second_waited  # serialised on the run's row
 
 
 # --------------------------------------------------------------------------- cancel

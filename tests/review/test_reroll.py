@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -24,11 +24,15 @@ from db.models import (
 )
 from pixelmill.storage import Storage
 from producer.dispatch import dispatch
+from producer.runs import cancel_run
 from review.images import ImageUrls
 from review.queue import ReviewError, claim_next, decide, sync_queue
 from review.reroll import reroll
 from review.views import item_view
+from tests.races import race
 from tests.review.factory import add_images, make_run
+from tests.worker.test_claim import make_job
+from worker.claim import ClaimedJob, claim_job, finish_job
 
 LEASE = timedelta(minutes=10)
 
@@ -170,3 +174,94 @@ def test_reroll_of_an_image_job_keeps_its_image_mask_and_options(
         {"mask": {"source": "alpha"}, "strength": 0.9},
     )
     assert not set(new.seeds) & set(job.seeds)
+
+
+# --- races with the run's other jobs ending, on real connections (see tests/races.py) -------
+
+
+def _reviewed_item_and_a_running_job(
+    session: Session, reviewer: Reviewer
+) -> tuple[int, int, ClaimedJob]:
+    """An active run: one item rendered and claimed for review, and one job of another item
+    still running (the run's last open job). Returns (run id, review item id, that claim)."""
+    made = make_run(session, items=1, templates=("studio",), seeds=2, run_status=RunStatus.ACTIVE)
+    running = make_job(session, made.run)
+    claim = claim_job(session, running.id, worker="w", lease=LEASE)
+    assert claim is not None
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=reviewer.id, lease=LEASE)
+    assert item_id is not None
+    return made.run.id, item_id, claim
+
+
+@pytest.mark.parametrize("first", ["reroll", "finish"])
+def test_reroll_racing_the_runs_last_job_leaves_the_run_active(
+    session: Session, review_engine: Engine, alice: Reviewer, first: str
+) -> None:
+    """Whichever commits first, the re-roll's jobs end up in an active run (so the dispatcher
+    publishes them), not in a run the last other job marked finished."""
+    run_id, item_id, claim = _reviewed_item_and_a_running_job(session, alice)
+
+    def reroll_item(session: Session) -> list[int]:
+        return reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+
+    def finish(session: Session) -> bool:
+        return finish_job(session, claim)
+
+    if first == "reroll":
+        rerolled_first = race(review_engine, reroll_item, finish, hold_after="INSERT INTO jobs")
+        new_ids, finished = rerolled_first.first, rerolled_first.second
+        second_waited = rerolled_first.second_waited
+    else:
+        # The worker has marked the run finished and not committed yet.
+        finished_first = race(review_engine, finish, reroll_item, hold_after="UPDATE runs")
+        finished, new_ids = finished_first.first, finished_first.second
+        second_waited = finished_first.second_waited
+
+    assert finished is True
+    assert len(new_ids) == 1
+    session.expire_all()
+    run = session.get(Run, run_id)
+    assert run is not None
+    assert (run.status, run.finished_at) == (RunStatus.ACTIVE, None)
+    assert second_waited  # serialised on the run's row
+    review_item = session.get(ReviewItem, item_id)
+    assert review_item is not None and review_item.status == ReviewStatus.REROLLING
+    # The dispatcher publishes the re-roll's job; once it has ended, so has the run.
+    published: list[int] = []
+    dispatch(session, published.extend, requeue_after=timedelta(minutes=15))
+    assert published == new_ids
+    rerolled = claim_job(session, new_ids[0], worker="w", lease=LEASE)
+    assert rerolled is not None and finish_job(session, rerolled)
+    session.refresh(run)
+    assert run.status == RunStatus.FINISHED
+
+
+def test_reroll_waiting_for_a_cancel_is_refused(
+    session: Session, review_engine: Engine, alice: Reviewer
+) -> None:
+    """A run cancelled while the item is re-rolled: the re-roll waits for the cancel and is
+    refused, rather than adding pending jobs to a cancelled run that nothing would run."""
+    run_id, item_id, _claim = _reviewed_item_and_a_running_job(session, alice)
+    jobs_before = session.scalars(select(Job.id)).all()
+
+    def cancel(session: Session) -> int:
+        run = session.get(Run, run_id)
+        assert run is not None
+        return cancel_run(session, run)
+
+    def reroll_item(session: Session) -> ReviewError | list[int]:
+        try:
+            return reroll(session, item_id, reviewer_id=alice.id, lease=LEASE)
+        except ReviewError as exc:
+            return exc
+
+    result = race(review_engine, cancel, reroll_item, hold_after="UPDATE jobs")
+
+    session.expire_all()
+    assert session.scalars(select(Job.id)).all() == jobs_before, "jobs added to a cancelled run"
+    assert isinstance(result.second, ReviewError), result.second
+    assert "was cancelled" in str(result.second)
+    assert result.second_waited
+    review_item = session.get(ReviewItem, item_id)
+    assert review_item is not None and review_item.status == ReviewStatus.OPEN

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import Engine, create_engine, update
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus, utcnow
-from worker.claim import ClaimedJob, claim_job, extend_lease, fail_job, finish_job
+from producer.runs import cancel_run
+from tests.races import race
+from worker.claim import (
+    ClaimedJob,
+    claim_job,
+    extend_lease,
+    fail_job,
+    finish_job,
+    reap_expired,
+    release_job,
+)
 
 LEASE = timedelta(minutes=30)
 
@@ -291,3 +302,107 @@ def test_a_paused_run_is_not_marked_finished(db_session: Session) -> None:
     assert finish_job(db_session, claim)
     db_session.refresh(run)
     assert run.status == RunStatus.PAUSED
+
+
+# --- a job given back while its run is cancelled --------------------------------------------
+
+
+def test_a_job_released_in_a_cancelled_run_is_cancelled(db_session: Session) -> None:
+    run = make_run(db_session)
+    job = make_job(db_session, run)
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE)
+    assert claim is not None
+    assert cancel_run(db_session, run) == 0  # a running job is left to finish
+
+    assert release_job(db_session, claim, "CUDA out of memory") is True
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.CANCELLED  # not pending: nothing would ever run it
+    assert row.error == "CUDA out of memory"
+    assert row.finished_at is not None and row.lease_expires_at is None
+
+
+def test_a_job_released_in_an_active_run_is_pending_again(db_session: Session) -> None:
+    job = make_job(db_session)
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE)
+    assert claim is not None
+
+    assert release_job(db_session, claim, "CUDA out of memory") is True
+
+    row = reload(db_session, job)
+    assert (row.status, row.error, row.finished_at) == (
+        JobStatus.PENDING,
+        "CUDA out of memory",
+        None,
+    )
+
+
+def test_the_reaper_cancels_expired_jobs_of_a_cancelled_run(db_session: Session) -> None:
+    cancelled_run, active_run = make_run(db_session), make_run(db_session)
+    lost, other = make_job(db_session, cancelled_run), make_job(db_session, active_run)
+    for job in (lost, other):
+        assert claim_job(db_session, job.id, worker=f"w{job.id}", lease=LEASE) is not None
+        expire_lease(db_session, job.id)
+    cancel_run(db_session, cancelled_run)
+
+    report = reap_expired(db_session, max_attempts=3)
+
+    assert (report.requeued, report.dead, report.cancelled) == ([other.id], [], [lost.id])
+    row = reload(db_session, lost)
+    assert row.status == JobStatus.CANCELLED
+    assert row.error == f"lease expired: worker w{lost.id} stopped during attempt 1"
+    assert row.finished_at is not None
+    assert reload(db_session, other).status == JobStatus.PENDING
+
+
+# --- races on real connections (see tests/races.py) -----------------------------------------
+
+
+@pytest.fixture
+def committed_engine(fresh_database_url: str) -> Iterator[Engine]:
+    engine = create_engine(fresh_database_url, pool_size=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("first", ["release", "cancel"])
+def test_release_racing_cancel_leaves_the_job_cancelled(
+    committed_engine: Engine, first: str
+) -> None:
+    """Whichever commits first, a job given back while its run is cancelled ends cancelled:
+    release and cancel serialise on the run's row."""
+    with Session(committed_engine, expire_on_commit=False) as session:
+        run = make_run(session)
+        job = make_job(session, run)
+        claim = claim_job(session, job.id, worker="a", lease=LEASE)
+        assert claim is not None
+        run_id = run.id
+
+    def release(session: Session) -> bool:
+        return release_job(session, claim, "worker shutting down")
+
+    def cancel(session: Session) -> int:
+        run = session.get(Run, run_id)
+        assert run is not None
+        return cancel_run(session, run)
+
+    if first == "release":
+        released_first = race(committed_engine, release, cancel, hold_after="UPDATE jobs")
+        released, cancelled = released_first.first, released_first.second
+        second_waited = released_first.second_waited
+    else:
+        cancelled_first = race(committed_engine, cancel, release, hold_after="UPDATE jobs")
+        cancelled, released = cancelled_first.first, cancelled_first.second
+        second_waited = cancelled_first.second_waited
+
+    assert released is True
+    with Session(committed_engine) as session:
+        row = session.get(Job, job.id)
+        assert row is not None
+        assert row.status == JobStatus.CANCELLED, "a pending job in a cancelled run never runs"
+        run_row = session.get(Run, run_id)
+        assert run_row is not None and run_row.status == RunStatus.CANCELLED
+    # The one that came second waited for the first's commit.
+    assert second_waited
+    # Released first, the job was pending when cancel ran: cancel counts it.
+    assert cancelled == (1 if first == "release" else 0)
