@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, String, select
 from sqlalchemy.orm import Session
 
 from db.job_options import JobOptions
-from db.models import JobKind, Run, RunStatus
+from db.models import CatalogueItem, Job, JobKind, Run, RunStatus
 from pixelmill.blocklist import Blocklist
 from pixelmill.settings import Settings, get_settings
 from pixelmill.storage import Storage
@@ -53,6 +53,24 @@ DEFAULT_MAX_JOBS = 100_000
 # How many problems and warnings a report keeps in full (the rest are counted).
 KEEP_PROBLEMS = 200
 SAMPLES_PER_TEMPLATE = 3
+
+
+def _column_length(column: ColumnElement[Any]) -> int:
+    """The length of a String column in the schema (db.models): Postgres refuses a longer
+    value, and one such row would abort the whole catalogue's transaction."""
+    column_type = column.type
+    assert isinstance(column_type, String) and column_type.length is not None
+    return column_type.length
+
+
+RUN_NAME_LENGTH = _column_length(Run.__table__.c.name)
+SOURCE_NAME_LENGTH = _column_length(CatalogueItem.__table__.c.source)
+ITEM_KEY_LENGTH = _column_length(CatalogueItem.__table__.c.external_key)
+VARIANT_LABEL_LENGTH = _column_length(Job.__table__.c.variant)
+# Postgres stores no NUL character in text or JSONB (SQLite does). The catalogue's cells are
+# checked as they are read (producer.catalogue); what the templates and wildcards add to a
+# prompt or a variant label, and the command line's run name, are checked here.
+NUL = "\x00"
 
 
 class ExpansionLimitError(InputError):
@@ -181,6 +199,25 @@ class _Variant:
             ).encode("utf-8")
         )
         self.token_counter = token_counter
+        # Why the jobs table cannot store this variant's label, if it cannot. Reported for
+        # each row the template applies to (the label is the template's, but a bad row is
+        # what the catalogue's other rows can proceed without).
+        self.label_problem: str | None = None
+        if len(variant) > VARIANT_LABEL_LENGTH:
+            self.label_problem = (
+                f"variant label {_shorten(variant)!r} is {len(variant)} characters; "
+                f"the jobs table holds at most {VARIANT_LABEL_LENGTH}"
+            )
+        elif NUL in variant:
+            self.label_problem = (
+                f"variant label {_shorten(variant)!r} contains a NUL character (\\x00), "
+                "which the database cannot store"
+            )
+
+
+def _shorten(value: str, length: int = 60) -> str:
+    """``value`` cut for an error message (a too long value is not repeated in full)."""
+    return value if len(value) <= length else f"{value[:length]}..."
 
 
 class _Plan:
@@ -189,6 +226,9 @@ class _Plan:
     def __init__(self, template: Template, variants: list[_Variant], force_salt: str) -> None:
         self.template = template
         self.variants = variants
+        self.label_problem = next(
+            (variant.label_problem for variant in variants if variant.label_problem), None
+        )
         self.conditioning = template.conditioning
         self.shapes = [variant.shape for variant in variants]
         # Whether the jobs start from a catalogue image (staged per row).
@@ -282,7 +322,9 @@ def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
 
 def default_run_name(catalogue: str | Path) -> str:
     stem = Path(str(catalogue)).stem if "://" not in str(catalogue) else "sql"
-    return f"{stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    suffix = f"-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    # A long file name is cut so that the name fits the runs table.
+    return stem[: RUN_NAME_LENGTH - len(suffix)] + suffix
 
 
 def produce(
@@ -356,6 +398,7 @@ class Producer:
         self.progress = progress
         self.label = str(source.path)
         self.report = ProduceReport(run_name=options.run_name or "", dry_run=options.dry_run)
+        self._check_names(options.run_name or "", source.name)
         self.token_counters: dict[str, TokenCounter] = {}
         self.fitting_negatives: set[str] = set()
         # --force: a salt unique to this produce, so its jobs never match earlier ones.
@@ -378,6 +421,30 @@ class Producer:
         # Address -> staged image or why it failed; None until staged (and on a dry run).
         self.inputs: dict[str, StagedImage | InputImageError] | None = None
         self.dry_run_addresses: set[str] = set()
+
+    def _check_names(self, run_name: str, source_name: str) -> None:
+        """Refuses, before anything is read or written (a dry run too), a run name or a
+        catalogue name the database cannot store."""
+        for what, name, length in (
+            ("the --run name", run_name, RUN_NAME_LENGTH),
+            ("the catalogue's name", source_name, SOURCE_NAME_LENGTH),
+        ):
+            if len(name) > length:
+                raise InputError(
+                    self.label,
+                    None,
+                    None,
+                    f"{what} {_shorten(name)!r} is {len(name)} characters; "
+                    f"the database holds at most {length}",
+                )
+            if NUL in name:
+                raise InputError(
+                    self.label,
+                    None,
+                    None,
+                    f"{what} {_shorten(name)!r} contains a NUL character (\\x00), "
+                    "which the database cannot store",
+                )
 
     def _variants(self, template: Template) -> list[_Variant]:
         model = template.model or self.options.default_model
@@ -428,6 +495,7 @@ class Producer:
             if staging is not None:
                 staging.abort()
             raise
+        self._lock_run(session, run)
         self.report.run_id = run.id
         self.report.jobs_unchanged = self.report.jobs - self.report.jobs_new
 
@@ -449,14 +517,38 @@ class Producer:
             session.add(run)
             session.flush()
         elif run.status == RunStatus.CANCELLED:
-            return run, InputError(
-                self.label, None, None, f"run {name!r} was cancelled; choose another --run name"
-            )
-        elif run.status == RunStatus.FINISHED:
+            return run, self._cancelled(name)
+        return run, None
+
+    def _lock_run(self, session: Session, run: Run) -> None:
+        """Locks the run's row until the commit, and refuses the produce if the run was
+        cancelled meanwhile; a run that finished meanwhile (or before) is active again if
+        this produce adds jobs to it (with none, nothing would ever end it again).
+
+        Called once the jobs are merged, just before the commit. Without the lock, a `run
+        cancel` committing while the catalogue streamed would be missed: the pending jobs
+        written here would be committed into a cancelled run (the jobs' foreign key takes
+        only a key-share lock, which a status update does not wait for). With it, a cancel
+        that committed first refuses the produce (nothing is written), and one that comes
+        later waits for the commit, then cancels these jobs as well; likewise a worker
+        ending the run's last earlier job cannot mark it finished past the jobs added here.
+        Taken here rather than when the run is first read: the workers lock the same row
+        (FOR NO KEY UPDATE, worker.claim) whenever one of the run's jobs ends, and would
+        wait for as long as the catalogue takes to read. FOR NO KEY UPDATE too, as the row
+        may be updated here. SQLite ignores the lock (it has one writer at a time).
+        """
+        session.refresh(run, with_for_update={"key_share": True})
+        if run.status == RunStatus.CANCELLED:
+            raise self._cancelled(run.name)
+        if run.status == RunStatus.FINISHED and self.report.jobs_new:
             run.status = RunStatus.ACTIVE  # more jobs for a run that had finished
             run.finished_at = None
             session.flush()
-        return run, None
+
+    def _cancelled(self, name: str) -> InputError:
+        return InputError(
+            self.label, None, None, f"run {name!r} was cancelled; choose another --run name"
+        )
 
     # --- catalogue images ------------------------------------------------------------------
 
@@ -626,6 +718,14 @@ class Producer:
         key = row.fields.get(key_column, "")
         if not key:
             raise CatalogueError(self.label, row.line, key_column, "item key is empty")
+        if len(key) > ITEM_KEY_LENGTH:
+            raise CatalogueError(
+                self.label,
+                row.line,
+                key_column,
+                f"item key {_shorten(key)!r} is {len(key)} characters; "
+                f"the database holds at most {ITEM_KEY_LENGTH}",
+            )
         if key in first_line:
             raise CatalogueError(
                 self.label,
@@ -652,6 +752,10 @@ class Producer:
                 raise CatalogueError(
                     self.label, row.line, exc.field, f"template {template.name!r}: {exc.reason}"
                 ) from exc
+            if plan.label_problem is not None:
+                raise CatalogueError(
+                    self.label, row.line, None, f"template {template.name!r}: {plan.label_problem}"
+                )
             shapes, tail = plan.shapes, plan.tail
             if plan.images:
                 staged = self._images_for(plan, row, key)
@@ -675,6 +779,15 @@ class Producer:
         self, row: CatalogueRow, variant: _Variant, key: str, prompt: str, negative: str
     ) -> None:
         template = variant.template
+        # The row's fields were checked: a NUL here came from the template or a wildcard.
+        if NUL in prompt or NUL in negative:
+            raise CatalogueError(
+                self.label,
+                row.line,
+                None,
+                f"template {template.name!r}: the prompt of item {key!r} contains a NUL "
+                "character (\\x00), which the database cannot store",
+            )
         blocklist = self.options.blocklist
         if blocklist is not None:
             match = blocklist.check(prompt)

@@ -1,10 +1,12 @@
 """Staging: how a run's items and jobs reach the real tables.
 
-The producer hands over rows as it expands the catalogue. Every :data:`CHUNK_JOBS` jobs the
-rows gathered so far go into session-private temporary staging tables (Postgres ``COPY``;
-batched inserts on SQLite) and two set-based ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``
-statements merge them into ``catalogue_items`` and ``jobs``: deduplication against earlier
-runs (and earlier chunks) happens there, inside the database.
+The producer hands over rows as it expands the catalogue. Every :data:`CHUNK_JOBS` jobs (or
+items) the rows gathered so far go into session-private temporary staging tables (Postgres
+``COPY``; batched inserts on SQLite) and set-based statements merge them into
+``catalogue_items`` and ``jobs``: ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, so that
+deduplication against earlier runs (and earlier chunks) happens inside the database, and an
+``UPDATE`` before the jobs' insert by which this run takes over the jobs a cancelled run left
+unstarted.
 
 All of it runs inside the caller's transaction, which commits only once the whole catalogue
 has been accepted, so a refused catalogue still leaves nothing behind; chunks keep memory
@@ -94,6 +96,36 @@ _MERGE_ITEMS = (
     "SELECT :source, external_key, fields, content_hash, :now FROM staging_items "
     "WHERE true ON CONFLICT (source, external_key, content_hash) DO NOTHING"
 )
+# A job whose dedupe key is taken is left alone, except a cancelled one: its run was
+# cancelled before it started, and the key would otherwise keep it from ever being produced
+# again without --force. This run takes it over, before the insert below (which then finds
+# the key taken by a job of this run): the job moves to this run and item (the same pixels,
+# perhaps from a newer item version or under another template's name) and starts afresh as
+# a new job would: status, attempts, error, worker and the timestamps reset. The pixel
+# columns (prompts, model, settings, seeds, kind, options, images) are what the dedupe key
+# covers, so they already are this job's. Images it may have from a partial render keep
+# their rows: the worker renders only the seeds without one.
+# Every other status keeps its job where it is: done, pending, queued and running jobs are
+# rendered or under way, and dead, failed and blocked jobs stay ended on purpose: they ended
+# on an error (or the blocklist) that producing again would only repeat; --force renders
+# them again deliberately.
+# An UPDATE of its own rather than the insert's ON CONFLICT DO UPDATE ... WHERE: that locks
+# every conflicting row, even those its WHERE leaves alone, so a produce of an unchanged
+# catalogue would lock every earlier job it meets (and hold up the workers ending them)
+# until it commits. This statement touches cancelled jobs alone.
+# The item's id is looked up only for a job taken over (through the unique index), and the
+# statement has no leading WITH: Python's sqlite3 gives no rowcount for one.
+_TAKE_OVER_JOBS = (
+    "UPDATE jobs SET run_id = :run_id, "
+    "item_id = (SELECT ci.id FROM catalogue_items ci WHERE ci.source = :source "
+    "AND ci.external_key = staged.external_key AND ci.content_hash = staged.content_hash), "
+    "template = staged.template, variant = staged.variant, status = 'pending', attempts = 0, "
+    "error = NULL, worker = NULL, created_at = :now, queued_at = NULL, started_at = NULL, "
+    "lease_expires_at = NULL, finished_at = NULL "
+    "FROM (SELECT s.dedupe_key, s.template, s.variant, si.external_key, si.content_hash "
+    "FROM staging_jobs s JOIN staging_items si ON si.ord = s.item_ord) AS staged "
+    "WHERE jobs.dedupe_key = staged.dedupe_key AND jobs.status = 'cancelled'"
+)
 # Each staged item's id is looked up once, through the unique index: a scalar subquery in a
 # materialised CTE (the planner can neither hash all the source's items for every chunk nor
 # repeat the lookup for each of the item's jobs); each job joins its item by the item's
@@ -115,6 +147,9 @@ _MERGE_JOBS = (
     "WHERE i.id IS NOT NULL ORDER BY s.ord "
     "ON CONFLICT (dedupe_key) DO NOTHING"
 )
+# The statements of one chunk's merge, in order; the jobs taken over and inserted (the
+# rowcounts of the last two) are the chunk's new jobs.
+_MERGES = (_MERGE_ITEMS, _TAKE_OVER_JOBS, _MERGE_JOBS)
 
 # COPY's text format: backslash, tab, newline and carriage return must be escaped.
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
@@ -210,6 +245,9 @@ class Staging:
         self.params: dict[str, Any] = {"run_id": run_id, "source": source, "now": now}
         self.jobs_new = 0
         self._pending_jobs = 0
+        self._pending_items = 0
+        # The dedupe keys of the jobs buffered for the next merge (see add()).
+        self._chunk_keys: set[str] = set()
 
     def add(
         self,
@@ -219,21 +257,45 @@ class Staging:
         fields_json: str,
         jobs: list[StagedJob],
     ) -> None:
-        """One item (``fields_json``: its fields as JSON) and its jobs, in catalogue order."""
-        self._add(key, content_hash, fields, fields_json, jobs)
-        self._pending_jobs += len(jobs)
-        if self._pending_jobs >= CHUNK_JOBS:
-            self._pending_jobs = 0
-            self._flush()
+        """One item (``fields_json``: its fields as JSON) and its jobs, in catalogue order.
+
+        A job whose dedupe key an earlier job of the same chunk has is left out here, and
+        counts as unchanged, as when it meets an earlier chunk's job in the merge: the first
+        in catalogue order is the one merged. The insert would keep the first anyway, but
+        the takeover of a cancelled job (an UPDATE ... FROM the chunk) would pick any.
+        """
+        keys = self._chunk_keys
+        first_in_chunk: list[StagedJob] = []
+        for job in jobs:
+            if job[4] not in keys:
+                keys.add(job[4])
+                first_in_chunk.append(job)
+        self._add(key, content_hash, fields, fields_json, first_in_chunk)
+        self._pending_jobs += len(first_in_chunk)
+        self._pending_items += 1
+        # Items count too: a catalogue whose rows mostly make no jobs would otherwise buffer
+        # all of them until the end.
+        if self._pending_jobs >= CHUNK_JOBS or self._pending_items >= CHUNK_JOBS:
+            self._start_chunk()
 
     def finish(self) -> int:
-        """Merges what is left; returns how many jobs were new (not already in ``jobs``)."""
-        self._flush()
+        """Merges what is left; returns how many jobs were new (not already in ``jobs``).
+
+        A job taken over from a cancelled run counts as new (see ``_TAKE_OVER_JOBS``).
+        """
+        self._start_chunk()
         self._close()
         return self.jobs_new
 
     def abort(self) -> None:
         """Stops merging (waits for a chunk being merged); the caller rolls back."""
+
+    def _start_chunk(self) -> None:
+        """Hands the buffered rows over to be merged; what is added next is a new chunk."""
+        self._pending_jobs = 0
+        self._pending_items = 0
+        self._chunk_keys.clear()
+        self._flush()
 
     def _add(
         self,
@@ -325,8 +387,9 @@ class _SqlStaging(Staging):
         now = bindparam("now", self.params["now"], type_=DateTime(timezone=True))
         params = {"run_id": self.params["run_id"], "source": self.params["source"]}
         self.session.execute(text(_MERGE_ITEMS).bindparams(now), params)
-        result = self.session.execute(text(_MERGE_JOBS).bindparams(now), params)
-        self.jobs_new += int(result.rowcount)  # type: ignore[attr-defined]
+        for merge in (_TAKE_OVER_JOBS, _MERGE_JOBS):
+            result = self.session.execute(text(merge).bindparams(now), params)
+            self.jobs_new += int(result.rowcount)  # type: ignore[attr-defined]
         for name in _TABLES:
             self.session.execute(text(f"DELETE FROM {name}"))
 
@@ -335,7 +398,7 @@ class _SqlStaging(Staging):
 
 
 def _merge_batch(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
-    """Both merges and emptying the staging tables, as one round trip to the server.
+    """The merges and emptying the staging tables, as one round trip to the server.
 
     The statements are written with SQLAlchemy's ":name" parameters; here the values go in
     as quoted literals, because only a query without parameters may hold several statements.
@@ -344,7 +407,7 @@ def _merge_batch(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
     def literal(match: re.Match[str]) -> str:
         return psycopg.sql.Literal(params[match.group(1)]).as_string(conn)
 
-    merges = [re.sub(r"(?<![:\w]):(\w+)", literal, sql) for sql in (_MERGE_ITEMS, _MERGE_JOBS)]
+    merges = [re.sub(r"(?<![:\w]):(\w+)", literal, sql) for sql in _MERGES]
     return "; ".join([*merges, f"TRUNCATE {', '.join(_TABLES)}"])
 
 
@@ -472,8 +535,10 @@ class _Writer(threading.Thread):
                             copy.write(data)
                     statement = self.merge_batch
                     cursor.execute(statement)
-                    cursor.nextset()  # the items' merge, then the jobs'
-                    self.inserted += cursor.rowcount
+                    # The items' merge; then the jobs taken over and the jobs inserted.
+                    for _merge in _MERGES[1:]:
+                        cursor.nextset()
+                        self.inserted += cursor.rowcount
         except BaseException as exc:  # handed to the producer's thread, which raises it
             if isinstance(exc, psycopg.Error):
                 # What the same statement raises through the session (IntegrityError, ...).

@@ -16,12 +16,14 @@ from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus
 from producer.catalogue import CatalogueError
+from producer.errors import InputError
 from producer.produce import (
     DEFAULT_SEEDS,
     ProduceReport,
     StrictModeError,
     content_hash,
     dedupe_key,
+    default_run_name,
     produce,
 )
 from producer.seeds import seed_sweep
@@ -515,6 +517,33 @@ BAD_ROWS = {
         "row has 3 cells but the header has 4 columns",
         {"B1", "B3"},
     ),
+    # Postgres stores no NUL character (SQLite does): every field is stored with the item,
+    # so a field no template uses counts too.
+    "nul-in-an-unused-field": (
+        "sku,title,colour,scene,notes\n"
+        "B1,mug,red,a kitchen,fine\n"
+        "B2,lamp,blue,an office,bad\x00note\n"
+        "B3,cup,red,a cafe,fine\n",
+        3,
+        "notes",
+        "NUL character",
+        {"B1", "B3"},
+    ),
+    "nul-in-a-prompt-field": (
+        "sku,title,colour,scene\nB1,mug,red,a kitchen\nB2,la\x00mp,blue,an office\n",
+        3,
+        "title",
+        "NUL character",
+        {"B1"},
+    ),
+    # catalogue_items.external_key holds 200 characters: 200 fit, 201 do not.
+    "over-long-key": (
+        f"sku,title,colour,scene\n{'K' * 200},mug,red,a kitchen\n{'L' * 201},lamp,blue,an office\n",
+        3,
+        "sku",
+        "is 201 characters; the database holds at most 200",
+        {"K" * 200},
+    ),
 }
 
 
@@ -560,6 +589,44 @@ def test_bad_rows_in_strict_mode_write_nothing(
     assert (Path(problem.path), problem.line, problem.field) == (catalogue_path, line, field)
     assert reason in str(problem)
     assert row_counts(db_session) == existing_rows
+
+
+def test_over_long_run_name_is_refused_before_anything_is_written(
+    tmp_path: Path, db_session: Session, existing_rows: dict[str, int]
+) -> None:
+    catalogue_path, templates_path = write_inputs(tmp_path)
+    with pytest.raises(InputError) as exc:
+        run_produce(db_session, catalogue_path, templates_path, run_name="r" * 201)
+    assert "the --run name" in str(exc.value)
+    assert "is 201 characters; the database holds at most 200" in str(exc.value)
+    assert row_counts(db_session) == existing_rows
+
+    # A dry run refuses it too: it must not call a catalogue good that cannot be written.
+    with pytest.raises(InputError, match="--run name"):
+        produce(
+            None,
+            catalogue_path=catalogue_path,
+            templates_path=templates_path,
+            run_name="r" * 201,
+            dry_run=True,
+        )
+
+    report = run_produce(db_session, catalogue_path, templates_path, run_name="r" * 200)
+    assert db_session.scalar(select(Run.name).where(Run.id == report.run_id)) == "r" * 200
+
+
+def test_default_run_name_fits_the_runs_table() -> None:
+    name = default_run_name(Path("c" * 240 + ".csv"))  # a file name most file systems allow
+    assert len(name) == 200 and name.startswith("c" * 150)
+
+
+def test_over_long_catalogue_name_is_refused(tmp_path: Path, db_session: Session) -> None:
+    # catalogue_items.source (the file name) holds 200 characters.
+    catalogue_path, templates_path = write_inputs(tmp_path, name="c" * 197 + ".csv")
+    with pytest.raises(InputError) as exc:
+        run_produce(db_session, catalogue_path, templates_path)
+    assert "the catalogue's name" in str(exc.value) and "201 characters" in str(exc.value)
+    assert row_counts(db_session) == {"runs": 0, "catalogue_items": 0, "jobs": 0}
 
 
 def test_empty_unreferenced_field_is_fine(tmp_path: Path, db_session: Session) -> None:

@@ -8,21 +8,36 @@ the rows back from the database rather than trusting the report alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import CatalogueItem, Job, Run
+from db.models import CatalogueItem, Job, Run, RunStatus
+from db.session import make_engine, make_sessionmaker
 from pixelmill.blocklist import Blocklist
+from producer.errors import InputError
 from producer.produce import (
     ExpansionLimitError,
     ProduceReport,
     StrictModeError,
     produce,
 )
+from producer.runs import cancel_run
 from producer.seeds import seed_sweep
 
 DEFAULT_MODEL = "default/model"
@@ -299,6 +314,82 @@ def test_dry_run_reports_totals_and_samples_and_writes_nothing(
     assert row_counts(db_session) == {"runs": 0, "catalogue_items": 0, "jobs": 0}
 
 
+LONG_LABEL_TEMPLATES = f"""\
+key: sku
+defaults: {{steps: 2, width: 64, height: 64, seeds: 1}}
+templates:
+  fits:
+    prompt: "{{{{ title }}}}, {{{"a" * 500}|b}}"
+  too_long:
+    prompt: "{{{{ title }}}}, {{{"c" * 501}|d}}"
+    when: "category == 'mugs'"
+"""
+
+
+def assert_unstorable_rows_reported(report: ProduceReport, catalogue_path: Path) -> None:
+    """What a catalogue with a NUL, an over-long key and an over-long variant label gives."""
+    assert not report.complete
+    assert (report.rows, report.rows_skipped, report.items) == (5, 3, 2)
+    where = {(problem.line, problem.field): str(problem) for problem in report.problems}
+    assert set(where) == {(2, None), (4, "sku"), (5, "category")}
+    assert all(problem.path == str(catalogue_path) for problem in report.problems)
+    assert "template 'too_long': variant label 'ccc" in where[(2, None)]
+    assert "is 501 characters; the jobs table holds at most 500" in where[(2, None)]
+    assert "is 201 characters; the database holds at most 200" in where[(4, "sku")]
+    assert "NUL character" in where[(5, "category")]
+
+
+def unstorable_catalogue(tmp_path: Path) -> tuple[Path, Path]:
+    catalogue = (
+        "sku,title,colour,category\n"
+        "A1,mug,red,mugs\n"  # the over-long label: too_long applies to mugs alone
+        "A2,lamp,blue,lamps\n"
+        f"{'K' * 201},chair,green,chairs\n"
+        "A4,vase,white,va\x00ses\n"  # a field no template uses
+        "A5,desk,oak,desks\n"
+    )
+    return write_inputs(tmp_path, catalogue=catalogue, templates=LONG_LABEL_TEMPLATES)
+
+
+def test_rows_the_database_cannot_store_are_bad_rows(tmp_path: Path, db_session: Session) -> None:
+    catalogue_path, templates_path = unstorable_catalogue(tmp_path)
+
+    report = run_produce(db_session, catalogue_path, templates_path)
+
+    assert_unstorable_rows_reported(report, catalogue_path)
+    jobs = job_rows(db_session, report.run_id)
+    assert [(job["external_key"], job["variant"]) for job in jobs] == [
+        (sku, variant) for sku in ("A2", "A5") for variant in ("a" * 500, "b")
+    ]
+
+
+def test_a_nul_character_from_the_template_makes_its_rows_bad(
+    tmp_path: Path, db_session: Session
+) -> None:
+    templates = TWO_TEMPLATES.replace('"{{ title }} in a kitchen"', '"{{ title }} in a\\0 kitchen"')
+    catalogue_path, templates_path = write_inputs(tmp_path, templates=templates)
+
+    report = run_produce(db_session, catalogue_path, templates_path)
+
+    assert (report.rows_skipped, report.items, report.jobs_new) == (3, 0, 0)
+    assert [(problem.line, problem.field) for problem in report.problems] == [
+        (2, None),
+        (3, None),
+        (4, None),
+    ]
+    assert "template 'scene': the prompt of item 'A1' contains a NUL character" in str(
+        report.problems[0]
+    )
+
+
+def test_dry_run_reports_rows_the_database_cannot_store(tmp_path: Path) -> None:
+    catalogue_path, templates_path = unstorable_catalogue(tmp_path)
+
+    report = run_produce(None, catalogue_path, templates_path, dry_run=True)
+
+    assert_unstorable_rows_reported(report, catalogue_path)
+
+
 def test_dry_run_still_refuses_an_expansion_over_max_jobs(tmp_path: Path) -> None:
     catalogue_path, templates_path = write_inputs(tmp_path)
 
@@ -454,6 +545,85 @@ def test_priority_is_stored_on_the_run(tmp_path: Path, db_session: Session) -> N
 
     priorities = db_session.execute(select(Run.id, Run.priority)).all()
     assert priorities == [(report.run_id, 5)]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture
+def committed_sessions(fresh_database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a database of their own, whose commits other connections see."""
+    engine = make_engine(fresh_database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_a_run_cancelled_while_the_catalogue_is_read_refuses_the_produce(
+    tmp_path: Path, committed_sessions: sessionmaker[Session]
+) -> None:
+    catalogue_path, templates_path = write_inputs(tmp_path)
+    with committed_sessions() as session:
+        run_produce(session, catalogue_path, templates_path, run_name="nightly")
+    catalogue_path.write_text(CATALOGUE.replace("A2,lamp,blue", "A2,lamp,yellow"))
+    cancelled: list[int] = []
+
+    def cancel_meanwhile(_rows: int, _jobs: int) -> None:
+        # `run cancel` from another connection, while the produce's jobs are not committed.
+        if not cancelled:
+            with committed_sessions() as other:
+                run = other.scalars(select(Run).where(Run.name == "nightly")).one()
+                cancelled.append(cancel_run(other, run))
+
+    with (
+        committed_sessions() as session,
+        pytest.raises(InputError, match="'nightly' was cancelled"),
+    ):
+        run_produce(
+            session, catalogue_path, templates_path, run_name="nightly", progress=cancel_meanwhile
+        )
+    assert cancelled == [6]
+    with committed_sessions() as session:
+        statuses = session.scalars(
+            select(Job.status).join(Run, Run.id == Job.run_id).where(Run.name == "nightly")
+        ).all()
+        assert sorted(statuses) == ["cancelled"] * 6  # the produce's seventh job is not there
+
+
+def test_a_run_finished_while_the_catalogue_is_read_is_active_again(
+    tmp_path: Path, committed_sessions: sessionmaker[Session]
+) -> None:
+    catalogue_path, templates_path = write_inputs(tmp_path)
+    with committed_sessions() as session:
+        run_produce(session, catalogue_path, templates_path, run_name="nightly")
+    catalogue_path.write_text(CATALOGUE.replace("A2,lamp,blue", "A2,lamp,yellow"))
+
+    def finish_meanwhile(_rows: int, _jobs: int) -> None:
+        # What a worker ending the run's last earlier job writes: it cannot see the
+        # produce's new jobs yet.
+        with committed_sessions() as other:
+            other.execute(
+                update(Run)
+                .where(Run.name == "nightly")
+                .values(status=RunStatus.FINISHED, finished_at=func.now())
+            )
+            other.commit()
+
+    with committed_sessions() as session:
+        report = run_produce(
+            session, catalogue_path, templates_path, run_name="nightly", progress=finish_meanwhile
+        )
+    assert report.jobs_new == 1
+    with committed_sessions() as session:
+        run = session.scalars(select(Run).where(Run.name == "nightly")).one()
+        assert (run.status, run.finished_at) == (RunStatus.ACTIVE, None)
+
+        # Producing nothing new into a finished run leaves it finished: no job would end it.
+        session.execute(update(Run).values(status=RunStatus.FINISHED, finished_at=func.now()))
+        session.commit()
+        again = run_produce(session, catalogue_path, templates_path, run_name="nightly")
+        assert again.jobs_new == 0
+        session.refresh(run)
+        assert run.status == RunStatus.FINISHED
 
 
 # --------------------------------------------------------------------------- known bugs
