@@ -150,7 +150,13 @@ def produce(
     force: Annotated[
         bool, typer.Option(help="Render again even what an earlier run already rendered.")
     ] = False,
-    priority: Annotated[int, typer.Option(help="Run priority: higher renders first.")] = 0,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            help="Run priority: higher renders first (new runs: 0; given for an "
+            "existing run, it changes the run's priority)."
+        ),
+    ] = None,
     dispatch_jobs: Annotated[
         bool, typer.Option("--dispatch/--no-dispatch", help="Publish the new jobs.")
     ] = True,

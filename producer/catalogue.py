@@ -333,8 +333,9 @@ class CsvCatalogue:
                 return CatalogueError(self.path, line, name, reason)
         return None
 
-    def require_columns(self, needed: Iterable[str], *, who: str) -> None:
-        """Fails on the first column in ``needed`` that the header (line 1) lacks."""
+    def require_columns(self, needed: Iterable[str], *, who: str, every_row: bool = True) -> None:
+        """Fails on the first column in ``needed`` that the header (line 1) lacks (a header
+        names every row's columns, so ``every_row`` makes no difference)."""
         _require_columns(self.path, 1, self.columns, needed, who)
 
 
@@ -390,10 +391,6 @@ def _json_kind(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "a number"
-
-
-# How the producer's ``require_columns(..., who=...)`` names a template's requirement.
-TEMPLATE_REQUIREMENT = "template "
 
 
 class JsonlCatalogue:
@@ -480,17 +477,16 @@ class JsonlCatalogue:
                 )
         return fields
 
-    def require_columns(self, needed: Iterable[str], *, who: str) -> None:
+    def require_columns(self, needed: Iterable[str], *, who: str, every_row: bool = True) -> None:
         """Records keys that every row must have; iteration fails on a row that lacks one.
 
-        Keys a template needs (``who`` names the template: "template 'studio'", as the
-        producer asks) are not required on every row: rows may carry different keys, and a
-        template with a ``when`` needs its prompt and image keys only on the rows it applies
-        to. The template reports a key missing from such a row itself, naming the row's line
-        and the key (a CSV or SQL catalogue checks them in its header instead, where every
-        row has every column).
+        Keys only some rows need (``every_row=False``: a template's, which with a ``when``
+        needs its prompt and image keys only on the rows it applies to) are not recorded:
+        rows may carry different keys, and the template reports a key missing from a row it
+        applies to itself, naming the row's line and the key (a CSV or SQL catalogue checks
+        them in its header instead, where every row has every column).
         """
-        if who.startswith(TEMPLATE_REQUIREMENT):
+        if not every_row:
             return
         for name in needed:
             self._required.setdefault(name, who)
@@ -680,6 +676,7 @@ class SqlCatalogue:
                 raise CatalogueError(self.path, number, name, str(exc)) from None
         return fields
 
-    def require_columns(self, needed: Iterable[str], *, who: str) -> None:
-        """Fails on the first column in ``needed`` that the table or query lacks."""
+    def require_columns(self, needed: Iterable[str], *, who: str, every_row: bool = True) -> None:
+        """Fails on the first column in ``needed`` that the table or query lacks (they are
+        every row's columns, so ``every_row`` makes no difference)."""
         _require_columns(self.path, None, self.columns, needed, who)

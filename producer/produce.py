@@ -137,7 +137,8 @@ class ProduceOptions:
     max_jobs: int = DEFAULT_MAX_JOBS
     dry_run: bool = False
     force: bool = False
-    priority: int = 0
+    # None: a new run gets 0, an existing run keeps its own.
+    priority: int | None = None
     blocklist: Blocklist | None = None
 
 
@@ -343,7 +344,7 @@ def produce(
     max_jobs: int = DEFAULT_MAX_JOBS,
     dry_run: bool = False,
     force: bool = False,
-    priority: int = 0,
+    priority: int | None = None,
     blocklist: Blocklist | None = None,
     progress: Progress | None = None,
     settings: Settings | None = None,
@@ -407,9 +408,14 @@ class Producer:
         )
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
-            source.require_columns(sorted(template.fields()), who=f"template {template.name!r}")
+            # Only the rows a template applies to need its fields (see require_columns).
             source.require_columns(
-                template.conditioning.columns(), who=f"template {template.name!r} (images)"
+                sorted(template.fields()), who=f"template {template.name!r}", every_row=False
+            )
+            source.require_columns(
+                template.conditioning.columns(),
+                who=f"template {template.name!r} (images)",
+                every_row=False,
             )
         self.plans = [
             _Plan(template, self._variants(template), self.force_salt)
@@ -512,12 +518,15 @@ class Producer:
                 name=name,
                 source=self.label,
                 status=RunStatus.ACTIVE,
-                priority=self.options.priority,
+                priority=self.options.priority or 0,
             )
             session.add(run)
             session.flush()
         elif run.status == RunStatus.CANCELLED:
             return run, self._cancelled(name)
+        elif self.options.priority is not None and self.options.priority != run.priority:
+            run.priority = self.options.priority  # given again: the run's priority changes
+            session.flush()
         return run, None
 
     def _lock_run(self, session: Session, run: Run) -> None:

@@ -48,8 +48,12 @@ class CatalogueSource(Protocol):
         """Every record; a bad record carries its ``problem`` and the stream goes on."""
         ...
 
-    def require_columns(self, needed: Iterable[str], *, who: str) -> None:
-        """Fails now on a missing column, or (columns None) on each row that lacks one."""
+    def require_columns(self, needed: Iterable[str], *, who: str, every_row: bool = True) -> None:
+        """Fails now on a missing column, or (columns None) on each row that lacks one.
+
+        ``every_row=False``: only the rows that use them need these (a template's fields,
+        with a ``when``); a source without a header then leaves the check to the template,
+        which reports a missing key with the row's line."""
         ...
 
 

@@ -392,12 +392,17 @@ def test_jsonl_template_keys_are_not_required_on_every_row(tmp_path: Path) -> No
     path = jsonl(tmp_path, '{"sku": "A1", "title": "x"}\n{"sku": "A2"}\n')
     cat = JsonlCatalogue(path)
     cat.require_columns(["sku"], who="the template file's 'key'")
-    cat.require_columns(["title"], who="template 'studio'")
-    cat.require_columns(["photo"], who="template 'studio' (images)")
+    cat.require_columns(["title"], who="template 'studio'", every_row=False)
+    cat.require_columns(["photo"], who="template 'studio' (images)", every_row=False)
     assert [(r.line, r.fields, r.problem) for r in cat.rows()] == [
         (1, {"sku": "A1", "title": "x"}, None),
         (2, {"sku": "A2"}, None),
     ]
+    # What every row needs is checked on every row.
+    cat.require_columns(["title"], who="the export")
+    problems = [r.problem for r in cat.rows()]
+    assert problems[0] is None
+    assert "key required by the export is missing" in str(problems[1])
 
 
 def test_jsonl_bad_encoding_names_the_line(tmp_path: Path) -> None:

@@ -546,6 +546,15 @@ def test_priority_is_stored_on_the_run(tmp_path: Path, db_session: Session) -> N
     priorities = db_session.execute(select(Run.id, Run.priority)).all()
     assert priorities == [(report.run_id, 5)]
 
+    # Producing into the run again keeps its priority unless one is given.
+    run_produce(db_session, catalogue_path, templates_path)
+    assert db_session.scalar(select(Run.priority)) == 5
+    run_produce(db_session, catalogue_path, templates_path, priority=-2)
+    assert db_session.scalar(select(Run.priority)) == -2
+    # A new run without one gets 0.
+    run_produce(db_session, catalogue_path, templates_path, run_name="run-2")
+    assert db_session.scalar(select(Run.priority).where(Run.name == "run-2")) == 0
+
 
 # --------------------------------------------------------------------------- runs
 
