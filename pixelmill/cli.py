@@ -292,12 +292,13 @@ def _dispatch(settings: Settings, run_id: int | None = None, *, quiet: bool = Fa
     celery = create_app(settings)
     with _sessions(settings)() as session:
         # Jobs whose worker died (lease expired) go back to pending, or dead after
-        # max_attempts, before the window is topped up.
+        # max_attempts (cancelled in a cancelled run), before the window is topped up.
         reaped = reap_expired(session, max_attempts=settings.max_attempts)
-        if reaped.requeued or reaped.dead:
+        if reaped.requeued or reaped.dead or reaped.cancelled:
             err.print(
                 f"re-queued {len(reaped.requeued)} jobs whose worker stopped; "
-                f"{len(reaped.dead)} out of attempts are dead"
+                f"{len(reaped.dead)} out of attempts are dead; "
+                f"{len(reaped.cancelled)} of cancelled runs are cancelled"
             )
         report = dispatch_jobs(
             session,
