@@ -10,8 +10,7 @@ locks the run's row (:func:`lock_run`) so that those changes happen one at a tim
 the others' commits: pause, resume and cancel (producer.runs), the dispatcher (FOR SHARE,
 producer.dispatch), a re-roll adding jobs (review.reroll) and here a job ending or given back.
 A transaction that locks *pending or queued* job rows and the run's row takes the run's row
-first (pause, cancel,
-the dispatcher, :func:`bury_exhausted`). Transactions that end or give back a *running* job
+first (pause, cancel, the dispatcher, :func:`bury_exhausted`). Transactions that end or give back a *running* job
 lock the job's row first (the fenced update) and the run's row after: that cannot deadlock
 with the others, because nothing that holds a run's row then waits for a running job's row
 (pause and cancel update only pending and queued jobs; the dispatcher skips locked rows).
@@ -169,7 +168,7 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
     A job of a cancelled run is ``cancelled`` instead of re-queued: nothing would run it.
 
     A worker that is in fact still running such a job is fenced off (its claim's status and
-    attempt no longer match), so it stops at its next seed and records nothing more.
+    attempt no longer match), so it stops before its next batch of seeds and records nothing more.
     """
     now = utcnow() if now is None else now
     expired = [Job.status == JobStatus.RUNNING, Job.lease_expires_at < now]
