@@ -66,6 +66,10 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"  # its run was cancelled before it started
 
 
+# Jobs not yet ended: a run with none of these left has nothing more to do.
+OPEN_JOB_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
 class JobKind(enum.StrEnum):
     """What a job starts from: a prompt alone, or a catalogue image as well."""
 

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, Engine, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import (
+    OPEN_JOB_STATUSES,
     Decision,
     Image,
     ImageReview,
@@ -34,7 +35,6 @@ from db.models import (
 
 log = logging.getLogger(__name__)
 
-OPEN_JOB_STATES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
 # A run is "recent" while it is active or paused, or for a day after it was produced.
 RECENT = timedelta(hours=24)
 MAX_RUNS = 20
@@ -149,14 +149,14 @@ def _read_jobs(session: Session, figures: dict[int, RunFigures], ids: list[int])
         run.jobs[status] = int(count)
         if status not in (JobStatus.BLOCKED, JobStatus.CANCELLED):
             run.images_planned += int(seeds)
-        if status in OPEN_JOB_STATES:
+        if status in OPEN_JOB_STATUSES:
             run.open_planned += int(seeds)
 
 
 def _read_images(
     session: Session, figures: dict[int, RunFigures], ids: list[int], now: datetime
 ) -> None:
-    is_open = case((Job.status.in_(OPEN_JOB_STATES), 1), else_=0)
+    is_open = case((Job.status.in_(OPEN_JOB_STATUSES), 1), else_=0)
     is_recent = case((Image.created_at >= now - RATE_WINDOW, 1), else_=0)
     rows = session.execute(
         select(

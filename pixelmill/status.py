@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Image, Job, JobStatus, Run
+from db.models import OPEN_JOB_STATUSES, Image, Job, JobStatus, Run
 
 
 @dataclass
@@ -30,8 +30,7 @@ class RunStatusReport:
     @property
     def finished(self) -> bool:
         """Nothing left to do: no job waits or runs."""
-        open_states = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
-        return not any(self.jobs.get(s, 0) for s in open_states)
+        return not any(self.jobs.get(s, 0) for s in OPEN_JOB_STATUSES)
 
 
 def find_run(session: Session, name_or_id: str | None) -> Run | None:

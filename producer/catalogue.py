@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, NoSuchT
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
+from db.limits import unstorable
 from producer.errors import InputError
 
 # How much of a catalogue file is read and decoded at a time.
@@ -163,23 +164,6 @@ class _Source:
         )
 
 
-def _unstorable(text: str) -> str | None:
-    """Why ``text`` cannot be stored as an item's field (None when it can).
-
-    Postgres text and jsonb cannot hold a NUL character, and no text can hold a lone UTF-16
-    surrogate (JSON's "\\ud800" escape): such a cell is its row's problem, not a failure of
-    the whole produce when the items are written.
-    """
-    if "\0" in text:
-        return "contains a NUL character, which the database cannot store"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}), not text"
-    return None
-
-
 def _blank(cells: list[str]) -> bool:
     # Blank lines, and rows of empty cells such as the ",,," rows spreadsheets leave at the
     # end of an export, carry no data; skipping them is friendlier than a ragged-row error.
@@ -265,7 +249,7 @@ class CsvCatalogue:
                 raise CatalogueError(
                     self.path, line, None, f"column {position} of the header has an empty name"
                 )
-            reason = _unstorable(name)
+            reason = unstorable(name)
             if reason is not None:
                 raise CatalogueError(
                     self.path, line, None, f"column {position} of the header {reason}"
@@ -328,7 +312,7 @@ class CsvCatalogue:
 
     def _unstorable_cell(self, line: int, fields: dict[str, str]) -> CatalogueError | None:
         for name, value in fields.items():
-            reason = _unstorable(value)
+            reason = unstorable(value)
             if reason is not None:
                 return CatalogueError(self.path, line, name, reason)
         return None
@@ -346,7 +330,7 @@ class _UnsupportedValue(Exception):
 def _text(value: object) -> str:
     """The text a template sees for one JSON or SQL value."""
     plain = _plain_text(value)
-    reason = _unstorable(plain)
+    reason = unstorable(plain)
     if reason is not None:
         raise _UnsupportedValue(reason)
     return plain
@@ -458,7 +442,7 @@ class JsonlCatalogue:
         for key, item in value:
             if not key.strip():
                 raise CatalogueError(self.path, line, None, "a key is empty")
-            reason = _unstorable(key)
+            reason = unstorable(key)
             if reason is not None:
                 raise CatalogueError(self.path, line, None, f"key {key!r} {reason}")
             if key in fields:

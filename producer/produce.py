@@ -29,11 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.job_options import JobOptions
+from db.limits import string_length, unstorable
 from db.models import CatalogueItem, Job, JobKind, Run, RunStatus
+from db.run_locks import lock_loaded_run
 from pixelmill.blocklist import Blocklist
 from pixelmill.settings import Settings, get_settings
 from pixelmill.storage import Storage
@@ -55,22 +57,11 @@ KEEP_PROBLEMS = 200
 SAMPLES_PER_TEMPLATE = 3
 
 
-def _column_length(column: ColumnElement[Any]) -> int:
-    """The length of a String column in the schema (db.models): Postgres refuses a longer
-    value, and one such row would abort the whole catalogue's transaction."""
-    column_type = column.type
-    assert isinstance(column_type, String) and column_type.length is not None
-    return column_type.length
-
-
-RUN_NAME_LENGTH = _column_length(Run.__table__.c.name)
-SOURCE_NAME_LENGTH = _column_length(CatalogueItem.__table__.c.source)
-ITEM_KEY_LENGTH = _column_length(CatalogueItem.__table__.c.external_key)
-VARIANT_LABEL_LENGTH = _column_length(Job.__table__.c.variant)
-# Postgres stores no NUL character in text or JSONB (SQLite does). The catalogue's cells are
-# checked as they are read (producer.catalogue); what the templates and wildcards add to a
-# prompt or a variant label, and the command line's run name, are checked here.
-NUL = "\x00"
+# Lengths of the columns the producer fills from its inputs (see db.limits).
+RUN_NAME_LENGTH = string_length(Run.__table__.c.name)
+SOURCE_NAME_LENGTH = string_length(CatalogueItem.__table__.c.source)
+ITEM_KEY_LENGTH = string_length(CatalogueItem.__table__.c.external_key)
+VARIANT_LABEL_LENGTH = string_length(Job.__table__.c.variant)
 
 
 class ExpansionLimitError(InputError):
@@ -209,11 +200,8 @@ class _Variant:
                 f"variant label {_shorten(variant)!r} is {len(variant)} characters; "
                 f"the jobs table holds at most {VARIANT_LABEL_LENGTH}"
             )
-        elif NUL in variant:
-            self.label_problem = (
-                f"variant label {_shorten(variant)!r} contains a NUL character (\\x00), "
-                "which the database cannot store"
-            )
+        elif (reason := unstorable(variant)) is not None:
+            self.label_problem = f"variant label {_shorten(variant)!r} {reason}"
 
 
 def _shorten(value: str, length: int = 60) -> str:
@@ -443,14 +431,8 @@ class Producer:
                     f"{what} {_shorten(name)!r} is {len(name)} characters; "
                     f"the database holds at most {length}",
                 )
-            if NUL in name:
-                raise InputError(
-                    self.label,
-                    None,
-                    None,
-                    f"{what} {_shorten(name)!r} contains a NUL character (\\x00), "
-                    "which the database cannot store",
-                )
+            if (reason := unstorable(name)) is not None:
+                raise InputError(self.label, None, None, f"{what} {_shorten(name)!r} {reason}")
 
     def _variants(self, template: Template) -> list[_Variant]:
         model = template.model or self.options.default_model
@@ -542,11 +524,11 @@ class Producer:
         later waits for the commit, then cancels these jobs as well; likewise a worker
         ending the run's last earlier job cannot mark it finished past the jobs added here.
         Taken here rather than when the run is first read: the workers lock the same row
-        (FOR NO KEY UPDATE, worker.claim) whenever one of the run's jobs ends, and would
+        (FOR NO KEY UPDATE, db.run_locks) whenever one of the run's jobs ends, and would
         wait for as long as the catalogue takes to read. FOR NO KEY UPDATE too, as the row
         may be updated here. SQLite ignores the lock (it has one writer at a time).
         """
-        session.refresh(run, with_for_update={"key_share": True})
+        lock_loaded_run(session, run)
         if run.status == RunStatus.CANCELLED:
             raise self._cancelled(run.name)
         if run.status == RunStatus.FINISHED and self.report.jobs_new:
@@ -788,14 +770,14 @@ class Producer:
         self, row: CatalogueRow, variant: _Variant, key: str, prompt: str, negative: str
     ) -> None:
         template = variant.template
-        # The row's fields were checked: a NUL here came from the template or a wildcard.
-        if NUL in prompt or NUL in negative:
+        # The row's fields were checked as they were read (producer.catalogue): what the
+        # database cannot store here came from the template or a wildcard file.
+        if (reason := unstorable(prompt) or unstorable(negative)) is not None:
             raise CatalogueError(
                 self.label,
                 row.line,
                 None,
-                f"template {template.name!r}: the prompt of item {key!r} contains a NUL "
-                "character (\\x00), which the database cannot store",
+                f"template {template.name!r}: the prompt of item {key!r} {reason}",
             )
         blocklist = self.options.blocklist
         if blocklist is not None:

@@ -6,7 +6,7 @@ jobs go back to ``pending``, and a worker refuses to claim a job whose run is no
 message is then dropped harmlessly). Jobs already running finish.
 
 Pause, resume and cancel lock the run's row before they read its status or touch its jobs, as
-the dispatcher (FOR SHARE) and the workers do (see worker.claim for the lock order): a
+the dispatcher (FOR SHARE) and the workers do (see db.run_locks for the lock order): a
 dispatcher queueing the run's jobs, or a worker ending its last job, commits first and is then
 seen, or waits for this to commit.
 """
@@ -19,7 +19,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus, Run, RunStatus, utcnow
-from worker.claim import finish_run_if_complete
+from db.run_locks import finish_run_if_complete, lock_loaded_run
 
 
 class RunStateError(ValueError):
@@ -93,7 +93,7 @@ def list_runs(session: Session, *, limit: int = 50) -> list[RunSummary]:
 
 def pause_run(session: Session, run: Run) -> int:
     """Stop dispatching; returns how many queued jobs went back to pending."""
-    _lock(session, run)
+    lock_loaded_run(session, run)
     _require(run, {RunStatus.ACTIVE, RunStatus.PAUSED}, "pause")
     run.status = RunStatus.PAUSED
     requeued = _unqueue(session, run)
@@ -104,7 +104,7 @@ def pause_run(session: Session, run: Run) -> int:
 def resume_run(session: Session, run: Run) -> None:
     """Dispatch the run's jobs again. A run whose jobs all ended while it was paused is
     ``finished`` instead: no job is left to end it."""
-    _lock(session, run)
+    lock_loaded_run(session, run)
     _require(run, {RunStatus.PAUSED, RunStatus.ACTIVE}, "resume")
     run.status = RunStatus.ACTIVE
     session.flush()
@@ -114,7 +114,7 @@ def resume_run(session: Session, run: Run) -> None:
 
 def cancel_run(session: Session, run: Run) -> int:
     """Cancel every job that has not started; returns how many were cancelled."""
-    _lock(session, run)
+    lock_loaded_run(session, run)
     _require(run, {RunStatus.ACTIVE, RunStatus.PAUSED, RunStatus.CANCELLED}, "cancel")
     run.status = RunStatus.CANCELLED
     run.finished_at = utcnow()
@@ -141,13 +141,6 @@ def _unqueue(session: Session, run: Run) -> int:
         .values(status=JobStatus.PENDING, queued_at=None)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _lock(session: Session, run: Run) -> None:
-    """Lock the run's row (FOR NO KEY UPDATE, as worker.claim.lock_run) and reload it, so its
-    status is the last committed one and stays so until this transaction ends. Locked before
-    its jobs are touched: the dispatcher too takes the run's row, then its jobs' rows."""
-    session.refresh(run, with_for_update={"key_share": True})
 
 
 def _require(run: Run, allowed: set[RunStatus], action: str) -> None:

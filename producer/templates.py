@@ -60,9 +60,9 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.runtime
 import jinja2.sandbox
-import sqlalchemy
 import yaml
 
+from db.limits import string_length, unstorable
 from db.models import Job
 from pixelmill.schedulers import KNOWN_SCHEDULERS, canonical_scheduler
 from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
@@ -102,16 +102,10 @@ _NEGATIVE_PARTS = ("preset_negative_prompt", "negative_prompt")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _column_length(column: Any) -> int:
-    column_type = column.type
-    assert isinstance(column_type, sqlalchemy.String) and column_type.length is not None
-    return column_type.length
-
-
 # The jobs table's columns for a template's name and model: a longer value would abort the
 # whole produce at the database, so the loader refuses it with the line.
-TEMPLATE_NAME_LENGTH = _column_length(Job.__table__.c.template)
-MODEL_LENGTH = _column_length(Job.__table__.c.model)
+TEMPLATE_NAME_LENGTH = string_length(Job.__table__.c.template)
+MODEL_LENGTH = string_length(Job.__table__.c.model)
 
 
 class TemplateError(InputError):
@@ -749,12 +743,8 @@ class _Loader:
                     f"model name is {len(value)} characters; the jobs table holds at most "
                     f"{MODEL_LENGTH}",
                 )
-            if "\x00" in value:  # Postgres stores no NUL character in text
-                raise self.error(
-                    node,
-                    field,
-                    "model name contains a NUL character (\\x00), which the database cannot store",
-                )
+            if (reason := unstorable(value)) is not None:
+                raise self.error(node, field, f"model name {reason}")
             return value
         if name == "when":
             if value is None:

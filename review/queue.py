@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, DateTime, and_, case, func, literal, or_, 
 from sqlalchemy.orm import Session
 
 from db.models import (
+    OPEN_JOB_STATUSES,
     Decision,
     Image,
     ImageReview,
@@ -37,8 +38,6 @@ from db.models import (
 )
 from db.upsert import insert_ignoring_conflicts_stmt, upsert
 from review.metrics import DECISIONS
-
-OPEN_JOB_STATES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class ReviewError(Exception):
@@ -94,7 +93,7 @@ def sync_queue(session: Session, run_id: int | None = None) -> SyncReport:
 
 
 def _add_ready_items(session: Session, run_id: int) -> int:
-    open_jobs = func.sum(case((Job.status.in_(OPEN_JOB_STATES), 1), else_=0))
+    open_jobs = func.sum(case((Job.status.in_(OPEN_JOB_STATUSES), 1), else_=0))
     done_jobs = func.sum(case((Job.status == JobStatus.DONE, 1), else_=0))
     ready = (
         select(Job.run_id, Job.item_id, literal(utcnow(), DateTime(timezone=True)))
@@ -122,7 +121,7 @@ def _reopen_rerolled(session: Session, run_id: int) -> int:
         .where(
             Job.run_id == ReviewItem.run_id,
             Job.item_id == ReviewItem.item_id,
-            Job.status.in_(OPEN_JOB_STATES),
+            Job.status.in_(OPEN_JOB_STATUSES),
         )
         .exists()
     )

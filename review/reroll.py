@@ -26,6 +26,7 @@ from db.models import (
     RunStatus,
     utcnow,
 )
+from db.run_locks import lock_loaded_run
 from db.upsert import insert_ignoring_conflicts_stmt
 from producer.produce import dedupe_key
 from producer.seeds import derive_seed
@@ -61,17 +62,13 @@ def reroll(
     """Reject the item's undecided images, queue a new job per (template, variant) with fresh
     seeds, and park the item until they have rendered. Returns the new job ids. Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
-    # The run's row, locked before the jobs are added (see worker.claim for the lock order)
+    # The run's row, locked before the jobs are added (see db.run_locks for the lock order)
     # and held until the commit: a worker ending the run's last other job meanwhile waits,
     # then sees the new jobs and leaves the run active; one that ended it first has committed
     # the run finished, which this reads and re-activates below. A cancel waits likewise, or
     # has committed and is refused here.
-    run = session.scalars(
-        select(Run)
-        .where(Run.id == item.run_id)
-        .with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    ).one()
+    run = session.get_one(Run, item.run_id)
+    lock_loaded_run(session, run)
     if run.status == RunStatus.CANCELLED:
         session.rollback()
         raise ReviewError(f"run {run.name!r} was cancelled: it takes no new jobs")

@@ -5,15 +5,8 @@ The claim makes that harmless: only one worker can move a job to ``running``, an
 write is fenced on the ``attempts`` value of that claim, so a worker whose lease expired and
 whose job was taken over cannot overwrite the new owner's outcome.
 
-Lock order. Whatever changes a run's status, or adds or ends jobs in a way that depends on it,
-locks the run's row (:func:`lock_run`) so that those changes happen one at a time and each sees
-the others' commits: pause, resume and cancel (producer.runs), the dispatcher (FOR SHARE,
-producer.dispatch), a re-roll adding jobs (review.reroll) and here a job ending or given back.
-A transaction that locks *pending or queued* job rows and the run's row takes the run's row
-first (pause, cancel, the dispatcher, :func:`bury_exhausted`). Transactions that end or give back a *running* job
-lock the job's row first (the fenced update) and the run's row after: that cannot deadlock
-with the others, because nothing that holds a run's row then waits for a running job's row
-(pause and cancel update only pending and queued jobs; the dispatcher skips locked rows).
+Ending or giving back a job locks its run's row after the job's (see db.run_locks for the
+lock order).
 """
 
 from __future__ import annotations
@@ -26,6 +19,7 @@ from sqlalchemy import ColumnElement, String, and_, cast, func, literal, or_, se
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
+from db.run_locks import finish_run_if_complete, lock_run
 
 
 @dataclass(frozen=True)
@@ -246,44 +240,6 @@ def finish_job(session: Session, job: ClaimedJob) -> bool:
     finish_run_if_complete(session, job.run_id)
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-OPEN_JOB_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
-
-
-def lock_run(session: Session, run_id: int) -> str | None:
-    """Lock the run's row until the transaction ends and return its status as last committed
-    (None if there is no such run). See the lock order above.
-
-    FOR NO KEY UPDATE, not FOR UPDATE: it excludes the others that change the run (and the
-    dispatcher's FOR SHARE) but not the key-share lock a job insert takes on its run's row,
-    so a long produce adding jobs to the run does not hold up a worker finishing one.
-    SQLite ignores it; it runs one writer at a time anyway."""
-    status: str | None = session.scalar(
-        select(Run.status).where(Run.id == run_id).with_for_update(key_share=True)
-    )
-    return status
-
-
-def finish_run_if_complete(session: Session, run_id: int) -> bool:
-    """Mark an active run with no open jobs left ``finished`` (the last of its jobs to end
-    does this, and so does resuming a run whose jobs all ended while it was paused). True if
-    it did. Does not commit.
-
-    The run's row is locked before the open jobs are counted, in a statement of its own: a
-    transaction adding jobs to the run (a re-roll) holds that lock until it commits, so the
-    count, which sees what was committed before it started, includes them."""
-    if lock_run(session, run_id) != RunStatus.ACTIVE:
-        return False
-    open_job = session.scalar(
-        select(Job.id).where(Job.run_id == run_id, Job.status.in_(OPEN_JOB_STATUSES)).limit(1)
-    )
-    if open_job is not None:
-        return False
-    session.execute(
-        update(Run).where(Run.id == run_id).values(status=RunStatus.FINISHED, finished_at=utcnow())
-    )
-    return True
 
 
 def _cancel_if_run_cancelled(session: Session, run_id: int, job_ids: Collection[int]) -> list[int]:
