@@ -304,9 +304,9 @@ class CsvCatalogue:
                 yield CatalogueRow(line=line, fields={}, problem=problem)
                 continue
             fields = {name: cell.strip() for name, cell in zip(self.columns, cells, strict=True)}
-            unstorable = self._unstorable_cell(line, fields)
-            if unstorable is not None:
-                yield CatalogueRow(line=line, fields={}, problem=unstorable)
+            bad_cell = self._unstorable_cell(line, fields)
+            if bad_cell is not None:
+                yield CatalogueRow(line=line, fields={}, problem=bad_cell)
                 continue
             yield CatalogueRow(line=line, fields=fields)
 

@@ -337,7 +337,7 @@ class ConditioningReader:
                 node, field_name, f"{local} is a file; give a diffusers ControlNet folder"
             )
         if value == TINY_CONTROLNET:  # built by the workers (worker.models)
-            return value  # built by the workers themselves
+            return value
         if not path.is_absolute() and not value.startswith(".") and is_hub_id(value):
             return value  # a hub id, loaded by the workers
         raise self.reader.error(

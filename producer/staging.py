@@ -386,8 +386,9 @@ class _SqlStaging(Staging):
         self.options.clear()
         now = bindparam("now", self.params["now"], type_=DateTime(timezone=True))
         params = {"run_id": self.params["run_id"], "source": self.params["source"]}
-        self.session.execute(text(_MERGE_ITEMS).bindparams(now), params)
-        for merge in (_TAKE_OVER_JOBS, _MERGE_JOBS):
+        merge_items, *merge_jobs = _MERGES
+        self.session.execute(text(merge_items).bindparams(now), params)
+        for merge in merge_jobs:  # the jobs taken over, then the jobs inserted: all new
             result = self.session.execute(text(merge).bindparams(now), params)
             self.jobs_new += int(result.rowcount)  # type: ignore[attr-defined]
         for name in _TABLES:
@@ -536,7 +537,7 @@ class _Writer(threading.Thread):
                     statement = self.merge_batch
                     cursor.execute(statement)
                     # The items' merge; then the jobs taken over and the jobs inserted.
-                    for _merge in _MERGES[1:]:
+                    for _merge_jobs in _MERGES[1:]:
                         cursor.nextset()
                         self.inserted += cursor.rowcount
         except BaseException as exc:  # handed to the producer's thread, which raises it

@@ -315,14 +315,12 @@ class _PromptSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(count, int):
                     _check_built("'*'", _size(seq) * count, _size(seq) if count <= 1 else 0)
+        if op == "**" and isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
         if _is_int(left) and _is_int(right):
-            if op == "**" and abs(right) > _MAX_EXPONENT:
-                raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
             bits = {"*": left.bit_length() + right.bit_length(), "**": left.bit_length() * right}
             if bits.get(op, 0) > _MAX_INT_BITS:
                 raise jinja2.sandbox.SecurityError(f"the result of '{op}' is too large a number")
-        elif op == "**" and isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
-            raise jinja2.sandbox.SecurityError(f"exponent {right} is too large")
         binop: Callable[[Any, Any], Any] = {
             "*": operator.mul,
             "**": operator.pow,
