@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pixelmill.errors import BadInputError
+
 # Nothing from prometheus_client at import time (see ensure_multiprocess_mode): this module is
 # imported before PROMETHEUS_MULTIPROC_DIR is decided.
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
 
 
-class MultiprocessSetupError(RuntimeError):
+class MultiprocessSetupError(BadInputError):
     pass
 
 

@@ -11,11 +11,12 @@ from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.registry import CollectorRegistry
 
 from monitoring.multiprocess import multiprocess_dir, multiprocess_registry
+from pixelmill.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 
-class MetricsPortError(RuntimeError):
+class MetricsPortError(BadInputError):
     pass
 
 

@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelmill.errors import BadInputError
+
 # Characters of scripts written without spaces between words (see the module docstring).
 # NFKC folds half-width katakana and compatibility ideographs into these ranges.
 _UNSPACED = (
@@ -63,7 +65,7 @@ _REGEX_PREFIX = "re:"
 _DEFAULT_RESOURCE = "default_blocklist.txt"
 
 
-class BlocklistError(ValueError):
+class BlocklistError(BadInputError):
     """A bad blocklist: ``source`` is "file" or "file:line", ``reason`` says what is wrong."""
 
     def __init__(self, source: str, reason: str) -> None:

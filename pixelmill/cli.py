@@ -163,7 +163,7 @@ def produce(
 ) -> None:
     """Expand CATALOGUE with the templates into a run of render jobs."""
     from pixelmill.blocklist import load_blocklist
-    from producer.errors import InputError
+    from pixelmill.errors import InputError
     from producer.produce import StrictModeError
     from producer.produce import produce as produce_jobs
 

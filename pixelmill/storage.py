@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pixelmill.errors import PixelmillError
 from pixelmill.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
-class StorageError(RuntimeError):
+class StorageError(PixelmillError, RuntimeError):
     pass
 
 

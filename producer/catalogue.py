@@ -27,7 +27,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from db.limits import unstorable
-from producer.errors import InputError
+from pixelmill.errors import InputError, PixelmillError
 
 # How much of a catalogue file is read and decoded at a time.
 READ_BYTES = 64 * 1024
@@ -323,7 +323,7 @@ class CsvCatalogue:
         _require_columns(self.path, 1, self.columns, needed, who)
 
 
-class _UnsupportedValue(Exception):
+class _UnsupportedValue(PixelmillError):
     """A value that has no sensible text form for a template (the reason says why)."""
 
 

@@ -43,9 +43,9 @@ import yaml
 
 from db.job_options import ControlNetSpec, EmbeddingRef, JobOptions, LoraRef, MaskSpec
 from db.models import JobKind
+from pixelmill.errors import InputError
 from pixelmill.hashing import file_sha256
 from pixelmill.settings import TINY_CONTROLNET, is_hub_id
-from producer.errors import InputError
 
 CONDITIONING_KEYS = frozenset(
     {"kind", "image", "strength", "mask", "controlnet", "loras", "embeddings"}

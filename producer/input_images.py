@@ -45,9 +45,9 @@ from sqlalchemy.orm import Session
 
 from db.models import InputImage, InputSource, utcnow
 from db.upsert import insert_ignoring_conflicts_stmt
+from pixelmill.errors import BadInputError, InputError
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage, make_s3_client, storage_from_settings
-from producer.errors import InputError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -65,7 +65,7 @@ READ_CHUNK = 64 * 1024
 BATCH = 64
 
 
-class InputImageError(ValueError):
+class InputImageError(BadInputError):
     """Why one image address could not be staged (the producer adds line, item and field)."""
 
     def __init__(self, reason: str) -> None:

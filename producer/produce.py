@@ -21,28 +21,31 @@ image that cannot be fetched or decoded makes its item a bad row.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.job_options import JobOptions
 from db.limits import string_length, unstorable
-from db.models import CatalogueItem, Job, JobKind, Run, RunStatus
+from db.models import CatalogueItem, Job, Run, RunStatus
 from db.run_locks import lock_loaded_run
 from pixelmill.blocklist import Blocklist
+from pixelmill.errors import InputError
+from pixelmill.identity import (
+    conditioning_parts,
+    fields_json,
+    length_prefixed,
+    settings_parts,
+)
+from pixelmill.seeds import SweepPlan, item_seed_state
 from pixelmill.settings import Settings, get_settings
 from pixelmill.storage import Storage
 from producer.catalogue import CatalogueError, CatalogueRow
-from producer.errors import InputError
 from producer.input_images import InputImageError, InputStager, StagedImage, source_address
-from producer.seeds import SweepPlan, item_seed_state
 from producer.sources import CatalogueSource, open_catalogue
 from producer.staging import JobShape, StagedJob, open_staging
 from producer.templates import RenderError, Template, TemplateFile, load_templates
@@ -181,7 +184,7 @@ class _Variant:
         )
         self.sweep = SweepPlan(template.name, seeds, variant=variant)
         self.settings_state = hashlib.sha256(
-            _settings_parts(
+            settings_parts(
                 model,
                 template.scheduler,
                 template.steps,
@@ -222,7 +225,7 @@ class _Plan:
         self.shapes = [variant.shape for variant in variants]
         # Whether the jobs start from a catalogue image (staged per row).
         self.images = self.conditioning.image is not None
-        self.salt = _length_prefixed(force_salt)
+        self.salt = length_prefixed(force_salt)
         self.options = self.conditioning.options.canonical()
         # The dedupe key's tail (salt, then conditioning_parts()) of a job without images.
         self.tail = self.salt + conditioning_parts(self.conditioning.kind, None, None, self.options)
@@ -239,74 +242,6 @@ class _Plan:
             self.conditioning.kind, image.sha256, mask_sha, self.options
         )
         return shapes, tail
-
-
-def fields_json(fields: dict[str, str]) -> str:
-    """An item's fields as canonical JSON (sorted keys): what its content hash covers."""
-    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
-
-
-def content_hash(fields: dict[str, str]) -> str:
-    return hashlib.sha256(fields_json(fields).encode("utf-8")).hexdigest()
-
-
-def _length_prefixed(part: str) -> str:
-    # Length-prefixed parts: unambiguous whatever characters the prompts contain.
-    return f"{len(part)}:{part}"
-
-
-def _settings_parts(
-    model: str, scheduler: str | None, steps: int, guidance: float, width: int, height: int
-) -> str:
-    parts = (model, str(scheduler), str(steps), repr(float(guidance)), str(width), str(height))
-    return "".join(map(_length_prefixed, parts))
-
-
-def conditioning_parts(
-    kind: str, input_image: str | None, mask_image: str | None, options: str
-) -> str:
-    """What the dedupe key covers beyond the prompt: the kind, the staged images' hashes and
-    the options' canonical JSON (``options``: :meth:`JobOptions.canonical`).
-
-    Nothing for a plain txt2img job (no images, no options), so its key is the one it had
-    before job kinds existed and earlier runs' jobs still match.
-    """
-    if kind == JobKind.TXT2IMG and input_image is None and mask_image is None and not options:
-        return ""
-    return "".join(map(_length_prefixed, (kind, input_image or "", mask_image or "", options)))
-
-
-def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
-    """Hash of everything that determines a job's pixels (plus ``salt`` for forced renders).
-
-    ``job`` holds the jobs table's columns (``kind``, ``input_image``, ``mask_image`` and
-    ``options`` may be left out for a plain txt2img job). The reference definition; the
-    producer computes the same value through :class:`_Variant` and :class:`_Plan` (the
-    settings hashed once per template variant).
-    """
-    encoded = (
-        _settings_parts(
-            job["model"],
-            job["scheduler"],
-            job["steps"],
-            job["guidance"],
-            job["width"],
-            job["height"],
-        )
-        + "".join(
-            map(
-                _length_prefixed,
-                (job["prompt"], job["negative_prompt"], ",".join(map(str, job["seeds"])), salt),
-            )
-        )
-        + conditioning_parts(
-            job.get("kind") or JobKind.TXT2IMG.value,
-            job.get("input_image"),
-            job.get("mask_image"),
-            JobOptions.from_json(job.get("options")).canonical(),
-        )
-    )
-    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
 def default_run_name(catalogue: str | Path) -> str:

@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus, Run, RunStatus, utcnow
 from db.run_locks import finish_run_if_complete, lock_loaded_run
+from pixelmill.errors import BadInputError
 
 
-class RunStateError(ValueError):
+class RunStateError(BadInputError):
     pass
 
 

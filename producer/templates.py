@@ -64,9 +64,9 @@ import yaml
 
 from db.limits import string_length, unstorable
 from db.models import Job
+from pixelmill.errors import BadInputError, InputError
 from pixelmill.schedulers import KNOWN_SCHEDULERS, canonical_scheduler
 from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
-from producer.errors import InputError
 from producer.variants import Variant, VariantError, expand_variants
 
 # Rendered prompts longer than this are certainly a template bug (CLIP reads ~77 tokens).
@@ -112,7 +112,7 @@ class TemplateError(InputError):
     """A problem in the template file, located by file, YAML line and dotted field path."""
 
 
-class RenderError(ValueError):
+class RenderError(BadInputError):
     """Rendering a template for one catalogue row failed.
 
     ``where`` is the caller's "file:line" of the catalogue row; ``field`` names the

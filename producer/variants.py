@@ -50,6 +50,8 @@ from dynamicprompts.wildcards.values import WildcardValues
 from pyparsing import ParseBaseException
 from pyparsing.warnings import PyparsingDeprecationWarning
 
+from pixelmill.errors import BadInputError, PixelmillError
+
 # One construct with more options than this is certainly a mistake (e.g. a 200-line wildcard
 # file nested twice); stop enumerating rather than building millions of strings.
 MAX_SLOT_OPTIONS = 10_000
@@ -68,7 +70,7 @@ _PLACEHOLDER_RE = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 _JINJA_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}|[#%]|(?<!\$)\$(?!\$)", re.DOTALL)
 
 
-class VariantError(ValueError):
+class VariantError(BadInputError):
     """Variant syntax in one part of a template could not be expanded.
 
     ``part`` is the name of the template part ("prompt", "negative_prompt", "before", ...)
@@ -108,13 +110,13 @@ class _Protector:
         return _PLACEHOLDER_RE.sub(lambda m: self._sources[int(m.group(1))], text)
 
 
-class _MissingWildcard(Exception):
+class _MissingWildcard(PixelmillError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(name)
 
 
-class _BadWildcardValue(Exception):
+class _BadWildcardValue(PixelmillError):
     def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
@@ -145,7 +147,7 @@ class _StrictWildcardManager(WildcardManager):
         return WildcardValues.from_items(protected)
 
 
-class _Unsupported(Exception):
+class _Unsupported(PixelmillError):
     pass
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Reviewer
+from pixelmill.errors import BadInputError
 
 _hasher = PasswordHasher()
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
@@ -19,7 +20,7 @@ MIN_PASSWORD_LENGTH = 10
 _DUMMY_HASH = _hasher.hash("not a real password, only for timing")
 
 
-class AccountError(ValueError):
+class AccountError(BadInputError):
     pass
 
 

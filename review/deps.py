@@ -16,6 +16,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Reviewer
+from pixelmill.errors import PixelmillError
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
 from review.images import ImageUrls
@@ -41,11 +42,11 @@ class ReviewState:
         return timedelta(seconds=self.settings.review_claim_lease_seconds)
 
 
-class LoginRequired(Exception):
+class LoginRequired(PixelmillError):
     """No reviewer is logged in: pages redirect to the login form, the API answers 401."""
 
 
-class Forbidden(Exception):
+class Forbidden(PixelmillError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Decision, Image, ImageReview, Job, Reviewer, Run
+from pixelmill.errors import BadInputError
 from pixelmill.storage import Storage
 
 Format = Literal["csv", "jsonl"]
@@ -43,7 +44,7 @@ COLUMNS = (
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
 
 
-class ExportError(ValueError):
+class ExportError(BadInputError):
     pass
 
 

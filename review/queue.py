@@ -37,10 +37,11 @@ from db.models import (
     utcnow,
 )
 from db.upsert import insert_ignoring_conflicts_stmt, upsert
+from pixelmill.errors import PixelmillError
 from review.metrics import DECISIONS
 
 
-class ReviewError(Exception):
+class ReviewError(PixelmillError):
     """A review action that cannot be done; ``status`` is the HTTP status that says why."""
 
     status = 400

@@ -28,8 +28,8 @@ from db.models import (
 )
 from db.run_locks import lock_loaded_run
 from db.upsert import insert_ignoring_conflicts_stmt
-from producer.produce import dedupe_key
-from producer.seeds import derive_seed
+from pixelmill.identity import dedupe_key
+from pixelmill.seeds import derive_seed
 from review.metrics import DECISIONS
 from review.queue import ReviewError, hold, reject_undecided
 

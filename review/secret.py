@@ -6,13 +6,14 @@ import os
 import secrets
 from pathlib import Path
 
+from pixelmill.errors import BadInputError
 from pixelmill.settings import Settings
 
 MIN_LENGTH = 32
 SECRET_FILE = "review_secret_key"
 
 
-class SecretKeyError(RuntimeError):
+class SecretKeyError(BadInputError):
     pass
 
 

@@ -26,6 +26,7 @@ import torch
 
 from db.job_options import EmbeddingRef, LoraRef
 from pixelmill import hashing
+from pixelmill.errors import BadInputError, PixelmillError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # SDXL embeddings hold one tensor per text encoder under these keys (the kohya/A1111 layout).
@@ -39,12 +40,12 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class AdapterError(ValueError):
+class AdapterError(BadInputError):
     """An adapter file that cannot be used for this job. The message names the option
     (``loras[0]``, ``embeddings[1]``) and the file."""
 
 
-class AdapterLeakError(RuntimeError):
+class AdapterLeakError(PixelmillError, RuntimeError):
     """Unloading did not restore the pipeline: it must not render another job."""
 
 

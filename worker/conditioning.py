@@ -22,6 +22,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from db.job_options import ControlNetSpec, JobOptions, MaskSpec
+from pixelmill.errors import BadInputError
 
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
@@ -42,7 +43,7 @@ GENERATE = 255
 KEEP = 0
 
 
-class ConditioningError(ValueError):
+class ConditioningError(BadInputError):
     """A job's input image, mask or kind options cannot be used (a message saying which)."""
 
 

@@ -36,6 +36,7 @@ from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run, Saf
 from db.upsert import insert_ignoring_conflicts
 from monitoring import metrics
 from pixelmill.blocklist import Blocklist, load_blocklist
+from pixelmill.errors import BadInputError, PixelmillError
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage, StorageError
 from worker.claim import (
@@ -87,12 +88,12 @@ class WorkerRuntime:
 QUARANTINE_PREFIX = "quarantine/"
 
 
-class JobInputError(Exception):
+class JobInputError(BadInputError):
     """A deterministic problem with the job itself (its parameters, its model): another
     attempt would fail the same way. The original error is the ``__cause__``."""
 
 
-class LeaseLostError(RuntimeError):
+class LeaseLostError(PixelmillError):
     pass
 
 

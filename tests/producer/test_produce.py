@@ -15,18 +15,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus
+from pixelmill.errors import InputError
+from pixelmill.identity import content_hash, dedupe_key
+from pixelmill.seeds import seed_sweep
 from producer.catalogue import CatalogueError
-from producer.errors import InputError
 from producer.produce import (
     DEFAULT_SEEDS,
     ProduceReport,
     StrictModeError,
-    content_hash,
-    dedupe_key,
     default_run_name,
     produce,
 )
-from producer.seeds import seed_sweep
 from producer.templates import TemplateError
 
 DEFAULT_MODEL = "default/model"

@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import CatalogueItem, Job, Run, RunStatus
 from db.session import make_engine, make_sessionmaker
 from pixelmill.blocklist import Blocklist
-from producer.errors import InputError
+from pixelmill.errors import InputError
+from pixelmill.seeds import seed_sweep
 from producer.produce import (
     ExpansionLimitError,
     ProduceReport,
@@ -38,7 +39,6 @@ from producer.produce import (
     produce,
 )
 from producer.runs import cancel_run
-from producer.seeds import seed_sweep
 
 DEFAULT_MODEL = "default/model"
 
@@ -639,7 +639,7 @@ def test_a_run_finished_while_the_catalogue_is_read_is_active_again(
 
 
 def test_producing_into_a_cancelled_run_is_refused(tmp_path: Path, db_session: Session) -> None:
-    from producer.errors import InputError
+    from pixelmill.errors import InputError
     from producer.runs import cancel_run
 
     catalogue_path, templates_path = write_inputs(tmp_path)
@@ -685,7 +685,7 @@ PINNED_JOB: dict[str, Any] = {
 def test_dedupe_keys_and_content_hashes_are_the_persisted_ones(
     tmp_path: Path, db_session: Session
 ) -> None:
-    from producer.produce import content_hash, dedupe_key
+    from pixelmill.identity import content_hash, dedupe_key
 
     assert dedupe_key(PINNED_JOB) == PINNED_DEDUPE_KEY
     assert (

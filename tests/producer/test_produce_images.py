@@ -23,13 +23,13 @@ from db.job_options import JobOptions
 from db.migrate import upgrade
 from db.models import CatalogueItem, InputImage, InputSource, Job
 from db.session import make_sessionmaker
+from pixelmill.identity import dedupe_key
 from pixelmill.settings import Settings
 from producer.input_images import InputStorageError
 from producer.produce import (
     ExpansionLimitError,
     ProduceReport,
     StrictModeError,
-    dedupe_key,
     produce,
 )
 from tests.producer.image_server import ImageServer, jpeg, png

@@ -10,9 +10,9 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus, SafetyStatus
+from pixelmill.identity import dedupe_key
+from pixelmill.seeds import seed_sweep
 from pixelmill.storage import Storage
-from producer.produce import dedupe_key
-from producer.seeds import seed_sweep
 
 
 def png_bytes(colour: tuple[int, int, int], size: int = 64) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.seeds import SEED_MAX, SweepPlan, derive_seed, item_seed_state, seed_sweep
+from pixelmill.seeds import SEED_MAX, SweepPlan, derive_seed, item_seed_state, seed_sweep
 
 
 def test_known_values_are_stable() -> None:
@@ -18,7 +18,7 @@ def test_known_values_are_stable() -> None:
 
 
 def test_independent_of_hash_seed() -> None:
-    code = "from producer.seeds import derive_seed; print(derive_seed('SKU-1', 'studio', 0))"
+    code = "from pixelmill.seeds import derive_seed; print(derive_seed('SKU-1', 'studio', 0))"
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run(
