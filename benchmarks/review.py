@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -41,6 +42,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db.migrate import upgrade
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 IMAGES_PER_ITEM = 10
 TEMPLATES = ("studio", "lifestyle")
@@ -164,19 +168,30 @@ def summary(ms: list[float]) -> tuple[float, float]:
 
 
 def measure(url: str, images: int) -> dict[str, tuple[float, float]]:
-    from fastapi.testclient import TestClient
-    from sqlalchemy import select, update
-
-    from db.models import ReviewItem, Run
+    """Median and p95 (ms) of every measurement on the filled database at ``url``."""
     from db.session import make_engine, make_sessionmaker
-    from pixelmill.settings import get_settings
-    from pixelmill.storage import LocalStorage
-    from review.accounts import add_reviewer
-    from review.app import create_app
-    from review.queue import claim_next, submit, sync_queue
 
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
+    results, reviewers = measure_intake(sessions, url, images)
+    claims, open_ids = measure_claims(sessions, reviewers, images)
+    results.update(claims)
+    results.update(measure_pages(sessions, url, open_ids))
+    engine.dispose()
+    return results
+
+
+def measure_intake(
+    sessions: sessionmaker[Session], url: str, images: int
+) -> tuple[dict[str, tuple[float, float]], list[int]]:
+    """The first sync of the run and the re-scans of an active run; adds the reviewers and
+    leaves the first half of the queue reviewed. Returns the timings and the reviewers' ids."""
+    from sqlalchemy import update
+
+    from db.models import Run
+    from review.accounts import add_reviewer
+    from review.queue import sync_queue
+
     results: dict[str, tuple[float, float]] = {}
     with sessions() as session:
         reviewers = [
@@ -195,6 +210,18 @@ def measure(url: str, images: int) -> dict[str, tuple[float, float]]:
         session.commit()
         rescans = timed(lambda: sync_queue(session), 5)
         results["intake re-scan (active run)"] = summary(rescans)
+    return results, reviewers
+
+
+def measure_claims(
+    sessions: sessionmaker[Session], reviewers: list[int], images: int
+) -> tuple[dict[str, tuple[float, float]], list[int]]:
+    """The "next item" claim while the other reviewers hold claims; returns the timings and the
+    ids of open items for the page measurements."""
+    from sqlalchemy import select
+
+    from db.models import ReviewItem
+    from review.queue import claim_next, submit
 
     lease = timedelta(minutes=10)
     with sessions() as session:
@@ -210,11 +237,24 @@ def measure(url: str, images: int) -> dict[str, tuple[float, float]]:
                 ms.append((time.perf_counter() - start) * 1000)
             assert item is not None
             submit(session, item, reviewer_id=reviewers[0], lease=lease)
-        results["next item (claim)"] = summary(ms)
         open_ids = list(
             session.scalars(select(ReviewItem.id).where(ReviewItem.status == "open").limit(samples))
         )
+    return {"next item (claim)": summary(ms)}, open_ids
 
+
+def measure_pages(
+    sessions: sessionmaker[Session], url: str, open_ids: list[int]
+) -> dict[str, tuple[float, float]]:
+    """The grid page and the item JSON of ``open_ids``, through the ASGI app in process, as
+    the first reviewer (logged in)."""
+    from fastapi.testclient import TestClient
+
+    from pixelmill.settings import get_settings
+    from pixelmill.storage import LocalStorage
+    from review.app import create_app
+
+    results: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as data_dir:
         settings = get_settings(
             data_dir=Path(data_dir), database_url=url, review_secret_key="b" * 40
@@ -245,7 +285,6 @@ def measure(url: str, images: int) -> dict[str, tuple[float, float]]:
                 assert response.status_code == 200 and len(response.json()["images"]) == 10
 
             results["item JSON (GET /api/items/N)"] = summary(timed(api, len(open_ids)))
-    engine.dispose()
     return results
 
 

@@ -210,7 +210,7 @@ def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> floa
     import torch
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-    from worker.pipeline import default_dtype
+    from worker.loading import default_dtype
 
     device = torch.device(args.device)
     kwargs: dict[str, Any] = {"dtype": default_dtype(device), "local_files_only": True}
@@ -281,7 +281,7 @@ class System:
 
     def __init__(self, values: dict[str, str], args: Any, log_path: Path) -> None:
         from pixelmill.settings import get_settings
-        from worker.launch import worker_argv
+        from worker.launch import CELERY_APP, worker_argv
 
         self.settings = get_settings(**values)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
@@ -297,7 +297,7 @@ class System:
                 "-m",
                 "celery",
                 "-A",
-                "worker",
+                CELERY_APP,
                 *worker_argv(queue=queue, hostname=f"bench-{uuid.uuid4().hex[:6]}@%h"),
             ],
             env=env,
@@ -317,10 +317,10 @@ class System:
         from sqlalchemy.orm import Session
 
         from db.models import Job, JobStatus
+        from pixelmill.tasks import publisher_app
         from producer.dispatch import celery_publisher, dispatch
-        from worker.celery_app import create_app
 
-        app = create_app(self.settings)
+        app = publisher_app(self.settings)
         publish = celery_publisher(app, self.settings.render_queue)
         engine = create_engine(self.settings.resolved_database_url)
         requeue_after = timedelta(seconds=self.settings.requeue_after_seconds)
@@ -369,7 +369,7 @@ class System:
         self._log.close()
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="diffusers folder (default: the tiny random model)")
     parser.add_argument("--null", action="store_true", help="PIXELMILL_MODEL=null: job overhead")
@@ -395,7 +395,102 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--bare-child", metavar="PAIRS_JSON", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the system's run keeps its rows, its messages and its images."""
+
+    database_url: str
+    broker: str
+    storage: dict[str, str]  # the storage settings
+    label: str
+
+
+def the_model(args: Any, work: Path) -> str:
+    if args.null:
+        return "null"
+    if args.model:
+        return str(Path(args.model).resolve())
+    from worker.tiny_model import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(work / "tiny-model"))
+
+
+def start_services(stack: contextlib.ExitStack, args: Any, work: Path) -> Services:
+    if args.embedded:
+        from db.migrate import upgrade
+
+        database_url = f"sqlite:///{work / 'bench.db'}"
+        upgrade(database_url)
+        return Services(
+            database_url,
+            f"sqla+sqlite:///{work / 'broker.db'}",
+            {"storage": "local", "storage_dir": str(work / "images")},
+            "embedded (SQLite, sqla broker, local folder)",
+        )
+    database_url = stack.enter_context(fresh_database(args.postgres))
+    return Services(
+        database_url, args.broker, stack.enter_context(moto_s3()), "Postgres, broker, moto S3"
+    )
+
+
+def worker_settings(args: Any, model: str, services: Services, work: Path) -> dict[str, str]:
+    return {
+        "database_url": services.database_url,
+        "broker_url": services.broker,
+        "render_queue": f"bench-{uuid.uuid4().hex[:8]}",
+        "model": model,
+        "device": args.device,
+        "data_dir": str(work / "data"),
+        "render_batch_size": str(args.batch_size),
+        "safety_checker": str(args.safety_checker).lower(),
+        **services.storage,
+    }
+
+
+def benchmark(args: Any, work: Path, model: str, services: Services) -> None:
+    """The bare loop, the system, the bare loop again (unless --null); prints the figures."""
+    database_url = services.database_url
+    warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
+    run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
+    images = args.jobs * args.seeds
+    print(
+        f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
+        f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
+        f"device {args.device}, threads {args.threads or 'default'}, "
+        f"services {services.label}",
+        flush=True,
+    )
+    bare: list[float] = []
+    pairs = pairs_of(database_url, run_id, args.batch_size)
+    if not args.null:
+        bare.append(bare_in_child(model, pairs, args, work))
+        print(f"bare diffusers loop: {bare[-1]:8.3f} images/s", flush=True)
+    system = System(worker_settings(args, model, services, work), args, work / "worker.log")
+    try:
+        system.run(warm_up, timeout=args.timeout)  # model loaded, first job rendered
+        seconds = system.run(run_id, timeout=args.timeout)
+    finally:
+        system.stop()
+    rate = images / seconds
+    print(f"system:              {rate:8.3f} images/s ({seconds:.2f} s)", flush=True)
+    rendering = render_seconds(database_url, run_id)
+    print(f"  of which the pipeline calls: {rendering:.2f} s (the worker's render_seconds)")
+    if args.null:
+        print(f"job overhead:        {seconds / args.jobs * 1000:8.1f} ms per job")
+        return
+    # The bare loop again, after: on a shared machine the load drifts during a run, and
+    # the mean of a run before and one after the system's cancels a steady drift.
+    bare.append(bare_in_child(model, pairs, args, work))
+    print(f"bare diffusers loop: {bare[-1]:8.3f} images/s (again, after)", flush=True)
+    mean = sum(bare) / len(bare)
+    print(f"ratio system/bare:   {rate / mean:8.3f}  (target >= 0.95; bare = mean of both)")
+
+
+def main() -> int:
+    args = parse_args()
     if args.threads:
         import torch
 
@@ -412,78 +507,8 @@ def main() -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pixelmill-bench-")))
-        if args.null:
-            model = "null"
-        elif args.model:
-            model = str(Path(args.model).resolve())
-        else:
-            from worker.tiny_model import build_tiny_pipeline
-
-            model = str(build_tiny_pipeline(work / "tiny-model"))
-        services: dict[str, str]
-        if args.embedded:
-            database_url = f"sqlite:///{work / 'bench.db'}"
-            from db.migrate import upgrade
-
-            upgrade(database_url)
-            broker = f"sqla+sqlite:///{work / 'broker.db'}"
-            services = {"storage": "local", "storage_dir": str(work / "images")}
-        else:
-            database_url = stack.enter_context(fresh_database(args.postgres))
-            broker = args.broker
-            services = stack.enter_context(moto_s3())
-        warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
-        run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
-        images = args.jobs * args.seeds
-        services_label = (
-            "embedded (SQLite, sqla broker, local folder)"
-            if args.embedded
-            else "Postgres, broker, moto S3"
-        )
-        print(
-            f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
-            f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
-            f"device {args.device}, threads {args.threads or 'default'}, "
-            f"services {services_label}",
-            flush=True,
-        )
-
-        bare: list[float] = []
-        pairs = pairs_of(database_url, run_id, args.batch_size)
-        if not args.null:
-            bare.append(bare_in_child(model, pairs, args, work))
-            print(f"bare diffusers loop: {bare[-1]:8.3f} images/s", flush=True)
-
-        values = {
-            "database_url": database_url,
-            "broker_url": broker,
-            "render_queue": f"bench-{uuid.uuid4().hex[:8]}",
-            "model": model,
-            "device": args.device,
-            "data_dir": str(work / "data"),
-            "render_batch_size": str(args.batch_size),
-            "safety_checker": str(args.safety_checker).lower(),
-            **services,
-        }
-        system = System(values, args, work / "worker.log")
-        try:
-            system.run(warm_up, timeout=args.timeout)  # model loaded, first job rendered
-            seconds = system.run(run_id, timeout=args.timeout)
-        finally:
-            system.stop()
-        rate = images / seconds
-        print(f"system:              {rate:8.3f} images/s ({seconds:.2f} s)", flush=True)
-        rendering = render_seconds(database_url, run_id)
-        print(f"  of which the pipeline calls: {rendering:.2f} s (the worker's render_seconds)")
-        if args.null:
-            print(f"job overhead:        {seconds / args.jobs * 1000:8.1f} ms per job")
-            return 0
-        # The bare loop again, after: on a shared machine the load drifts during a run, and
-        # the mean of a run before and one after the system's cancels a steady drift.
-        bare.append(bare_in_child(model, pairs, args, work))
-        print(f"bare diffusers loop: {bare[-1]:8.3f} images/s (again, after)", flush=True)
-        mean = sum(bare) / len(bare)
-        print(f"ratio system/bare:   {rate / mean:8.3f}  (target >= 0.95; bare = mean of both)")
+        model = the_model(args, work)
+        benchmark(args, work, model, start_services(stack, args, work))
     return 0
 
 

@@ -165,6 +165,9 @@ class Job(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     seeds: Mapped[list[int]] = mapped_column(JSONType)
+    # Seeds of the sweep left unrendered because its item already had enough likely keepers
+    # (early stop); None when every seed was rendered.
+    skipped_seeds: Mapped[list[int] | None] = mapped_column(JSONType)
     kind: Mapped[str] = mapped_column(
         String(16), default=JobKind.TXT2IMG, server_default=JobKind.TXT2IMG.value
     )
@@ -179,12 +182,18 @@ class Job(Base):
         String(16), default=JobStatus.PENDING, server_default=JobStatus.PENDING.value
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Attempts that ended because a service (database, broker, storage) was unreachable:
+    # retried like the others but not counted against max_attempts.
+    outages: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
     # Hash of everything that determines the pixels: the same key is never rendered twice.
     dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     queued_at: Mapped[datetime | None] = _timestamp()
+    # A pending job given back after a failed attempt is not published before this
+    # (exponential backoff with jitter); None: at once.
+    retry_at: Mapped[datetime | None] = _timestamp()
     started_at: Mapped[datetime | None] = _timestamp()
     lease_expires_at: Mapped[datetime | None] = _timestamp()
     finished_at: Mapped[datetime | None] = _timestamp()

@@ -39,3 +39,14 @@ def insert_ignoring_conflicts(
 ) -> None:
     if rows:
         session.execute(insert_ignoring_conflicts_stmt(session, model), list(rows))
+
+
+def upsert_many(
+    session: Session, model: type[Base], rows: Sequence[dict[str, Any]], key: list[str]
+) -> None:
+    """:func:`upsert` of many rows (all with the same columns) in one statement."""
+    if not rows:
+        return
+    statement = _dialect(session).insert(model).values(list(rows))
+    updates = {column: statement.excluded[column] for column in rows[0] if column not in key}
+    session.execute(statement.on_conflict_do_update(index_elements=key, set_=updates))

@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 # A run is "recent" while it is active or paused, or for a day after it was produced.
 RECENT = timedelta(hours=24)
 MAX_RUNS = 20
-# The rate behind the projected finish: images made over the last ten minutes.
+# The rate behind the projected finish: images made over the last ten minutes, or since the
+# run's first image when that is more recent (a run begun two minutes ago is measured over
+# those two minutes, not over ten of which eight made nothing).
 RATE_WINDOW = timedelta(minutes=10)
+# The shortest window a rate is measured over: the first batch's images arrive together.
+MIN_RATE_WINDOW = timedelta(seconds=10)
 # One scrape must never hold the database for long.
 STATEMENT_TIMEOUT_MS = 5000
 
@@ -57,6 +61,10 @@ class RunFigures:
     open_planned: int = 0
     open_images: int = 0
     recent_images: int = 0
+    # When the run's first image was made (None: none yet).
+    first_image_at: datetime | None = None
+    # The seconds recent_images were made over (RATE_WINDOW, or less for a young run).
+    rate_seconds: float = RATE_WINDOW.total_seconds()
     review_backlog: int = 0
     reviewed: int = 0
     kept: int = 0
@@ -67,7 +75,7 @@ class RunFigures:
 
     @property
     def images_per_second(self) -> float:
-        return self.recent_images / RATE_WINDOW.total_seconds()
+        return self.recent_images / self.rate_seconds
 
     def projected_finish(self, now: datetime) -> datetime | None:
         """When the open jobs will be done at the recent rate; None if nothing is made now.
@@ -135,7 +143,9 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
 def _seed_count(session: Session) -> ColumnElement[int]:
     postgres = session.get_bind().dialect.name == "postgresql"
     length = func.jsonb_array_length if postgres else func.json_array_length
-    return func.coalesce(func.sum(length(Job.seeds)), 0)
+    # Seeds early stop left unrendered (skipped_seeds) are not planned images: never missing.
+    planned = func.coalesce(func.sum(length(Job.seeds)), 0)
+    return planned - func.coalesce(func.sum(length(Job.skipped_seeds)), 0)
 
 
 def _read_jobs(session: Session, figures: dict[int, RunFigures], ids: list[int]) -> None:
@@ -164,14 +174,24 @@ def _read_images(
             func.count(Image.id),
             func.coalesce(func.sum(is_open), 0),
             func.coalesce(func.sum(is_recent), 0),
+            func.min(Image.created_at),
         )
         .join(Job, Job.id == Image.job_id)
         .where(Job.run_id.in_(ids))
         .group_by(Job.run_id)
     ).all()
-    for run_id, images, open_images, recent in rows:
+    for run_id, images, open_images, recent, first in rows:
         run = figures[run_id]
         run.images, run.open_images, run.recent_images = int(images), int(open_images), int(recent)
+        if first is not None:
+            run.first_image_at = _aware(first)
+            run.rate_seconds = _rate_seconds(now - run.first_image_at)
+
+
+def _rate_seconds(since_first_image: timedelta) -> float:
+    """The window of a run's rate: the last RATE_WINDOW, or the time since its first image
+    when that is shorter (at least MIN_RATE_WINDOW)."""
+    return max(MIN_RATE_WINDOW, min(RATE_WINDOW, since_first_image)).total_seconds()
 
 
 def _read_review(session: Session, figures: dict[int, RunFigures], ids: list[int]) -> None:
@@ -198,74 +218,87 @@ def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> Ga
 
 def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     """The exporter's metric families for one snapshot of the database."""
-    active = _gauge(
-        "pixelmill_run_active",
-        "1 while the run is active (not paused, cancelled, finished).",
-        ["run"],
-    )
-    jobs = _gauge("pixelmill_run_jobs", "Jobs of a recent run by status.", ["run", "status"])
-    images = _gauge("pixelmill_run_images", "Image rows of a recent run.", ["run"])
-    planned = _gauge(
-        "pixelmill_run_images_planned",
-        "Images a recent run plans: the seeds of its jobs, blocked and cancelled left out "
-        "(failed and dead jobs count: their images are planned but may never be made).",
-        ["run"],
-    )
-    remaining = _gauge(
-        "pixelmill_run_images_remaining",
-        "Images its pending, queued and running jobs have still to make.",
-        ["run"],
-    )
-    rate = _gauge(
-        "pixelmill_run_images_per_second",
-        f"Images made per second over the last {int(RATE_WINDOW.total_seconds())} s.",
-        ["run"],
-    )
-    finish = _gauge(
-        "pixelmill_run_projected_finish_timestamp_seconds",
-        "When the run's open jobs will be done at the recent rate (absent while nothing is made).",
-        ["run"],
-    )
-    due = _gauge(
-        "pixelmill_run_deadline_timestamp_seconds",
-        "When the run should be finished (created + PIXELMILL_RUN_DEADLINE_HOURS).",
-        ["run"],
-    )
-    backlog = _gauge(
-        "pixelmill_review_backlog_items", "Items of a run waiting for a reviewer.", ["run"]
-    )
-    reviewed = _gauge("pixelmill_run_images_reviewed", "Images with a decision.", ["run"])
-    kept = _gauge("pixelmill_run_images_kept", "Images kept by reviewers.", ["run"])
-    keep_ratio = _gauge(
-        "pixelmill_run_keep_ratio", "Kept over reviewed images (absent before any).", ["run"]
-    )
+    families = _run_families()
     for run in snapshot.runs:
-        label = [run.name]
-        active.add_metric(label, 1 if run.active else 0)
-        for status in JobStatus:
-            jobs.add_metric([run.name, status.value], run.jobs.get(status, 0))
-        images.add_metric(label, run.images)
-        planned.add_metric(label, run.images_planned)
-        remaining.add_metric(label, run.remaining_images)
-        rate.add_metric(label, run.images_per_second)
-        projected = run.projected_finish(snapshot.now)
-        if projected is not None:
-            finish.add_metric(label, projected.timestamp())
-        due.add_metric(label, (run.created_at + deadline).timestamp())
-        backlog.add_metric(label, run.review_backlog)
-        reviewed.add_metric(label, run.reviewed)
-        kept.add_metric(label, run.kept)
-        if run.reviewed:
-            keep_ratio.add_metric(label, run.kept / run.reviewed)
+        _add_run(families, run, snapshot.now, deadline)
     oldest = _gauge(
         "pixelmill_oldest_waiting_job_age_seconds",
         "Age of the oldest pending or queued job of an active run (0 when none waits).",
     )
     oldest.add_metric([], snapshot.oldest_waiting_age)
-    return [
-        active, jobs, images, planned, remaining, rate, finish, due, backlog, reviewed, kept,
-        keep_ratio, oldest,
-    ]  # fmt: skip
+    return [*families.values(), oldest]
+
+
+def _run_families() -> dict[str, GaugeMetricFamily]:
+    """The families labelled by run, still empty, in the order they are exported."""
+    return {
+        "active": _gauge(
+            "pixelmill_run_active",
+            "1 while the run is active (not paused, cancelled, finished).",
+            ["run"],
+        ),
+        "jobs": _gauge("pixelmill_run_jobs", "Jobs of a recent run by status.", ["run", "status"]),
+        "images": _gauge("pixelmill_run_images", "Image rows of a recent run.", ["run"]),
+        "planned": _gauge(
+            "pixelmill_run_images_planned",
+            "Images a recent run plans: the seeds of its jobs, blocked and cancelled jobs and "
+            "seeds early stop skipped left out (failed and dead jobs count: their images are "
+            "planned but may never be made).",
+            ["run"],
+        ),
+        "remaining": _gauge(
+            "pixelmill_run_images_remaining",
+            "Images its pending, queued and running jobs have still to make.",
+            ["run"],
+        ),
+        "rate": _gauge(
+            "pixelmill_run_images_per_second",
+            f"Images made per second over the last {int(RATE_WINDOW.total_seconds())} s, or "
+            "since the run's first image when that is more recent.",
+            ["run"],
+        ),
+        "finish": _gauge(
+            "pixelmill_run_projected_finish_timestamp_seconds",
+            "When the run's open jobs will be done at the recent rate (absent while nothing is "
+            "made).",
+            ["run"],
+        ),
+        "due": _gauge(
+            "pixelmill_run_deadline_timestamp_seconds",
+            "When the run should be finished (created + PIXELMILL_RUN_DEADLINE_HOURS).",
+            ["run"],
+        ),
+        "backlog": _gauge(
+            "pixelmill_review_backlog_items", "Items of a run waiting for a reviewer.", ["run"]
+        ),
+        "reviewed": _gauge("pixelmill_run_images_reviewed", "Images with a decision.", ["run"]),
+        "kept": _gauge("pixelmill_run_images_kept", "Images kept by reviewers.", ["run"]),
+        "keep_ratio": _gauge(
+            "pixelmill_run_keep_ratio", "Kept over reviewed images (absent before any).", ["run"]
+        ),
+    }
+
+
+def _add_run(
+    families: dict[str, GaugeMetricFamily], run: RunFigures, now: datetime, deadline: timedelta
+) -> None:
+    label = [run.name]
+    families["active"].add_metric(label, 1 if run.active else 0)
+    for status in JobStatus:
+        families["jobs"].add_metric([run.name, status.value], run.jobs.get(status, 0))
+    families["images"].add_metric(label, run.images)
+    families["planned"].add_metric(label, run.images_planned)
+    families["remaining"].add_metric(label, run.remaining_images)
+    families["rate"].add_metric(label, run.images_per_second)
+    projected = run.projected_finish(now)
+    if projected is not None:
+        families["finish"].add_metric(label, projected.timestamp())
+    families["due"].add_metric(label, (run.created_at + deadline).timestamp())
+    families["backlog"].add_metric(label, run.review_backlog)
+    families["reviewed"].add_metric(label, run.reviewed)
+    families["kept"].add_metric(label, run.kept)
+    if run.reviewed:
+        families["keep_ratio"].add_metric(label, run.kept / run.reviewed)
 
 
 class DatabaseCollector:

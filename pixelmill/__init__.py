@@ -1,11 +1,14 @@
 """pixelmill: nightly bulk image production with Stable Diffusion.
 
-The top-level packages are a map of the system:
+The top-level packages are a map of the system (README, "How the code is layered"):
 
-- ``producer``: catalogue + templates -> render jobs in the database, and the dispatcher
-- ``worker``: the Celery app and the render task (diffusers on a GPU)
-- ``db``: the schema (SQLAlchemy models) and sessions; ``migrations`` holds its history
-- ``pixelmill``: what they share: settings, storage, the ``pixelmill`` command line
+- ``cli``: the ``pixelmill`` command line, the only code that imports the parts
+- the parts, none importing another: ``producer`` (catalogue + templates -> render jobs, the
+  dispatcher), ``worker`` (Celery render tasks, diffusers, scores), ``review`` (the web app,
+  what is learned from decisions), ``monitoring`` (the exporter, run status)
+- ``pixelmill`` (this package, the kernel): what more than one part needs: settings,
+  storage, errors, the job identity, the broker's task names
+- ``db``: the schema (SQLAlchemy models) and shared queries; ``migrations`` its history
 """
 
 __version__ = "0.1.0"

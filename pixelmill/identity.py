@@ -55,7 +55,7 @@ def dedupe_key(job: dict[str, Any], salt: str = "") -> str:
 
     ``job`` holds the jobs table's columns (``kind``, ``input_image``, ``mask_image`` and
     ``options`` may be left out for a plain txt2img job). The reference definition; the
-    producer computes the same value through :class:`_Variant` and :class:`_Plan` (the
+    producer computes the same value in producer.plan and producer.expansion (the
     settings hashed once per template variant).
     """
     encoded = (

@@ -2,7 +2,7 @@
 
 Shared by the producer, which checks a template's ``scheduler`` when the file is loaded and
 stores the canonical name in the job row (so its dedupe key does not change with the
-spelling), and the worker, which builds the scheduler (worker.pipeline). No diffusers import
+spelling), and the worker, which builds the scheduler (worker.schedulers). No diffusers import
 here: the producer must not need it.
 """
 

@@ -10,13 +10,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in tiny random model: built on first use into the data folder, never downloaded.
 TINY_MODEL = "tiny"
 # The built-in tiny random ControlNet for the tiny model (worker.models.resolve_controlnet).
 TINY_CONTROLNET = "tiny-controlnet"
+# What PIXELMILL_LOG_LEVEL may be (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A Hugging Face Hub id ("owner/name"): what a model name that is no local path must be.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -84,6 +86,12 @@ class Settings(BaseSettings):
     # A job is claimed at most this many times: a claim that would exceed it (the job failed
     # or lost its worker that often) makes it `dead` with its last error instead.
     max_attempts: int = Field(default=3, ge=1)
+    # A job given back for another attempt (its attempt failed, or its worker was lost) is
+    # published again only after a pause that doubles with each try, from this many seconds
+    # up to the maximum, drawn between half of it and all of it. An attempt that failed
+    # because the database, broker or storage was unreachable is not counted in max_attempts.
+    retry_backoff_seconds: float = Field(default=15.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=600.0, ge=0)
     # Celery's worker_max_tasks_per_child: recycle a worker process after this many jobs
     # (None: never). Each new process loads its model again.
     worker_max_tasks_per_child: int | None = Field(default=None, ge=1)
@@ -118,11 +126,25 @@ class Settings(BaseSettings):
     review_claim_lease_seconds: int = Field(default=600, ge=10)
     # Lifetime of the presigned S3 URLs of the review pages' images.
     review_url_seconds: int = Field(default=900, ge=10, le=604800)
+    # A login lasts this long at most; logging out or a new password ends it sooner.
     review_session_hours: float = Field(default=12.0, gt=0)
-    # Mark the session cookie Secure: set it when the app is served over HTTPS.
-    review_secure_cookies: bool = False
+    # Mark the session cookie Secure (sent over HTTPS only). Unset: Secure unless the app is
+    # bound to a loopback address (review_host), where plain HTTP stays on the machine.
+    review_secure_cookies: bool | None = None
     # How often the app looks for items whose jobs have all ended (the queue's intake).
     review_sync_seconds: float = Field(default=10.0, gt=0)
+    # Failed logins allowed per account and per client address within the window; past
+    # either, logins are answered 429 with Retry-After until old failures leave the window.
+    review_login_failures_per_account: int = Field(default=10, ge=1)
+    review_login_failures_per_address: int = Field(default=50, ge=1)
+    review_login_window_seconds: int = Field(default=900, ge=1)
+    # Where the failure counts live: a redis:// URL shares them between app processes;
+    # empty: in the process's memory (the embedded setup, or a single process).
+    review_rate_limit_url: str = ""
+    # Request bodies larger than this are refused with 413 as they arrive.
+    review_max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # How long after submitting an item its reviewer may reopen it (undo after Enter).
+    review_reopen_seconds: int = Field(default=60, ge=0)
     # Prometheus: the port of a worker host's /metrics (every GPU worker and pool process on
     # the host, merged; 0: not served), of `dispatch --watch` (0: not served), and of
     # `pixelmill exporter` (run progress read from Postgres on each scrape).
@@ -135,6 +157,35 @@ class Settings(BaseSettings):
     # A run should be finished this many hours after it was produced: the exporter publishes
     # the deadline and an alert fires when the projected finish is later.
     run_deadline_hours: float = Field(default=10.0, gt=0)
+
+    # Ranking (scores at render time, the keeper model). The scorer: a CLIP model, a local
+    # folder or a hub id loaded with transformers' CLIPModel ("tiny": the built-in tiny random
+    # one; empty: nothing is scored). The aesthetic head: a LAION improved-aesthetic-predictor
+    # state dict (.safetensors or .pth) on the scorer's image embedding; empty: none.
+    scorer: str = ""
+    aesthetic_head: Path | None = None
+    # Images of one item whose embeddings' cosine similarity is above this are one group of
+    # near-duplicates in the review grid (identical files always are).
+    duplicate_similarity: float = Field(default=0.97, gt=0, le=1)
+    # The keeper model: trained once a source has this many decisions (before that the grid
+    # is ordered by CLIP and aesthetic scores), retrained after this many new ones.
+    keeper_min_decisions: int = Field(default=200, ge=10)
+    keeper_retrain_every: int = Field(default=200, ge=1)
+    # Automatic rejection below this predicted keep probability (None: off). Recorded as the
+    # model's decision, never a person's; undoable, nothing deleted.
+    auto_reject_below: float | None = Field(default=None, gt=0, lt=1)
+    # Early stop: a sweep stops once its item has this many images predicted to be kept with
+    # at least this probability (None: every seed is rendered).
+    early_stop_keepers: int | None = Field(default=None, ge=1)
+    early_stop_probability: float = Field(default=0.8, gt=0, lt=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @model_validator(mode="after")
     def _check_s3(self) -> Settings:

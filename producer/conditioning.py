@@ -70,7 +70,7 @@ Entry = tuple[yaml.Node, yaml.Node]  # (key node, value node) of one mapping ent
 
 
 class NodeReader(Protocol):
-    """What this module needs from the template loader (producer.templates._Loader)."""
+    """What this module needs from the template loader (producer.templates.loader)."""
 
     def error(self, node: yaml.Node | None, field: str | None, reason: str) -> InputError: ...
 
@@ -117,6 +117,27 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@dataclass(frozen=True)
+class _TemplateFields:
+    """One template's entries and the defaults', once its kind is known."""
+
+    own: dict[str, Entry]
+    defaults: dict[str, Entry]
+    prefix: str
+    node: yaml.Node  # the template's mapping: where a missing field is reported
+    kind: str
+
+    def pick(self, name: str) -> tuple[str, yaml.Node] | None:
+        """(dotted field, value node) of the value used: the template's own, else the
+        defaults' where this kind takes it."""
+        if name in self.own:
+            return f"{self.prefix}.{name}", self.own[name][1]
+        usable = name not in _KIND_FIELDS or self.kind in _KIND_FIELDS[name][0]
+        if name in self.defaults and usable:
+            return f"defaults.{name}", self.defaults[name][1]
+        return None
+
+
 class ConditioningReader:
     """Reads the fields above for one template, given its entries and the defaults'."""
 
@@ -137,70 +158,23 @@ class ConditioningReader:
     ) -> Conditioning:
         """``own``/``defaults``: the template's and the defaults' entries; ``node``: the
         template's mapping (where a missing field is reported)."""
-        kind = JobKind.TXT2IMG.value
-        located = own.get("kind") or defaults.get("kind")
-        if located is not None:
-            field_name = f"{prefix}.kind" if "kind" in own else "defaults.kind"
-            kind = self._kind(located[1], field_name)
-
+        kind = self._template_kind(own, defaults, prefix)
         for name, (kinds, hint) in _KIND_FIELDS.items():
             if name in own and kind not in kinds:
                 raise self.reader.error(
                     own[name][0], f"{prefix}.{name}", f"kind {kind!r} takes no {name} ({hint})"
                 )
-
-        def pick(name: str) -> tuple[str, yaml.Node] | None:
-            if name in own:
-                return f"{prefix}.{name}", own[name][1]
-            usable = name not in _KIND_FIELDS or kind in _KIND_FIELDS[name][0]
-            if name in defaults and usable:
-                return f"defaults.{name}", defaults[name][1]
-            return None
-
-        image = None
-        if (located_image := pick("image")) is not None:
-            image = self._column(*located_image)
-        elif kind in IMAGE_KINDS:
-            raise self.reader.error(
-                node,
-                f"{prefix}.image",
-                f"is required for kind {kind!r}: the catalogue column holding the product image",
-            )
-
-        strength = None
-        if (located_strength := pick("strength")) is not None:
-            strength = self._strength(*located_strength)
-        elif kind == JobKind.IMG2IMG:
-            strength = DEFAULT_IMG2IMG_STRENGTH
-
-        mask, mask_column = None, None
-        if (located_mask := pick("mask")) is not None:
-            mask, mask_column = self._mask(*located_mask, image=image, width=width, height=height)
-        elif kind == JobKind.INPAINT:
-            raise self.reader.error(
-                node,
-                f"{prefix}.mask",
-                "is required for kind 'inpaint': alpha, {column: NAME} or "
-                "{keep_box: [left, top, right, bottom]}",
-            )
-
-        controlnet = None
-        if (located_controlnet := pick("controlnet")) is not None:
-            controlnet = self._controlnet(*located_controlnet)
-        elif kind == JobKind.CONTROLNET:
-            raise self.reader.error(
-                node,
-                f"{prefix}.controlnet",
-                "is required for kind 'controlnet': {model: FOLDER, conditioning: canny}",
-            )
-
+        fields = _TemplateFields(own, defaults, prefix, node, kind)
+        image = self._read_image(fields)
+        strength = self._read_strength(fields)
+        mask, mask_column = self._read_mask(fields, image=image, width=width, height=height)
+        controlnet = self._read_controlnet(fields)
         loras: tuple[LoraRef, ...] = ()
-        if (located_loras := pick("loras")) is not None:
+        if (located_loras := fields.pick("loras")) is not None:
             loras = self._loras(*located_loras)
         embeddings: tuple[EmbeddingRef, ...] = ()
-        if (located_embeddings := pick("embeddings")) is not None:
+        if (located_embeddings := fields.pick("embeddings")) is not None:
             embeddings = self._embeddings(*located_embeddings)
-
         options = JobOptions(
             strength=strength,
             mask=mask,
@@ -209,6 +183,60 @@ class ConditioningReader:
             embeddings=embeddings,
         )
         return Conditioning(kind=kind, image=image, mask_column=mask_column, options=options)
+
+    def _template_kind(self, own: dict[str, Entry], defaults: dict[str, Entry], prefix: str) -> str:
+        located = own.get("kind") or defaults.get("kind")
+        if located is None:
+            return JobKind.TXT2IMG.value
+        field_name = f"{prefix}.kind" if "kind" in own else "defaults.kind"
+        return self._kind(located[1], field_name)
+
+    def _missing(self, fields: _TemplateFields, name: str, reason: str) -> InputError:
+        return self.reader.error(fields.node, f"{fields.prefix}.{name}", reason)
+
+    def _read_image(self, fields: _TemplateFields) -> str | None:
+        if (located := fields.pick("image")) is not None:
+            return self._column(*located)
+        if fields.kind in IMAGE_KINDS:
+            raise self._missing(
+                fields,
+                "image",
+                f"is required for kind {fields.kind!r}: the catalogue column holding the "
+                "product image",
+            )
+        return None
+
+    def _read_strength(self, fields: _TemplateFields) -> float | None:
+        if (located := fields.pick("strength")) is not None:
+            return self._strength(*located)
+        if fields.kind == JobKind.IMG2IMG:
+            return DEFAULT_IMG2IMG_STRENGTH
+        return None
+
+    def _read_mask(
+        self, fields: _TemplateFields, *, image: str | None, width: int, height: int
+    ) -> tuple[MaskSpec | None, str | None]:
+        if (located := fields.pick("mask")) is not None:
+            return self._mask(*located, image=image, width=width, height=height)
+        if fields.kind == JobKind.INPAINT:
+            raise self._missing(
+                fields,
+                "mask",
+                "is required for kind 'inpaint': alpha, {column: NAME} or "
+                "{keep_box: [left, top, right, bottom]}",
+            )
+        return None, None
+
+    def _read_controlnet(self, fields: _TemplateFields) -> ControlNetSpec | None:
+        if (located := fields.pick("controlnet")) is not None:
+            return self._controlnet(*located)
+        if fields.kind == JobKind.CONTROLNET:
+            raise self._missing(
+                fields,
+                "controlnet",
+                "is required for kind 'controlnet': {model: FOLDER, conditioning: canny}",
+            )
+        return None
 
     # ------------------------------------------------------------------ fields
 

@@ -12,18 +12,28 @@ and memory stays flat however large the catalogue is.
 Jobs are deduplicated on a key over everything that determines their pixels, so producing an
 unchanged catalogue again creates no jobs; ``force`` salts the key to render again on purpose.
 
+Nothing to do is not a run: a catalogue with no rows, every row refused, no template
+applying, or (for a new run) every job made already, by an earlier or a concurrent produce,
+raises :class:`~producer.report.NothingToProduceError` and writes nothing: a run with no jobs
+would stay active forever. A bad row otherwise is skipped and listed in the report.
+
+A budget (``budget``: images in all, or ``keepers_per_item``) instead of ``seeds`` gives each
+template variant the sweep its keep rate on earlier runs of the same source earns
+(:mod:`producer.budget`).
+
 Templates that start from the catalogue's images (img2img, inpaint, controlnet) have their
 images staged first, in a pass of their own over the catalogue (:mod:`producer.input_images`,
 in the same transaction); the jobs then refer to the staged images by content hash, and an
 image that cannot be fetched or decoded makes its item a bad row.
+
+The pieces: :mod:`producer.plan` (what each template variant's jobs share),
+:mod:`producer.expansion` (the pass over the catalogue), :mod:`producer.row_images` (the
+rows' staged images) and :mod:`producer.report` (what the produce reports); this module
+runs them in one transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,217 +41,31 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.limits import string_length, unstorable
-from db.models import CatalogueItem, Job, Run, RunStatus
+from db.models import CatalogueItem, Run, RunStatus
 from db.run_locks import lock_loaded_run
 from pixelmill.blocklist import Blocklist
 from pixelmill.errors import InputError
-from pixelmill.identity import (
-    conditioning_parts,
-    fields_json,
-    length_prefixed,
-    settings_parts,
-)
-from pixelmill.seeds import SweepPlan, item_seed_state
 from pixelmill.settings import Settings, get_settings
 from pixelmill.storage import Storage
-from producer.catalogue import CatalogueError, CatalogueRow
-from producer.input_images import InputImageError, InputStager, StagedImage, source_address
-from producer.sources import CatalogueSource, open_catalogue
-from producer.staging import JobShape, StagedJob, open_staging
-from producer.templates import RenderError, Template, TemplateFile, load_templates
-from producer.tokens import CLIP_WINDOW, TokenCounter
-
-# Sweep size when neither the command line nor the template gives one.
-DEFAULT_SEEDS = 4
-# A typo in a variant or a template matching every row can explode into millions of jobs.
-DEFAULT_MAX_JOBS = 100_000
-# How many problems and warnings a report keeps in full (the rest are counted).
-KEEP_PROBLEMS = 200
-SAMPLES_PER_TEMPLATE = 3
-
+from producer.budget import spend_budget
+from producer.catalogue import CatalogueSource, open_catalogue
+from producer.expansion import Expansion
+from producer.input_images import InputStager
+from producer.plan import DEFAULT_MAX_JOBS, ProduceOptions, TemplatePlan, plan_templates, shorten
+from producer.report import (
+    ExpansionLimitError,
+    NothingToProduceError,
+    ProduceReport,
+    Progress,
+    StrictModeError,
+)
+from producer.row_images import RowImages, StagedImages, image_addresses, image_base
+from producer.staging import open_staging
+from producer.templates import TemplateFile, load_templates
 
 # Lengths of the columns the producer fills from its inputs (see db.limits).
 RUN_NAME_LENGTH = string_length(Run.__table__.c.name)
 SOURCE_NAME_LENGTH = string_length(CatalogueItem.__table__.c.source)
-ITEM_KEY_LENGTH = string_length(CatalogueItem.__table__.c.external_key)
-VARIANT_LABEL_LENGTH = string_length(Job.__table__.c.variant)
-
-
-class ExpansionLimitError(InputError):
-    """The catalogue would expand into more jobs than allowed."""
-
-
-class StrictModeError(InputError):
-    """``strict`` was asked for and some rows were bad; ``problems`` lists them."""
-
-    def __init__(self, path: str, problems: list[InputError], total: int) -> None:
-        self.problems = problems
-        self.total = total
-        super().__init__(path, None, None, f"{total} bad rows; nothing was written (--strict)")
-
-
-@dataclass
-class ProduceReport:
-    run_name: str
-    run_id: int | None = None
-    dry_run: bool = False
-    rows: int = 0
-    rows_skipped: int = 0
-    items: int = 0
-    items_without_jobs: int = 0
-    jobs: int = 0
-    jobs_new: int = 0
-    jobs_unchanged: int = 0
-    images_planned: int = 0
-    problems: list[InputError] = field(default_factory=list)
-    problems_total: int = 0
-    warnings: list[InputError] = field(default_factory=list)
-    warnings_total: int = 0
-    samples: dict[str, list[str]] = field(default_factory=dict)
-    # Catalogue images (templates with an image column): distinct addresses the accepted and
-    # rejected rows name; of those, fetched now, already staged by an earlier run, failed.
-    # A dry run fetches nothing: only ``inputs`` is counted.
-    inputs: int = 0
-    inputs_fetched: int = 0
-    inputs_reused: int = 0
-    inputs_failed: int = 0
-
-    def add_problem(self, problem: InputError) -> None:
-        self.problems_total += 1
-        if len(self.problems) < KEEP_PROBLEMS:
-            self.problems.append(problem)
-
-    def add_warning(self, warning: InputError) -> None:
-        self.warnings_total += 1
-        if len(self.warnings) < KEEP_PROBLEMS:
-            self.warnings.append(warning)
-
-    @property
-    def complete(self) -> bool:
-        """Every row was accepted."""
-        return self.rows_skipped == 0
-
-
-@dataclass(frozen=True)
-class ProduceOptions:
-    seeds: int | None = None
-    default_model: str = "tiny"
-    run_name: str | None = None
-    strict: bool = False
-    max_jobs: int = DEFAULT_MAX_JOBS
-    dry_run: bool = False
-    force: bool = False
-    # None: a new run gets 0, an existing run keeps its own.
-    priority: int | None = None
-    blocklist: Blocklist | None = None
-
-
-# Called with (rows read, jobs expanded) as the catalogue streams: a progress bar hooks in here.
-Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class _Item:
-    """An accepted catalogue row and its jobs, as :meth:`Producer.expand` yields them."""
-
-    key: str
-    fields: dict[str, str]
-    fields_json: str
-    content_hash: str
-    jobs: list[StagedJob]
-
-
-class _Variant:
-    """What the jobs of one template variant share, worked out once per produce.
-
-    A bulk run makes a job per row and variant, so everything that does not depend on the
-    row is prepared here: the job's settings columns, the seed sweep's fixed parts, the hash
-    state of the dedupe key after the settings (copied per job), the token counter.
-    """
-
-    def __init__(
-        self,
-        template: Template,
-        variant: str,
-        *,
-        model: str,
-        seeds: int,
-        token_counter: TokenCounter,
-    ) -> None:
-        self.template = template
-        options = template.conditioning.options.canonical()
-        self.shape = JobShape(
-            template=template.name,
-            variant=variant,
-            model=model,
-            scheduler=template.scheduler,
-            steps=template.steps,
-            guidance=template.guidance,
-            width=template.width,
-            height=template.height,
-            kind=template.conditioning.kind,
-            options=options or None,
-        )
-        self.sweep = SweepPlan(template.name, seeds, variant=variant)
-        self.settings_state = hashlib.sha256(
-            settings_parts(
-                model,
-                template.scheduler,
-                template.steps,
-                template.guidance,
-                template.width,
-                template.height,
-            ).encode("utf-8")
-        )
-        self.token_counter = token_counter
-        # Why the jobs table cannot store this variant's label, if it cannot. Reported for
-        # each row the template applies to (the label is the template's, but a bad row is
-        # what the catalogue's other rows can proceed without).
-        self.label_problem: str | None = None
-        if len(variant) > VARIANT_LABEL_LENGTH:
-            self.label_problem = (
-                f"variant label {_shorten(variant)!r} is {len(variant)} characters; "
-                f"the jobs table holds at most {VARIANT_LABEL_LENGTH}"
-            )
-        elif (reason := unstorable(variant)) is not None:
-            self.label_problem = f"variant label {_shorten(variant)!r} {reason}"
-
-
-def _shorten(value: str, length: int = 60) -> str:
-    """``value`` cut for an error message (a too long value is not repeated in full)."""
-    return value if len(value) <= length else f"{value[:length]}..."
-
-
-class _Plan:
-    """One template's variants, and what its jobs' dedupe keys add after the prompt parts."""
-
-    def __init__(self, template: Template, variants: list[_Variant], force_salt: str) -> None:
-        self.template = template
-        self.variants = variants
-        self.label_problem = next(
-            (variant.label_problem for variant in variants if variant.label_problem), None
-        )
-        self.conditioning = template.conditioning
-        self.shapes = [variant.shape for variant in variants]
-        # Whether the jobs start from a catalogue image (staged per row).
-        self.images = self.conditioning.image is not None
-        self.salt = length_prefixed(force_salt)
-        self.options = self.conditioning.options.canonical()
-        # The dedupe key's tail (salt, then conditioning_parts()) of a job without images.
-        self.tail = self.salt + conditioning_parts(self.conditioning.kind, None, None, self.options)
-
-    def for_images(
-        self, image: StagedImage, mask: StagedImage | None
-    ) -> tuple[list[JobShape], str]:
-        """The shapes and dedupe key tail of one row's jobs, which start from ``image``."""
-        mask_sha = None if mask is None else mask.sha256
-        shapes = [
-            replace(shape, input_image=image.sha256, mask_image=mask_sha) for shape in self.shapes
-        ]
-        tail = self.salt + conditioning_parts(
-            self.conditioning.kind, image.sha256, mask_sha, self.options
-        )
-        return shapes, tail
 
 
 def default_run_name(catalogue: str | Path) -> str:
@@ -257,12 +81,16 @@ def produce(
     catalogue_path: str | Path,
     templates_path: Path,
     seeds: int | None = None,
+    budget: int | None = None,
+    keepers_per_item: int | None = None,
     default_model: str = "tiny",
     run_name: str | None = None,
     encoding: str | None = None,
     delimiter: str | None = None,
     table: str | None = None,
     query: str | None = None,
+    sheet: str | None = None,
+    format: str | None = None,
     strict: bool = False,
     max_jobs: int = DEFAULT_MAX_JOBS,
     dry_run: bool = False,
@@ -273,22 +101,16 @@ def produce(
     settings: Settings | None = None,
     storage: Storage | None = None,
 ) -> ProduceReport:
-    """Validate the catalogue and write a run's jobs (commits on success).
-
-    Raises an :class:`InputError` (having written nothing) on a structural problem, on bad rows
-    when ``strict``, and when the expansion exceeds ``max_jobs``. Otherwise bad rows are
-    skipped and listed in the report. ``dry_run`` needs no session and writes nothing (and
-    fetches no catalogue image).
-
+    """Validate the catalogue and write a run's jobs (commits on success); what is refused
+    and why is in the module's docstring. ``dry_run`` writes nothing, fetches no image and
+    needs no session (given one, it reads the keep rates a budget allocates by).
     ``settings`` (default: from the environment) and ``storage`` (default: the settings')
-    are used only by templates with an image column, to fetch and store their images.
-    """
-    templates = load_templates(templates_path)
-    source = open_catalogue(
-        str(catalogue_path), encoding=encoding, delimiter=delimiter, table=table, query=query
-    )
+    serve templates with an image column, to fetch and store their images."""
+    # The options check their bounds (producer.bounds) before any file is read.
     options = ProduceOptions(
         seeds=seeds,
+        budget=budget,
+        keepers_per_item=keepers_per_item,
         default_model=default_model,
         run_name=run_name or default_run_name(catalogue_path),
         strict=strict,
@@ -298,9 +120,19 @@ def produce(
         priority=priority,
         blocklist=blocklist,
     )
-    return Producer(source, templates, options, progress, settings=settings, storage=storage).run(
-        session
+    templates = load_templates(templates_path)
+    source = open_catalogue(
+        str(catalogue_path),
+        encoding=encoding,
+        delimiter=delimiter,
+        table=table,
+        query=query,
+        sheet=sheet,
+        format=format,
+        key=templates.key,
     )
+    producer = Producer(source, templates, options, progress, settings=settings, storage=storage)
+    return producer.run(session)
 
 
 class Producer:
@@ -323,12 +155,22 @@ class Producer:
         self.label = str(source.path)
         self.report = ProduceReport(run_name=options.run_name or "", dry_run=options.dry_run)
         self._check_names(options.run_name or "", source.name)
-        self.token_counters: dict[str, TokenCounter] = {}
+        # Negative prompts that fit CLIP's window, shared by every pass over the catalogue.
         self.fitting_negatives: set[str] = set()
         # --force: a salt unique to this produce, so its jobs never match earlier ones.
         self.force_salt = (
             f"force:{options.run_name}:{datetime.now(UTC).isoformat()}" if options.force else ""
         )
+        self._require_columns()
+        self.plans = plan_templates(templates, options, self.force_salt)
+        self.image_base = image_base(source)
+        # Address -> staged image or why it failed; None until staged (and on a dry run).
+        self.inputs: StagedImages | None = None
+        # Whether this produce makes its run (rather than adding jobs to an existing one).
+        self.run_created = False
+
+    def _require_columns(self) -> None:
+        source, templates = self.source, self.templates
         source.require_columns([templates.key], who="the template file's 'key'")
         for template in templates.templates:
             # Only the rows a template applies to need its fields (see require_columns).
@@ -340,16 +182,6 @@ class Producer:
                 who=f"template {template.name!r} (images)",
                 every_row=False,
             )
-        self.plans = [
-            _Plan(template, self._variants(template), self.force_salt)
-            for template in templates.templates
-        ]
-        # Relative image paths in the catalogue start at the catalogue file's folder.
-        path = os.fspath(source.path)
-        self.image_base = Path(os.path.abspath(path)).parent if os.path.isfile(path) else Path()
-        # Address -> staged image or why it failed; None until staged (and on a dry run).
-        self.inputs: dict[str, StagedImage | InputImageError] | None = None
-        self.dry_run_addresses: set[str] = set()
 
     def _check_names(self, run_name: str, source_name: str) -> None:
         """Refuses, before anything is read or written (a dry run too), a run name or a
@@ -363,30 +195,39 @@ class Producer:
                     self.label,
                     None,
                     None,
-                    f"{what} {_shorten(name)!r} is {len(name)} characters; "
+                    f"{what} {shorten(name)!r} is {len(name)} characters; "
                     f"the database holds at most {length}",
                 )
             if (reason := unstorable(name)) is not None:
-                raise InputError(self.label, None, None, f"{what} {_shorten(name)!r} {reason}")
+                raise InputError(self.label, None, None, f"{what} {shorten(name)!r} {reason}")
 
-    def _variants(self, template: Template) -> list[_Variant]:
-        model = template.model or self.options.default_model
-        counter = self._token_counter(model)
-        count = self.options.seeds or template.seeds or DEFAULT_SEEDS
-        return [
-            _Variant(template, label, model=model, seeds=count, token_counter=counter)
-            for label in template.variants()
-        ]
+    def _expansion(
+        self, report: ProduceReport, progress: Progress | None, images: RowImages
+    ) -> Expansion:
+        return Expansion(
+            self.source,
+            self.templates.key,
+            self.plans,
+            self.options,
+            report=report,
+            progress=progress,
+            images=images,
+            fitting_negatives=self.fitting_negatives,
+        )
 
     def run(self, session: Session | None) -> ProduceReport:
         if self.options.dry_run:
-            for _item in self.expand():
+            self._spend_budget(session)
+            images = RowImages(self.label, self.image_base, None)
+            for _item in self._expansion(self.report, self.progress, images).items():
                 pass
-            self.report.inputs = len(self.dry_run_addresses)
+            self.report.inputs = len(images.addresses)
+            self._refuse_nothing_to_do()
             return self.report
         if session is None:
             raise ValueError("a database session is needed unless dry_run is set")
         try:
+            self._spend_budget(session)
             self._stage_inputs(session)
             self._write(session)
         except BaseException:
@@ -400,8 +241,9 @@ class Producer:
         # A cancelled run is refused, but only once the catalogue has been read: bad rows
         # (--strict) and --max-jobs are reported first, as they always were.
         staging = None if refusal else open_staging(session, run_id=run.id, source=self.source.name)
+        images = RowImages(self.label, self.image_base, self.inputs)
         try:
-            for item in self.expand():
+            for item in self._expansion(self.report, self.progress, images).items():
                 # In strict mode one bad row refuses the catalogue: stop writing, keep reading
                 # to report every bad row.
                 if staging is not None and not (self.options.strict and self.report.problems_total):
@@ -412,8 +254,17 @@ class Producer:
                 raise StrictModeError(self.label, self.report.problems, self.report.problems_total)
             if refusal is not None:
                 raise refusal
+            self._refuse_nothing_to_do()
             assert staging is not None
             self.report.jobs_new = staging.finish()
+            if self.report.jobs_new == 0 and self.run_created:
+                self.report.jobs_unchanged = self.report.jobs
+                raise NothingToProduceError(
+                    self.label,
+                    f"all {self.report.jobs:,} jobs were made already, by earlier runs or a "
+                    "produce at the same time (--force renders them again)",
+                    self.report,
+                )
         except BaseException:
             if staging is not None:
                 staging.abort()
@@ -430,6 +281,7 @@ class Producer:
         """
         name = self.options.run_name or ""
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
+        self.run_created = run is None
         if run is None:
             run = Run(
                 name=name,
@@ -476,6 +328,68 @@ class Producer:
             self.label, None, None, f"run {name!r} was cancelled; choose another --run name"
         )
 
+    def _refuse_nothing_to_do(self) -> None:
+        """Raises NothingToProduceError when the catalogue gave no job at all: a run with
+        none would stay active forever, and the reason is worth an exit status of its own."""
+        report = self.report
+        if report.jobs:
+            return
+        if report.rows == 0:
+            reason = "the catalogue has no rows (a header alone)"
+            if self.source.columns is None or self.label.startswith("sql:"):
+                reason = "the catalogue has no rows"
+        elif report.items == 0:
+            reason = f"every row was refused ({report.rows_skipped:,} bad rows)"
+        else:
+            reason = f"no template applies to any of the {report.items:,} items"
+        raise NothingToProduceError(self.label, reason, report)
+
+    # --- the budget --------------------------------------------------------------------------
+
+    def _spend_budget(self, session: Session | None) -> None:
+        """With ``--budget`` or ``--keepers-per-item``: the plans' sweeps become the seeds the
+        keep rates on earlier runs of this source allocate (none known: an even split)."""
+        options = self.options
+        if options.budget is None and options.keepers_per_item is None:
+            return
+        items = 0
+        if options.budget is not None:
+            counting = self._counting_pass()
+            items = counting.items - counting.items_without_jobs
+        arms = [(plan.template.name, v.shape.variant) for plan in self.plans for v in plan.variants]
+        self.report.budget, seeds = spend_budget(
+            session,
+            arms,
+            source=self.source.name,
+            budget=options.budget,
+            keepers_per_item=options.keepers_per_item,
+            items=items,
+            seed_text=options.run_name or "",
+        )
+        self.plans = plan_templates(self.templates, options, self.force_salt, seeds)
+        planned = items * self.report.budget.per_item
+        if options.budget is not None and planned > options.budget:
+            # Every template variant keeps at least one seed per item (none starves).
+            self.report.add_warning(
+                InputError(
+                    self.label,
+                    None,
+                    None,
+                    f"--budget {options.budget:,} is less than one seed for each of the "
+                    f"{items:,} items' {len(arms)} template variants: up to {planned:,} "
+                    "images are planned",
+                )
+            )
+
+    def _counting_pass(self) -> ProduceReport:
+        """The items and jobs of the catalogue, counted as a dry run does (every image taken
+        as good, none fetched)."""
+        counting = ProduceReport(run_name=self.report.run_name, dry_run=True)
+        expansion = self._expansion(counting, None, RowImages(self.label, self.image_base, None))
+        for _item in expansion.items():
+            pass
+        return counting
+
     # --- catalogue images ------------------------------------------------------------------
 
     def _stage_inputs(self, session: Session) -> None:
@@ -484,7 +398,7 @@ class Producer:
         A pass of its own before the jobs are expanded: staging uses the session, which the
         job writer then has to itself.
         """
-        plans = [plan for plan in self.plans if plan.images]
+        plans: list[TemplatePlan] = [plan for plan in self.plans if plan.images]
         if not plans:
             return
         self._refuse_an_explosion_before_fetching()
@@ -492,7 +406,7 @@ class Producer:
         with InputStager(
             session, settings, refetch=self.options.force, storage=self.storage
         ) as stager:
-            stager.stage(self._addresses(plans))
+            stager.stage(image_addresses(self.source, plans, self.image_base, self.progress))
         self.inputs = stager.results
         self.report.inputs = len(stager.results)
         self.report.inputs_fetched = stager.counts.fetched
@@ -506,251 +420,10 @@ class Producer:
         A template that matches far more rows than meant would otherwise download all their
         images (hours, for a large catalogue) before the expansion refuses it.
         """
-        report, progress = self.report, self.progress
-        self.report = ProduceReport(run_name=report.run_name, dry_run=True)
-        self.progress = None  # a quick pass: the terminal shows the staging and the expansion
         try:
-            for _item in self.expand():
-                pass
+            # A quick pass: the terminal shows the staging and the expansion.
+            self._counting_pass()
         except ExpansionLimitError as exc:
             raise ExpansionLimitError(
                 exc.path, exc.line, exc.field, f"{exc.reason} (counted before fetching images)"
             ) from None
-        finally:
-            self.report, self.progress = report, progress
-            self.dry_run_addresses.clear()
-
-    def _addresses(self, plans: list[_Plan]) -> Iterable[str]:
-        """The image addresses of the rows the templates apply to (with repeats).
-
-        Rows that are bad for another reason are left to the expansion to report.
-        """
-        rows = 0
-        for row in self.source.rows():
-            rows += 1
-            if self.progress is not None and rows % 100 == 0:
-                self.progress(rows, 0)
-            if row.problem is not None:
-                continue
-            for plan in plans:
-                try:
-                    if not plan.template.applies_to(row.fields, where=""):
-                        continue
-                except RenderError:
-                    continue
-                for column in plan.conditioning.columns():
-                    try:
-                        yield source_address(row.fields.get(column, ""), self.image_base)
-                    except InputImageError:
-                        continue
-
-    def _images_for(
-        self, plan: _Plan, row: CatalogueRow, key: str
-    ) -> tuple[StagedImage, StagedImage | None] | None:
-        """The row's staged image (and mask image) for ``plan``; None on a dry run.
-
-        Raises a CatalogueError naming the line, the column and the item when an image is
-        missing, failed to stage, or does not suit the template's mask.
-        """
-        conditioning = plan.conditioning
-        assert conditioning.image is not None
-        image_address, image = self._staged(row, key, conditioning.image)
-        mask = None
-        if conditioning.mask_column is not None:
-            _mask_address, mask = self._staged(row, key, conditioning.mask_column)
-        if image is None:
-            return None  # a dry run: nothing was fetched, so nothing more to check
-        if conditioning.mask_from_alpha and not image.has_alpha:
-            raise CatalogueError(
-                self.label,
-                row.line,
-                conditioning.image,
-                f"item {key!r}: template {plan.template.name!r}: mask 'alpha' needs an image "
-                f"with an alpha channel, and {image_address} has none (mode {image.mode})",
-            )
-        if mask is not None and (mask.width, mask.height) != (image.width, image.height):
-            raise CatalogueError(
-                self.label,
-                row.line,
-                conditioning.mask_column,
-                f"item {key!r}: mask {mask.width}x{mask.height} does not match image "
-                f"{image.width}x{image.height}",
-            )
-        return image, mask
-
-    def _staged(self, row: CatalogueRow, key: str, column: str) -> tuple[str, StagedImage | None]:
-        try:
-            address = source_address(row.fields.get(column, ""), self.image_base)
-        except InputImageError as exc:
-            raise CatalogueError(
-                self.label, row.line, column, f"item {key!r}: {exc.reason}"
-            ) from None
-        if self.inputs is None:
-            self.dry_run_addresses.add(address)
-            return address, None
-        result = self.inputs.get(address)
-        if result is None:
-            # _addresses() yields every address expand() can reach; this is a bug guard.
-            raise CatalogueError(
-                self.label, row.line, column, f"item {key!r}: {address}: was not staged"
-            )
-        if isinstance(result, InputImageError):
-            raise CatalogueError(
-                self.label, row.line, column, f"item {key!r}: {address}: {result.reason}"
-            )
-        return address, result
-
-    # --- expansion -------------------------------------------------------------------------
-
-    def expand(self) -> Iterator[_Item]:
-        """Yields every good row with its jobs; bad rows go to the report."""
-        first_line: dict[str, int] = {}
-        key_column = self.templates.key
-        report = self.report
-        for row in self.source.rows():
-            report.rows += 1
-            try:
-                if row.problem is not None:
-                    raise row.problem
-                key = self._check_key(row, key_column, first_line)
-                jobs, images = self._jobs_for(row, key)
-            except InputError as problem:
-                # Keep reading even in strict mode: report every bad row, then write nothing.
-                report.add_problem(problem)
-                report.rows_skipped += 1
-                continue
-            report.items += 1
-            if not jobs:
-                report.items_without_jobs += 1
-            report.jobs += len(jobs)
-            report.images_planned += images
-            if report.jobs > self.options.max_jobs:
-                raise ExpansionLimitError(
-                    self.label,
-                    row.line,
-                    None,
-                    f"the catalogue expands to more than {self.options.max_jobs:,} jobs "
-                    f"(reached at this row); raise --max-jobs if that is intended",
-                )
-            if self.progress is not None and report.rows % 1000 == 0:
-                self.progress(report.rows, report.jobs)
-            canonical = fields_json(row.fields)
-            item_hash = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-            yield _Item(key, row.fields, canonical, item_hash, jobs)
-        if self.progress is not None:
-            self.progress(report.rows, report.jobs)
-
-    def _check_key(self, row: CatalogueRow, key_column: str, first_line: dict[str, int]) -> str:
-        key = row.fields.get(key_column, "")
-        if not key:
-            raise CatalogueError(self.label, row.line, key_column, "item key is empty")
-        if len(key) > ITEM_KEY_LENGTH:
-            raise CatalogueError(
-                self.label,
-                row.line,
-                key_column,
-                f"item key {_shorten(key)!r} is {len(key)} characters; "
-                f"the database holds at most {ITEM_KEY_LENGTH}",
-            )
-        if key in first_line:
-            raise CatalogueError(
-                self.label,
-                row.line,
-                key_column,
-                f"duplicate item key {key!r} (first seen on line {first_line[key]})",
-            )
-        first_line[key] = row.line
-        return key
-
-    def _jobs_for(self, row: CatalogueRow, key: str) -> tuple[list[StagedJob], int]:
-        """The row's jobs, and the images they plan."""
-        where = f"{self.label}:{row.line}"
-        jobs: list[StagedJob] = []
-        images = 0
-        seed_state = item_seed_state(key)
-        for plan in self.plans:
-            template = plan.template
-            try:
-                if not template.applies_to(row.fields, where=where):
-                    continue
-                prompts = template.expand_prompts(row.fields, where=where)
-            except RenderError as exc:
-                raise CatalogueError(
-                    self.label, row.line, exc.field, f"template {template.name!r}: {exc.reason}"
-                ) from exc
-            if plan.label_problem is not None:
-                raise CatalogueError(
-                    self.label, row.line, None, f"template {template.name!r}: {plan.label_problem}"
-                )
-            shapes, tail = plan.shapes, plan.tail
-            if plan.images:
-                staged = self._images_for(plan, row, key)
-                if staged is not None:
-                    shapes, tail = plan.for_images(*staged)
-            for variant, shape, (prompt, negative) in zip(
-                plan.variants, shapes, prompts, strict=True
-            ):
-                self._check_prompt(row, variant, key, prompt, negative)
-                seeds = ",".join(map(str, variant.sweep.seeds(seed_state)))
-                digest = variant.settings_state.copy()
-                # The rest of dedupe_key()'s parts: prompt, negative prompt, seeds, then the
-                # salt and conditioning_parts() in the tail.
-                rest = f"{len(prompt)}:{prompt}{len(negative)}:{negative}{len(seeds)}:{seeds}"
-                digest.update(f"{rest}{tail}".encode())
-                jobs.append((shape, prompt, negative, f"[{seeds}]", digest.hexdigest()))
-                images += variant.sweep.count
-        return jobs, images
-
-    def _check_prompt(
-        self, row: CatalogueRow, variant: _Variant, key: str, prompt: str, negative: str
-    ) -> None:
-        template = variant.template
-        # The row's fields were checked as they were read (producer.catalogue): what the
-        # database cannot store here came from the template or a wildcard file.
-        if (reason := unstorable(prompt) or unstorable(negative)) is not None:
-            raise CatalogueError(
-                self.label,
-                row.line,
-                None,
-                f"template {template.name!r}: the prompt of item {key!r} {reason}",
-            )
-        blocklist = self.options.blocklist
-        if blocklist is not None:
-            match = blocklist.check(prompt)
-            if match is not None:
-                raise CatalogueError(
-                    self.label,
-                    row.line,
-                    None,
-                    f"template {template.name!r}: prompt contains blocked term "
-                    f"{match.matched!r} (rule {match.rule!r} at {match.source})",
-                )
-        counter = variant.token_counter
-        for part, text in (("prompt", prompt), ("negative_prompt", negative)):
-            if part == "negative_prompt" and text in self.fitting_negatives:
-                continue  # negative prompts repeat across jobs: count each text once
-            tokens = counter.over_window(text)
-            if part == "negative_prompt" and tokens is None:
-                if len(self.fitting_negatives) > 10_000:
-                    self.fitting_negatives.clear()  # bounded memory
-                self.fitting_negatives.add(text)
-            if tokens is not None:
-                self.report.add_warning(
-                    InputError(
-                        self.label,
-                        row.line,
-                        None,
-                        f"template {template.name!r}: {part.replace('_', ' ')} of item "
-                        f"{key!r} is about {tokens} tokens; CLIP reads the first "
-                        f"{CLIP_WINDOW}",
-                    )
-                )
-        samples = self.report.samples.setdefault(template.name, [])
-        if len(samples) < SAMPLES_PER_TEMPLATE:
-            samples.append(prompt)
-
-    def _token_counter(self, model: str) -> TokenCounter:
-        counter = self.token_counters.get(model)
-        if counter is None:
-            counter = self.token_counters[model] = TokenCounter.for_model(model)
-        return counter

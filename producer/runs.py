@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from db.models import Image, Job, JobStatus, Run, RunStatus, utcnow
 from db.run_locks import finish_run_if_complete, lock_loaded_run
 from pixelmill.errors import BadInputError
+from producer import bounds
 
 
 class RunStateError(BadInputError):
@@ -129,7 +130,7 @@ def cancel_run(session: Session, run: Run) -> int:
 
 
 def set_priority(session: Session, run: Run, priority: int) -> None:
-    run.priority = priority
+    run.priority = bounds.PRIORITY.check(priority, "the priority")
     session.commit()
 
 

@@ -120,6 +120,7 @@ _TAKE_OVER_JOBS = (
     "item_id = (SELECT ci.id FROM catalogue_items ci WHERE ci.source = :source "
     "AND ci.external_key = staged.external_key AND ci.content_hash = staged.content_hash), "
     "template = staged.template, variant = staged.variant, status = 'pending', attempts = 0, "
+    "outages = 0, retry_at = NULL, "
     "error = NULL, worker = NULL, created_at = :now, queued_at = NULL, started_at = NULL, "
     "lease_expires_at = NULL, finished_at = NULL "
     "FROM (SELECT s.dedupe_key, s.template, s.variant, si.external_key, si.content_hash "
@@ -239,15 +240,28 @@ class Staging:
     Call :meth:`add` for every accepted item with its jobs, then :meth:`finish` (which
     returns how many jobs were new), or :meth:`abort` on any error; the caller then commits
     or rolls back the session's transaction.
+
+    The items and jobs are numbered and buffered here; a dialect encodes each row for its
+    database (:meth:`_item_row`, :meth:`_job_row`, :meth:`_option_row`) and merges a chunk
+    of them (:meth:`_merge`).
     """
 
-    def __init__(self, *, run_id: int, source: str, now: datetime) -> None:
+    def __init__(self, session: Session, *, run_id: int, source: str, now: datetime) -> None:
+        self.session = session
         self.params: dict[str, Any] = {"run_id": run_id, "source": source, "now": now}
         self.jobs_new = 0
         self._pending_jobs = 0
         self._pending_items = 0
         # The dedupe keys of the jobs buffered for the next merge (see add()).
         self._chunk_keys: set[str] = set()
+        # The rows of the next merge, as the dialect encodes them.
+        self._items: list[Any] = []
+        self._jobs: list[Any] = []
+        self._options: list[Any] = []
+        # The rows' numbers ("ord"), counted over the whole run: a job joins its item by the
+        # item's number, its options by its own.
+        self._items_added = 0
+        self._jobs_added = 0
 
     def add(
         self,
@@ -270,7 +284,7 @@ class Staging:
             if job[4] not in keys:
                 keys.add(job[4])
                 first_in_chunk.append(job)
-        self._add(key, content_hash, fields, fields_json, first_in_chunk)
+        self._buffer(key, content_hash, fields, fields_json, first_in_chunk)
         self._pending_jobs += len(first_in_chunk)
         self._pending_items += 1
         # Items count too: a catalogue whose rows mostly make no jobs would otherwise buffer
@@ -290,14 +304,7 @@ class Staging:
     def abort(self) -> None:
         """Stops merging (waits for a chunk being merged); the caller rolls back."""
 
-    def _start_chunk(self) -> None:
-        """Hands the buffered rows over to be merged; what is added next is a new chunk."""
-        self._pending_jobs = 0
-        self._pending_items = 0
-        self._chunk_keys.clear()
-        self._flush()
-
-    def _add(
+    def _buffer(
         self,
         key: str,
         content_hash: str,
@@ -305,12 +312,50 @@ class Staging:
         fields_json: str,
         jobs: list[StagedJob],
     ) -> None:
-        raise NotImplementedError
+        self._items_added += 1
+        item = self._items_added
+        self._items.append(self._item_row(item, key, content_hash, fields, fields_json))
+        job_row, option_row = self._job_row, self._option_row
+        rows, options = self._jobs, self._options
+        number = self._jobs_added
+        for job in jobs:
+            number += 1
+            rows.append(job_row(number, item, job))
+            if job[0].option_values is not None:
+                options.append(option_row(number, job[0]))
+        self._jobs_added = number
+
+    def _start_chunk(self) -> None:
+        """Hands the buffered rows over to be merged; what is added next is a new chunk."""
+        self._pending_jobs = 0
+        self._pending_items = 0
+        self._chunk_keys.clear()
+        self._flush()
 
     def _flush(self) -> None:
-        raise NotImplementedError
+        if not self._items:
+            return
+        chunk = (self._items, self._jobs, self._options)
+        self._items, self._jobs, self._options = [], [], []
+        self._merge(*chunk)
 
     def _close(self) -> None:
+        _drop_tables(self.session)
+
+    # What a dialect provides: its encoding of each row, and the merge of a chunk of them.
+
+    def _item_row(
+        self, item: int, key: str, content_hash: str, fields: Mapping[str, str], fields_json: str
+    ) -> Any:
+        raise NotImplementedError
+
+    def _job_row(self, number: int, item: int, job: StagedJob) -> Any:
+        raise NotImplementedError
+
+    def _option_row(self, number: int, shape: JobShape) -> Any:
+        raise NotImplementedError
+
+    def _merge(self, items: list[Any], jobs: list[Any], options: list[Any]) -> None:
         raise NotImplementedError
 
 
@@ -340,40 +385,30 @@ def _drop_tables(session: Session) -> None:
 class _SqlStaging(Staging):
     """Any other database (SQLite): batched inserts, merged on the caller's thread."""
 
-    def __init__(self, session: Session, *, run_id: int, source: str, now: datetime) -> None:
-        super().__init__(run_id=run_id, source=source, now=now)
-        self.session = session
-        self.items: list[tuple[Any, ...]] = []
-        self.jobs: list[tuple[Any, ...]] = []
-        self.options: list[tuple[Any, ...]] = []
-        self.count = 0
-        self.items_added = 0
-
-    def _add(
-        self,
-        key: str,
-        content_hash: str,
-        fields: Mapping[str, str],
-        fields_json: str,
-        jobs: list[StagedJob],
-    ) -> None:
+    def _item_row(
+        self, item: int, key: str, content_hash: str, fields: Mapping[str, str], fields_json: str
+    ) -> tuple[Any, ...]:
         # Stored as TEXT here, so keep the catalogue's column order (not the sorted JSON).
-        self.items_added += 1
-        item = self.items_added
-        self.items.append((item, key, content_hash, json.dumps(fields, ensure_ascii=False)))
-        for shape, prompt, negative, seeds, dedupe_key in jobs:
-            self.count += 1
-            self.jobs.append((self.count, item, prompt, negative, seeds, dedupe_key, *shape.values))
-            if shape.option_values is not None:
-                self.options.append((self.count, *shape.option_values))
+        return (item, key, content_hash, json.dumps(fields, ensure_ascii=False))
 
-    def _flush(self) -> None:
-        if not self.items:
-            return
+    def _job_row(self, number: int, item: int, job: StagedJob) -> tuple[Any, ...]:
+        shape, prompt, negative, seeds, dedupe_key = job
+        return (number, item, prompt, negative, seeds, dedupe_key, *shape.values)
+
+    def _option_row(self, number: int, shape: JobShape) -> tuple[Any, ...]:
+        assert shape.option_values is not None
+        return (number, *shape.option_values)
+
+    def _merge(
+        self,
+        items: list[tuple[Any, ...]],
+        jobs: list[tuple[Any, ...]],
+        options: list[tuple[Any, ...]],
+    ) -> None:
         for table, columns, rows in (
-            ("staging_items", ITEM_COLUMNS, self.items),
-            ("staging_jobs", JOB_COLUMNS, self.jobs),
-            ("staging_job_options", OPTION_COLUMNS, self.options),
+            ("staging_items", ITEM_COLUMNS, items),
+            ("staging_jobs", JOB_COLUMNS, jobs),
+            ("staging_job_options", OPTION_COLUMNS, options),
         ):
             if rows:
                 placeholders = ", ".join(f":{c}" for c in columns)
@@ -381,9 +416,6 @@ class _SqlStaging(Staging):
                     text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"),
                     [dict(zip(columns, row, strict=True)) for row in rows],
                 )
-        self.items.clear()
-        self.jobs.clear()
-        self.options.clear()
         now = bindparam("now", self.params["now"], type_=DateTime(timezone=True))
         params = {"run_id": self.params["run_id"], "source": self.params["source"]}
         merge_items, *merge_jobs = _MERGES
@@ -393,9 +425,6 @@ class _SqlStaging(Staging):
             self.jobs_new += int(result.rowcount)  # type: ignore[attr-defined]
         for name in _TABLES:
             self.session.execute(text(f"DELETE FROM {name}"))
-
-    def _close(self) -> None:
-        _drop_tables(self.session)
 
 
 def _merge_batch(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
@@ -416,57 +445,36 @@ class _PostgresStaging(Staging):
     """COPY in text format, merged by a writer thread while the producer expands on."""
 
     def __init__(self, session: Session, *, run_id: int, source: str, now: datetime) -> None:
-        super().__init__(run_id=run_id, source=source, now=now)
-        self.session = session
-        self.items: list[str] = []
-        self.jobs: list[str] = []
-        self.options: list[str] = []
-        self.count = 0
-        self.items_added = 0
+        super().__init__(session, run_id=run_id, source=source, now=now)
         raw = session.connection().connection.driver_connection
         assert isinstance(raw, psycopg.Connection)
         self._writer = _Writer(raw, _merge_batch(raw, self.params))
         self._writer.start()
 
-    def _add(
-        self,
-        key: str,
-        content_hash: str,
-        fields: Mapping[str, str],
-        fields_json: str,
-        jobs: list[StagedJob],
-    ) -> None:
-        self.items_added += 1
-        item = self.items_added
+    def _item_row(
+        self, item: int, key: str, content_hash: str, fields: Mapping[str, str], fields_json: str
+    ) -> str:
         # JSONB does not keep key order, so the sorted JSON of the content hash serves.
-        self.items.append(f"{item}\t{copy_text(key)}\t{content_hash}\t{copy_text(fields_json)}\n")
-        count = self.count
-        for shape, prompt, negative, seeds, dedupe_key in jobs:
-            count += 1
-            self.jobs.append(
-                f"{count}\t{item}\t{copy_text(prompt)}\t{copy_text(negative)}\t{seeds}\t"
-                f"{dedupe_key}\t{shape.copy_fields}\n"
-            )
-            if shape.copy_options is not None:
-                self.options.append(f"{count}\t{shape.copy_options}\n")
-        self.count = count
+        return f"{item}\t{copy_text(key)}\t{content_hash}\t{copy_text(fields_json)}\n"
 
-    def _flush(self) -> None:
-        if not self.items:
-            return
-        chunk = (
-            "".join(self.items).encode(),
-            "".join(self.jobs).encode(),
-            "".join(self.options).encode(),
+    def _job_row(self, number: int, item: int, job: StagedJob) -> str:
+        shape, prompt, negative, seeds, dedupe_key = job
+        return (
+            f"{number}\t{item}\t{copy_text(prompt)}\t{copy_text(negative)}\t{seeds}\t"
+            f"{dedupe_key}\t{shape.copy_fields}\n"
         )
-        self.items.clear()
-        self.jobs.clear()
-        self.options.clear()
-        self._writer.submit(chunk)
+
+    def _option_row(self, number: int, shape: JobShape) -> str:
+        return f"{number}\t{shape.copy_options}\n"
+
+    def _merge(self, items: list[str], jobs: list[str], options: list[str]) -> None:
+        self._writer.submit(
+            ("".join(items).encode(), "".join(jobs).encode(), "".join(options).encode())
+        )
 
     def _close(self) -> None:
         self.jobs_new = self._writer.finish()
-        _drop_tables(self.session)
+        super()._close()
 
     def abort(self) -> None:
         self._writer.cancel()

@@ -31,7 +31,7 @@ import itertools
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from dynamicprompts.enums import SamplingMethod
 from dynamicprompts.parser.parse import parse
 from dynamicprompts.sampling_context import SamplingContext
 from dynamicprompts.wildcards import WildcardManager
+from dynamicprompts.wildcards.collection import WildcardCollection
 from dynamicprompts.wildcards.values import WildcardValues
 from pyparsing import ParseBaseException
 from pyparsing.warnings import PyparsingDeprecationWarning
@@ -130,6 +131,29 @@ class _StrictWildcardManager(WildcardManager):
     def __init__(self, path: Path | None, protector: _Protector) -> None:
         super().__init__(path)
         self._protector = protector
+
+    def match_collections(self, wildcard: str) -> Iterable[WildcardCollection]:
+        """The wildcard's files, all of them inside the wildcards folder: a name with ".."
+        is refused here (dynamicprompts would log a traceback and match nothing), and so is
+        a file whose real path is elsewhere (a link out of the folder)."""
+        name = wildcard.removeprefix("**/")
+        if ".." in wildcard or "\\" in wildcard:
+            raise _BadWildcardValue(
+                name,
+                "a wildcard's name may not contain '..' or '\\': wildcards are read "
+                "from inside the wildcards folder",
+            )
+        collections = list(super().match_collections(wildcard))
+        root = self.path.resolve() if self.path is not None else None
+        for collection in collections:
+            path = getattr(collection, "_path", None)
+            if root is not None and isinstance(path, Path):
+                real = path.resolve()
+                if not real.is_relative_to(root):
+                    raise _BadWildcardValue(
+                        name, f"{path} is {real}, outside the wildcards folder {root}"
+                    )
+        return collections
 
     def get_values(self, wildcard: str) -> WildcardValues:
         values = super().get_values(wildcard)

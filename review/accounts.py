@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Reviewer
 from pixelmill.errors import BadInputError
+from review.logins import end_all_logins
 
 _hasher = PasswordHasher()
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
@@ -25,7 +26,7 @@ class AccountError(BadInputError):
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise AccountError(
             f"reviewer name {name!r}: use 1-100 letters, digits, '.', '_', '-' or '@'"
         )
@@ -51,25 +52,33 @@ def add_reviewer(session: Session, name: str, password: str, *, admin: bool = Fa
 
 
 def set_password(session: Session, name: str, password: str) -> None:
+    """A new password; every open login of the reviewer ends (commits)."""
     reviewer = session.scalar(select(Reviewer).where(Reviewer.name == name))
     if reviewer is None:
         raise AccountError(f"no reviewer named {name!r}")
     reviewer.password_hash = _hasher.hash(check_password(password))
+    end_all_logins(session, reviewer.id)
     session.commit()
 
 
 def authenticate(session: Session, name: str, password: str) -> Reviewer | None:
     """The reviewer if the password is right; None otherwise. Re-hashes an outdated hash."""
-    reviewer = session.scalar(select(Reviewer).where(Reviewer.name == name))
+    # A name no account can have (NUL bytes, 10,000 characters, ...) is not looked up: it is
+    # unknown, and checked against the dummy hash like any other unknown name.
+    reviewer = None
+    if NAME_PATTERN.fullmatch(name):
+        reviewer = session.scalar(select(Reviewer).where(Reviewer.name == name))
+    # Bytes: a JSON or form string may hold lone surrogates, which plain UTF-8 refuses.
+    secret = password.encode("utf-8", "surrogatepass")
     if reviewer is None:
         with contextlib.suppress(VerificationError):
-            _hasher.verify(_DUMMY_HASH, password)
+            _hasher.verify(_DUMMY_HASH, secret)
         return None
     try:
-        _hasher.verify(reviewer.password_hash, password)
+        _hasher.verify(reviewer.password_hash, secret)
     except (VerificationError, InvalidHashError):
         return None
     if _hasher.check_needs_rehash(reviewer.password_hash):
-        reviewer.password_hash = _hasher.hash(password)
+        reviewer.password_hash = _hasher.hash(secret)
         session.commit()
     return reviewer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from threading import Lock
 from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -19,17 +21,54 @@ from starlette.middleware.sessions import SessionMiddleware
 from db.session import make_engine, make_sessionmaker
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage, storage_from_settings
-from review import api, pages, public
+from review import api, audit, pages, public
+from review.bounds import RequestGuard
 from review.deps import Forbidden, LoginRequired, ReviewState
 from review.images import ImageUrls
 from review.intake import SyncThread
 from review.queue import ReviewError
+from review.ranking.retrain import RetrainThread
 from review.secret import secret_key
+from review.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "pixelmill_review"
+# How often the retraining thread asks whether a source has PIXELMILL_KEEPER_RETRAIN_EVERY new
+# decisions (one count per source: cheap).
+RETRAIN_CHECK_SECONDS = 30.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def secure_cookies(settings: Settings) -> bool:
+    """PIXELMILL_REVIEW_SECURE_COOKIES when set; otherwise Secure unless the app is bound to a
+    loopback address (PIXELMILL_REVIEW_HOST), where plain HTTP never leaves the machine."""
+    if settings.review_secure_cookies is not None:
+        return settings.review_secure_cookies
+    return not is_loopback(settings.review_host)
+
+
+def _state(settings: Settings, sessions: sessionmaker[Session], storage: Storage) -> ReviewState:
+    return ReviewState(
+        settings=settings,
+        sessions=sessions,
+        storage=storage,
+        urls=ImageUrls(storage, expires_in=settings.review_url_seconds),
+        templates=Jinja2Templates(directory=HERE / "templates"),
+        last_sync={},
+        sync_lock=Lock(),
+        throttle=LoginThrottle(settings),
+        secure_cookies=secure_cookies(settings),
+    )
 
 
 def create_app(
@@ -38,32 +77,33 @@ def create_app(
     sessions: sessionmaker[Session] | None = None,
     storage: Storage | None = None,
     background_sync: bool = True,
+    background_retrain: bool | None = None,
+    retrain_check_seconds: float = RETRAIN_CHECK_SECONDS,
 ) -> FastAPI:
+    """The app; its background threads (the queue's sync, and the keeper model's retraining,
+    which follows ``background_sync`` unless told) start and stop with it."""
     if sessions is None:
         sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     if storage is None:
         storage = storage_from_settings(settings)
-    templates = Jinja2Templates(directory=HERE / "templates")
-    state = ReviewState(
-        settings=settings,
-        sessions=sessions,
-        storage=storage,
-        urls=ImageUrls(storage, expires_in=settings.review_url_seconds),
-        templates=templates,
-        last_sync={},
-        sync_lock=Lock(),
-    )
+    state = _state(settings, sessions, storage)
+
+    retrain = background_sync if background_retrain is None else background_retrain
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        syncer = SyncThread(state, settings.review_sync_seconds) if background_sync else None
-        if syncer is not None:
-            syncer.start()
+        threads: list[SyncThread | RetrainThread] = []
+        if background_sync:
+            threads.append(SyncThread(state, settings.review_sync_seconds))
+        if retrain:
+            threads.append(RetrainThread(state.sessions, settings, retrain_check_seconds))
+        for thread in threads:
+            thread.start()
         try:
             yield
         finally:
-            if syncer is not None:
-                syncer.stop()
+            for thread in threads:
+                thread.stop()
 
     app = FastAPI(
         title="pixelmill review",
@@ -73,6 +113,8 @@ def create_app(
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # Counted as the body arrives: a larger one is answered 413 before it is all read.
+        max_body_size=settings.review_max_body_bytes,
     )
     app.state.review = state
     app.add_middleware(
@@ -81,14 +123,16 @@ def create_app(
         session_cookie=SESSION_COOKIE,
         max_age=int(settings.review_session_hours * 3600),
         same_site="lax",
-        https_only=settings.review_secure_cookies,
+        https_only=state.secure_cookies,
     )
+    app.add_middleware(RequestGuard, max_body_bytes=settings.review_max_body_bytes)
     _security_headers(app, settings)
     _error_handlers(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(public.router)
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(audit.router)
     return app
 
 
@@ -127,6 +171,16 @@ def _wants_json(request: Request) -> bool:
 
 
 def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        # What was wrong and where, without echoing the input: it may be megabytes, or a
+        # value JSON cannot carry (1e999 is read as infinity).
+        errors = [
+            {"type": error.get("type"), "loc": list(error.get("loc", ())), "msg": error.get("msg")}
+            for error in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _exc: LoginRequired) -> Response:
         if _wants_json(request) or request.method != "GET":
@@ -146,7 +200,7 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ReviewError)
     async def review_error(request: Request, exc: ReviewError) -> Response:
         if _wants_json(request):
-            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+            return JSONResponse({"detail": str(exc), **exc.details()}, status_code=exc.status)
         state: ReviewState = request.app.state.review
         return state.templates.TemplateResponse(
             request, "error.html", {"message": str(exc), "reviewer": None}, status_code=exc.status

@@ -11,9 +11,21 @@ from review.queue import claim_next
 from review.views import get_run
 
 
-def claim_for(state: ReviewState, session: Session, run_id: int, reviewer_id: int) -> int | None:
+def claim_for(
+    state: ReviewState,
+    session: Session,
+    run_id: int,
+    reviewer_id: int,
+    *,
+    besides: int | None = None,
+) -> int | None:
     get_run(session, run_id)  # NotFoundError for an unknown run
-    claimed = claim_next(session, run_id=run_id, reviewer_id=reviewer_id, lease=state.lease)
+    lease = state.lease
+    claimed = claim_next(
+        session, run_id=run_id, reviewer_id=reviewer_id, lease=lease, besides=besides
+    )
     if claimed is None and sync_now(state, run_id):
-        claimed = claim_next(session, run_id=run_id, reviewer_id=reviewer_id, lease=state.lease)
+        claimed = claim_next(
+            session, run_id=run_id, reviewer_id=reviewer_id, lease=lease, besides=besides
+        )
     return claimed

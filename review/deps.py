@@ -3,10 +3,9 @@ the CSRF check of unsafe requests."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from threading import Lock
 from typing import Annotated
@@ -20,6 +19,9 @@ from pixelmill.errors import PixelmillError
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
 from review.images import ImageUrls
+from review.logins import end_login, reviewer_of, start_login
+from review.ranked import RunCuts
+from review.throttle import LoginThrottle
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
@@ -36,10 +38,23 @@ class ReviewState:
     # When each run's queue was last synced on demand (a reviewer found it empty).
     last_sync: dict[int, float]
     sync_lock: Lock
+    throttle: LoginThrottle
+    # The session cookie is marked Secure (see review.app.secure_cookies).
+    secure_cookies: bool
+    # Each run's cut line, cached (it averages every prediction of the run).
+    cuts: RunCuts = field(default_factory=RunCuts)
 
     @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.settings.review_claim_lease_seconds)
+
+    @property
+    def reopen_window(self) -> timedelta:
+        return timedelta(seconds=self.settings.review_reopen_seconds)
+
+    @property
+    def duplicate_similarity(self) -> float:
+        return self.settings.duplicate_similarity
 
 
 class LoginRequired(PixelmillError):
@@ -83,24 +98,27 @@ async def check_csrf(request: Request) -> None:
     ):
         value = (await request.form()).get(CSRF_FIELD)
         sent = value if isinstance(value, str) else None
-    if not isinstance(expected, str) or not sent or not secrets.compare_digest(expected, sent):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters, which a
+    # forged header or form field may well hold.
+    if (
+        not isinstance(expected, str)
+        or not sent
+        or not secrets.compare_digest(expected.encode(), sent.encode("utf-8", "surrogatepass"))
+    ):
         raise Forbidden("CSRF token missing or wrong: reload the page and try again")
 
 
 def current_reviewer(request: Request, session: Annotated[Session, Depends(db)]) -> Reviewer:
-    reviewer_id = request.session.get("reviewer_id")
-    if not isinstance(reviewer_id, int):
+    """The reviewer of the cookie's login, while that login lasts on the server (logout and
+    a new password end it: see review.logins)."""
+    token = request.session.get("login")
+    if not isinstance(token, str):
         raise LoginRequired
-    reviewer = session.get(Reviewer, reviewer_id)
-    # A digest of the password hash is in the cookie: changing the password ends old sessions.
-    if reviewer is None or request.session.get("pw") != _password_stamp(reviewer):
+    reviewer = reviewer_of(session, token)
+    if reviewer is None:
         request.session.clear()
         raise LoginRequired
     return reviewer
-
-
-def _password_stamp(reviewer: Reviewer) -> str:
-    return hashlib.sha256(reviewer.password_hash.encode()).hexdigest()[:16]
 
 
 def admin(reviewer: Annotated[Reviewer, Depends(current_reviewer)]) -> Reviewer:
@@ -109,12 +127,19 @@ def admin(reviewer: Annotated[Reviewer, Depends(current_reviewer)]) -> Reviewer:
     return reviewer
 
 
-def log_in(request: Request, reviewer: Reviewer) -> None:
+def log_in(request: Request, session: Session, reviewer: Reviewer) -> None:
     # A fresh session (and CSRF token) at login: nothing set before it carries over.
     request.session.clear()
-    request.session["reviewer_id"] = reviewer.id
-    request.session["pw"] = _password_stamp(reviewer)
+    lifetime = timedelta(hours=state(request).settings.review_session_hours)
+    request.session["login"] = start_login(session, reviewer, lifetime)
     csrf_token(request)
+
+
+def log_out(request: Request, session: Session) -> None:
+    token = request.session.get("login")
+    if isinstance(token, str):
+        end_login(session, token)
+    request.session.clear()
 
 
 State = Annotated[ReviewState, Depends(state)]

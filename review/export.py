@@ -1,5 +1,6 @@
-"""Export a run's keepers: one row per kept image (CSV or JSON Lines), optionally copying the
-images under the ``approved/`` prefix of the same storage."""
+"""Export a run's keepers: one row per kept image of a submitted item (CSV or JSON Lines),
+optionally copying the images under the ``approved/`` prefix of the same storage. Items still
+open (not submitted, or re-rolling) are left out: their decisions may still change."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import CatalogueItem, Decision, Image, ImageReview, Job, Reviewer, Run
+from db.models import (
+    CatalogueItem,
+    Decision,
+    Image,
+    ImageReview,
+    Job,
+    Reviewer,
+    ReviewItem,
+    ReviewStatus,
+    Run,
+)
 from pixelmill.errors import BadInputError
 from pixelmill.storage import Storage
 
@@ -83,9 +94,11 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
         .join(Job, Job.id == Image.job_id)
         .join(CatalogueItem, CatalogueItem.id == Job.item_id)
         .join(Reviewer, Reviewer.id == ImageReview.reviewer_id)
+        .join(ReviewItem, ReviewItem.id == ImageReview.review_item_id)
         .where(
             ImageReview.run_id == run.id,
             ImageReview.decision == Decision.KEEP,
+            ReviewItem.status == ReviewStatus.DONE,
             # A flagged image that was not stored has no file (decide() refuses to keep one;
             # this guards decisions recorded before it did): it would break the export.
             Image.storage_key != "",
@@ -114,6 +127,17 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
             },
             storage_key=row.storage_key,
         )
+
+
+def open_items_left_out(session: Session, run: Run) -> int:
+    """How many of the run's review items the export leaves out: not submitted yet (open,
+    held or not, or waiting for re-rolled images)."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(ReviewItem)
+        .where(ReviewItem.run_id == run.id, ReviewItem.status != ReviewStatus.DONE)
+    )
+    return int(count or 0)
 
 
 def approved_key(storage_key: str) -> str:

@@ -30,7 +30,9 @@ class ImageUrls:
         if not isinstance(self.storage, LocalStorage):
             raise StorageError("images are served from S3, not by the app")
         parts = key.split("/")
-        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        if key.startswith("/") or "\\" in key or "\x00" in key:
+            raise StorageError(f"storage key {key!r} is not a plain relative path")
+        if any(p in ("", ".", "..") for p in parts):
             raise StorageError(f"storage key {key!r} is not a plain relative path")
         root = self.storage.root
         path = (root / key).resolve()

@@ -1,6 +1,9 @@
 """Keeping the queue filled: a background thread syncs every run's items every
 PIXELMILL_REVIEW_SYNC_SECONDS, and a reviewer who finds a run's queue empty triggers a sync of
-that run at once (at most every ON_DEMAND_SECONDS per run and process)."""
+that run at once (at most every ON_DEMAND_SECONDS per run and process). With
+PIXELMILL_AUTO_REJECT_BELOW set, the thread also lets the keeper model reject what it predicts
+below it among the open items (review.ranking.auto_reject): in the background, never while a
+reviewer waits."""
 
 from __future__ import annotations
 
@@ -8,8 +11,11 @@ import logging
 import threading
 import time
 
+from sqlalchemy.orm import Session
+
 from review.deps import ReviewState
 from review.queue import sync_queue
+from review.ranking.auto_reject import make_auto_rejects
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +54,21 @@ class SyncThread:
             try:
                 with self.state.sessions() as session:
                     report = sync_queue(session)
+                    rejected = self._auto_reject(session)
                 if report.added or report.reopened:
                     log.info(
                         "review queue: %d items added, %d reopened", report.added, report.reopened
                     )
+                if rejected:
+                    log.info("review queue: %d images rejected by the keeper model", rejected)
             except Exception:  # the database may be down for a moment: try again later
                 log.exception("review queue sync failed")
             self.stopping.wait(self.interval)
+
+    def _auto_reject(self, session: Session) -> int:
+        threshold = self.state.settings.auto_reject_below
+        if threshold is None:
+            return 0
+        made = make_auto_rejects(session, threshold)
+        session.commit()
+        return made

@@ -16,7 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, DateTime, and_, case, func, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -27,6 +38,7 @@ from db.models import (
     Job,
     JobStatus,
     ReviewAction,
+    Reviewer,
     ReviewEvent,
     ReviewItem,
     ReviewStatus,
@@ -36,6 +48,7 @@ from db.models import (
     SafetyStatus,
     utcnow,
 )
+from db.ranking import AutoReject
 from db.upsert import insert_ignoring_conflicts_stmt, upsert
 from pixelmill.errors import PixelmillError
 from review.metrics import DECISIONS
@@ -46,6 +59,10 @@ class ReviewError(PixelmillError):
 
     status = 400
 
+    def details(self) -> dict[str, str]:
+        """What the API adds to the message, for a client to act on."""
+        return {}
+
 
 class NotFoundError(ReviewError):
     status = 404
@@ -55,6 +72,19 @@ class ClaimError(ReviewError):
     """The item is held by someone else, or no longer open."""
 
     status = 409
+
+
+class HeldByOtherError(ClaimError):
+    """Someone else holds the item; ``taken_over``: the reviewer asking had worked on it, so
+    it was taken over after their hold expired."""
+
+    def __init__(self, message: str, *, holder: str, taken_over: bool) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.taken_over = taken_over
+
+    def details(self) -> dict[str, str]:
+        return {"code": "taken_over" if self.taken_over else "held", "holder": self.holder}
 
 
 # --- intake ----------------------------------------------------------------------------
@@ -156,22 +186,38 @@ def _claim_free(now: datetime) -> ColumnElement[bool]:
     return or_(ReviewItem.claimed_by.is_(None), ReviewItem.claim_expires_at < now)
 
 
-def claim_next(session: Session, *, run_id: int, reviewer_id: int, lease: timedelta) -> int | None:
-    """Claim the next open item of the run for the reviewer and return its review item id;
-    the reviewer's own unexpired claim in the run comes back first. None: nothing to review
-    now. Commits."""
-    now = utcnow()
-    held = session.scalar(
+def _own_claim(
+    session: Session, run_id: int, reviewer_id: int, now: datetime, other: ColumnElement[bool]
+) -> int | None:
+    return session.scalar(
         select(ReviewItem.id)
         .where(
             ReviewItem.claimed_by == reviewer_id,
             ReviewItem.run_id == run_id,
             ReviewItem.status == ReviewStatus.OPEN,
             ReviewItem.claim_expires_at >= now,
+            other,
         )
         .order_by(ReviewItem.id)
         .limit(1)
     )
+
+
+def claim_next(
+    session: Session,
+    *,
+    run_id: int,
+    reviewer_id: int,
+    lease: timedelta,
+    besides: int | None = None,
+) -> int | None:
+    """Claim the next open item of the run for the reviewer and return its review item id;
+    the reviewer's own unexpired claim in the run comes back first. ``besides``: an item not
+    to return (the one on screen, when the page fetches the next ahead of time). None:
+    nothing to review now. Commits."""
+    now = utcnow()
+    other = ReviewItem.id != besides if besides is not None else true()
+    held = _own_claim(session, run_id, reviewer_id, now, other)
     if held is not None:
         _renew(session, held, reviewer_id, now + lease)
         session.commit()
@@ -185,6 +231,7 @@ def claim_next(session: Session, *, run_id: int, reviewer_id: int, lease: timede
                 ReviewItem.run_id == run_id,
                 ReviewItem.status == ReviewStatus.OPEN,
                 _claim_free(now),
+                other,
             )
             .order_by(ReviewItem.id)
             .limit(1)
@@ -233,33 +280,72 @@ def hold(
         .values(claimed_by=reviewer_id, claim_expires_at=now + lease)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
-        item = session.get(ReviewItem, review_item_id)
+        refusal = _refusal(session, review_item_id, reviewer_id)
         session.rollback()
-        if item is None:
-            raise NotFoundError(f"review item {review_item_id} does not exist")
-        if item.status != ReviewStatus.OPEN:
-            raise ClaimError(f"review item {review_item_id} is {item.status}, not open")
-        raise ClaimError(f"review item {review_item_id} is claimed by another reviewer")
+        raise refusal
     item = session.get(ReviewItem, review_item_id)
     assert item is not None
     session.refresh(item)
     return item
 
 
+def _refusal(session: Session, review_item_id: int, reviewer_id: int) -> ReviewError:
+    """Why the reviewer cannot hold the item, said so that they know what happened."""
+    row = session.execute(
+        select(ReviewItem.status, Reviewer.name)
+        .outerjoin(Reviewer, Reviewer.id == ReviewItem.claimed_by)
+        .where(ReviewItem.id == review_item_id)
+    ).one_or_none()
+    if row is None:
+        return NotFoundError(f"review item {review_item_id} does not exist")
+    status, holder = row
+    if status != ReviewStatus.OPEN:
+        return ClaimError(f"review item {review_item_id} is {status}, not open")
+    worked_on = session.scalar(
+        select(ReviewEvent.id)
+        .where(ReviewEvent.review_item_id == review_item_id, ReviewEvent.reviewer_id == reviewer_id)
+        .limit(1)
+    )
+    if worked_on is not None:
+        return HeldByOtherError(
+            f"Another reviewer, {holder}, took this item over after your hold on it expired: "
+            "this change was not saved (your decisions before it expired were). "
+            "Take the next item.",
+            holder=str(holder),
+            taken_over=True,
+        )
+    return HeldByOtherError(
+        f"review item {review_item_id} is claimed by another reviewer ({holder})",
+        holder=str(holder),
+        taken_over=False,
+    )
+
+
 def release(session: Session, review_item_id: int, *, reviewer_id: int) -> None:
-    """Give a claim back (the reviewer skipped the item). Commits."""
-    session.execute(
+    """Give a claim back (the reviewer skipped the item); :class:`ClaimError` if the reviewer
+    does not hold it (an expired hold is still theirs until someone takes it). Commits."""
+    result = session.execute(
         update(ReviewItem)
-        .where(ReviewItem.id == review_item_id, ReviewItem.claimed_by == reviewer_id)
+        .where(
+            ReviewItem.id == review_item_id,
+            ReviewItem.claimed_by == reviewer_id,
+            ReviewItem.status == ReviewStatus.OPEN,
+        )
         .values(claimed_by=None, claim_expires_at=None)
     )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        status = session.scalar(select(ReviewItem.status).where(ReviewItem.id == review_item_id))
+        session.rollback()
+        if status is None:
+            raise NotFoundError(f"review item {review_item_id} does not exist")
+        raise ClaimError(f"you do not hold review item {review_item_id}: nothing to release")
     session.commit()
 
 
 # --- decisions -------------------------------------------------------------------------
 
 
-def _image_of_item(session: Session, item: ReviewItem, image_id: int) -> Image:
+def image_of_item(session: Session, item: ReviewItem, image_id: int) -> Image:
     image = session.scalar(
         select(Image)
         .join(Job, Job.id == Image.job_id)
@@ -295,6 +381,38 @@ def _set_decision(
         current.decided_at = utcnow()
 
 
+def record_decision(
+    session: Session,
+    item: ReviewItem,
+    image: Image,
+    decision: Decision,
+    *,
+    reviewer_id: int,
+    at: datetime | None = None,
+) -> None:
+    """Keep or reject one image of ``item`` and log it, stamped ``at`` (default now): the
+    decisions of one action (a group, "keep the top N") share a stamp, which is how undo
+    walks them back together. The caller holds the item and commits."""
+    if decision == Decision.KEEP and not image.storage_key:
+        # Flagged with PIXELMILL_FLAGGED_IMAGES=drop: there is no file to keep or export.
+        raise ReviewError(f"image {image.id} was flagged and not stored: there is nothing to keep")
+    current = session.get(ImageReview, image.id)
+    previous = current.decision if current is not None else None
+    _set_decision(session, item, image.id, decision.value, reviewer_id)
+    session.add(
+        ReviewEvent(
+            run_id=item.run_id,
+            review_item_id=item.id,
+            image_id=image.id,
+            reviewer_id=reviewer_id,
+            action=ReviewAction(decision.value),
+            previous=previous,
+            created_at=at or utcnow(),
+        )
+    )
+    session.flush()
+
+
 def decide(
     session: Session,
     review_item_id: int,
@@ -306,23 +424,8 @@ def decide(
 ) -> None:
     """Record keep or reject on one image of the item the reviewer holds. Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
-    image = _image_of_item(session, item, image_id)
-    if decision == Decision.KEEP and not image.storage_key:
-        # Flagged with PIXELMILL_FLAGGED_IMAGES=drop: there is no file to keep or export.
-        raise ReviewError(f"image {image_id} was flagged and not stored: there is nothing to keep")
-    current = session.get(ImageReview, image_id)
-    previous = current.decision if current is not None else None
-    _set_decision(session, item, image_id, decision.value, reviewer_id)
-    session.add(
-        ReviewEvent(
-            run_id=item.run_id,
-            review_item_id=item.id,
-            image_id=image_id,
-            reviewer_id=reviewer_id,
-            action=ReviewAction(decision.value),
-            previous=previous,
-        )
-    )
+    image = image_of_item(session, item, image_id)
+    record_decision(session, item, image, decision, reviewer_id=reviewer_id)
     session.commit()
     DECISIONS.labels(decision=decision.value).inc()
 
@@ -330,15 +433,25 @@ def decide(
 def undo(
     session: Session, review_item_id: int, *, reviewer_id: int, lease: timedelta
 ) -> int | None:
-    """Walk back the item's latest keep/reject not yet undone: the image gets the decision it
-    had before (or none). Returns that image's id, None when there is nothing to undo.
-    Commits."""
+    """:func:`undo_last`, for one image: the first image walked back, None when nothing was."""
+    undone = undo_last(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
+    return undone[0] if undone else None
+
+
+def undo_last(
+    session: Session, review_item_id: int, *, reviewer_id: int, lease: timedelta
+) -> list[int]:
+    """Walk back the item's latest keep/reject not yet undone, with the others of the same
+    action (the same reviewer's, stamped the same): each image gets the decision it had
+    before (or none). Returns those images' ids in the order they were decided, none when
+    there is nothing to undo. Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
+    decisions = [ReviewAction.KEEP, ReviewAction.REJECT]
     last = session.scalar(
         select(ReviewEvent)
         .where(
             ReviewEvent.review_item_id == item.id,
-            ReviewEvent.action.in_([ReviewAction.KEEP, ReviewAction.REJECT]),
+            ReviewEvent.action.in_(decisions),
             ReviewEvent.undone.is_(False),
         )
         .order_by(ReviewEvent.id.desc())
@@ -346,27 +459,49 @@ def undo(
     )
     if last is None or last.image_id is None:
         session.commit()
-        return None
-    _set_decision(session, item, last.image_id, last.previous, reviewer_id)
-    last.undone = True
-    session.add(
-        ReviewEvent(
-            run_id=item.run_id,
-            review_item_id=item.id,
-            image_id=last.image_id,
-            reviewer_id=reviewer_id,
-            action=ReviewAction.UNDO,
+        return []
+    batch = session.scalars(
+        select(ReviewEvent)
+        .where(
+            ReviewEvent.review_item_id == item.id,
+            ReviewEvent.action.in_(decisions),
+            ReviewEvent.undone.is_(False),
+            ReviewEvent.reviewer_id == last.reviewer_id,
+            ReviewEvent.created_at == last.created_at,
         )
-    )
+        .order_by(ReviewEvent.id.desc())
+    ).all()
+    undone: list[int] = []
+    for event in batch:
+        if event.image_id is None:
+            continue
+        _set_decision(session, item, event.image_id, event.previous, reviewer_id)
+        session.flush()
+        event.undone = True
+        undone.append(event.image_id)
+        session.add(
+            ReviewEvent(
+                run_id=item.run_id,
+                review_item_id=item.id,
+                image_id=event.image_id,
+                reviewer_id=reviewer_id,
+                action=ReviewAction.UNDO,
+            )
+        )
     session.commit()
-    DECISIONS.labels(decision="undo").inc()
-    return last.image_id
+    DECISIONS.labels(decision="undo").inc(len(undone))
+    return undone[::-1]
 
 
-def reject_undecided(session: Session, item: ReviewItem, *, reviewer_id: int) -> int:
+def reject_undecided(
+    session: Session, item: ReviewItem, *, reviewer_id: int, at: datetime | None = None
+) -> list[int]:
     """Reject every visible image of the item that has no decision yet (the reviewer picked
-    the keepers and moved on). Flagged images stay undecided: nobody looked at them. Returns
-    how many were rejected; the caller commits."""
+    the keepers and moved on). Flagged images stay undecided: nobody looked at them; so do
+    the keeper model's own rejections in force, which stay the model's (the grid hides them)
+    and are not made a person's. Their
+    events are stamped ``at`` (default now): a submit stamps its own event the same, which
+    is how reopening it finds them. Returns the ids of those rejected; the caller commits."""
     undecided = list(
         session.scalars(
             select(Image.id)
@@ -376,11 +511,14 @@ def reject_undecided(session: Session, item: ReviewItem, *, reviewer_id: int) ->
                 Job.item_id == item.item_id,
                 Image.safety != SafetyStatus.FLAGGED,
                 ~select(ImageReview.image_id).where(ImageReview.image_id == Image.id).exists(),
+                ~select(AutoReject.image_id)
+                .where(AutoReject.image_id == Image.id, AutoReject.undone_at.is_(None))
+                .exists(),
             )
             .order_by(Image.id)
         )
     )
-    now = utcnow()
+    now = at or utcnow()
     for image_id in undecided:
         _set_decision(session, item, image_id, Decision.REJECT.value, reviewer_id)
         session.add(
@@ -393,7 +531,7 @@ def reject_undecided(session: Session, item: ReviewItem, *, reviewer_id: int) ->
                 created_at=now,
             )
         )
-    return len(undecided)
+    return undecided
 
 
 def submit(session: Session, review_item_id: int, *, reviewer_id: int, lease: timedelta) -> int:
@@ -401,18 +539,20 @@ def submit(session: Session, review_item_id: int, *, reviewer_id: int, lease: ti
     the item is done and its claim released. Returns how many were rejected that way.
     Commits."""
     item = hold(session, review_item_id, reviewer_id=reviewer_id, lease=lease)
-    rejected = reject_undecided(session, item, reviewer_id=reviewer_id)
+    now = utcnow()
+    rejected = len(reject_undecided(session, item, reviewer_id=reviewer_id, at=now))
     item.status = ReviewStatus.DONE
     item.claimed_by = None
     item.claim_expires_at = None
     item.submitted_by = reviewer_id
-    item.submitted_at = utcnow()
+    item.submitted_at = now
     session.add(
         ReviewEvent(
             run_id=item.run_id,
             review_item_id=item.id,
             reviewer_id=reviewer_id,
             action=ReviewAction.SUBMIT,
+            created_at=now,
         )
     )
     session.commit()

@@ -75,19 +75,8 @@ def reroll(
     catalogue_item = session.get(CatalogueItem, item.item_id)
     assert catalogue_item is not None
 
-    jobs = list(
-        session.scalars(
-            select(Job)
-            .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
-            .order_by(Job.id)
-        )
-    )
-    groups: dict[tuple[str, str], list[Job]] = {}
-    for job in jobs:
-        groups.setdefault((job.template, job.variant), []).append(job)
-
     new_ids: list[int] = []
-    for (template, variant), group in groups.items():
+    for (template, variant), group in _jobs_by_pair(session, item.run_id, item.item_id).items():
         job_id = _queue_more_seeds(session, run.id, catalogue_item, template, variant, group)
         if job_id is None:
             session.rollback()
@@ -97,7 +86,7 @@ def reroll(
             )
         new_ids.append(job_id)
 
-    rejected = reject_undecided(session, item, reviewer_id=reviewer_id)
+    rejected = len(reject_undecided(session, item, reviewer_id=reviewer_id))
     item.status = ReviewStatus.REROLLING
     item.rerolls += 1
     item.claimed_by = None
@@ -120,6 +109,17 @@ def reroll(
     if rejected:
         DECISIONS.labels(decision=Decision.REJECT.value).inc(rejected)
     return new_ids
+
+
+def _jobs_by_pair(session: Session, run_id: int, item_id: int) -> dict[tuple[str, str], list[Job]]:
+    """The item's jobs in the run per (template, variant), oldest first."""
+    groups: dict[tuple[str, str], list[Job]] = {}
+    jobs = session.scalars(
+        select(Job).where(Job.run_id == run_id, Job.item_id == item_id).order_by(Job.id)
+    )
+    for job in jobs:
+        groups.setdefault((job.template, job.variant), []).append(job)
+    return groups
 
 
 def _queue_more_seeds(

@@ -24,6 +24,9 @@ from db.models import (
 # A pause longer than this between two decisions is a break, not review time: it counts as
 # this long when measuring how many decisions a reviewer makes per hour of work.
 IDLE_GAP_SECONDS = 300.0
+# Decisions per hour are not shown before this much review time: two decisions a second apart
+# would read as 7,200 an hour.
+MIN_RATE_SECONDS = 300.0
 
 
 def rate(part: int, whole: int) -> float | None:
@@ -55,7 +58,8 @@ class ReviewerSpeed:
 
     @property
     def decisions_per_hour(self) -> float | None:
-        if self.active_seconds <= 0:
+        """None until MIN_RATE_SECONDS of review time make the figure mean something."""
+        if self.active_seconds < MIN_RATE_SECONDS:
             return None
         return self.decisions * 3600.0 / self.active_seconds
 
@@ -120,10 +124,12 @@ def run_stats(session: Session, run: Run) -> RunStats:
     )
 
 
-def reviewer_speeds(session: Session, run_id: int) -> list[ReviewerSpeed]:
-    """Decisions (keep or reject) per reviewer and the time they spent making them: the gaps
-    between consecutive decisions, each capped at IDLE_GAP_SECONDS."""
-    events = session.execute(
+def reviewer_speeds(
+    session: Session, run_id: int, reviewer_id: int | None = None
+) -> list[ReviewerSpeed]:
+    """Decisions (keep or reject) per reviewer (or of one) and the time they spent making
+    them: the gaps between consecutive decisions, each capped at IDLE_GAP_SECONDS."""
+    query = (
         select(Reviewer.name, ReviewEvent.created_at)
         .join(Reviewer, Reviewer.id == ReviewEvent.reviewer_id)
         .where(
@@ -133,6 +139,9 @@ def reviewer_speeds(session: Session, run_id: int) -> list[ReviewerSpeed]:
         .order_by(ReviewEvent.reviewer_id, ReviewEvent.created_at)
         .execution_options(yield_per=10_000)
     )
+    if reviewer_id is not None:
+        query = query.where(ReviewEvent.reviewer_id == reviewer_id)
+    events = session.execute(query)
     speeds: dict[str, ReviewerSpeed] = {}
     previous: dict[str, datetime] = {}
     for name, at in events:

@@ -1,5 +1,5 @@
 """Reading what the pages and the API show: runs with their review progress, one item with
-its images and decisions, the event log."""
+its images (ranked) and decisions, the event log."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ from db.models import (
     Run,
     SafetyStatus,
 )
+from review.clock import seconds_until
 from review.images import ImageUrls
 from review.queue import NotFoundError
+from review.ranked import RankedImage, RunCuts, rank_grid
 from review.schemas import (
+    AutoRejectOut,
     EventOut,
+    GroupOut,
     ImageOut,
     KeepRateOut,
     ReviewerOut,
@@ -95,7 +99,11 @@ def image_out(
         template=job.template,
         variant=job.variant,
         prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
         model=job.model,
+        scheduler=job.scheduler,
+        steps=job.steps,
+        guidance=job.guidance,
         width=image.width,
         height=image.height,
         safety=image.safety,
@@ -106,9 +114,43 @@ def image_out(
     )
 
 
+def _ranked_out(image: ImageOut, ranked: RankedImage) -> ImageOut:
+    scored = ranked.scored
+    reject = ranked.auto_reject
+    return image.model_copy(
+        update={
+            "probability": scored.probability,
+            "model_version": scored.model_version,
+            "prior": scored.prior,
+            "clip_score": scored.clip_score,
+            "aesthetic_score": scored.aesthetic_score,
+            "image_similarity": scored.image_similarity,
+            "group": ranked.group,
+            "group_size": ranked.group_size,
+            "group_lead": ranked.lead,
+            "below_cut": ranked.below_cut,
+            "auto_reject": None
+            if reject is None
+            else AutoRejectOut(
+                probability=reject.probability,
+                threshold=reject.threshold,
+                model_version=reject.model_version,
+                in_force=ranked.auto_rejected,
+            ),
+        }
+    )
+
+
 def item_view(
-    session: Session, review_item_id: int, urls: ImageUrls, *, show_flagged: bool = False
+    session: Session,
+    review_item_id: int,
+    urls: ImageUrls,
+    *,
+    show_flagged: bool = False,
+    duplicate_similarity: float = 0.97,
+    cuts: RunCuts | None = None,
 ) -> ReviewItemOut:
+    """One item with its images best first (see review.ranked), for the grid and the API."""
     claimer = aliased(Reviewer)
     row = session.execute(
         select(ReviewItem, Run.name, CatalogueItem, claimer.name)
@@ -129,13 +171,23 @@ def item_view(
         .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
         .order_by(Job.template, Job.variant, Job.id, Image.seed)
     ).all()
-    shown: list[ImageOut] = []
+    shown: dict[int, ImageOut] = {}
     hidden = 0
     for image, job, decision, decided_by in images:
         if image.safety == SafetyStatus.FLAGGED and not show_flagged:
             hidden += 1
             continue
-        shown.append(image_out(image, job, decision, decided_by, urls))
+        shown[image.id] = image_out(image, job, decision, decided_by, urls)
+    grid = rank_grid(
+        session,
+        run_id=item.run_id,
+        item_id=item.item_id,
+        review_item_id=item.id,
+        shown=list(shown),
+        decided={image_id for image_id, out in shown.items() if out.decision is not None},
+        duplicate_similarity=duplicate_similarity,
+        cut=(cuts or RunCuts(0.0)).get(session, item.run_id),
+    )
     return ReviewItemOut(
         id=item.id,
         run_id=item.run_id,
@@ -146,9 +198,14 @@ def item_view(
         status=item.status,
         claimed_by=claimed_by,
         claim_expires_at=item.claim_expires_at,
+        hold_seconds=seconds_until(item.claim_expires_at),
         rerolls=item.rerolls,
         flagged_hidden=hidden,
-        images=shown,
+        ranked_by=grid.ranked_by,
+        cut=grid.cut,
+        auto_rejected=sum(image.auto_rejected for image in grid.images),
+        groups=[GroupOut(lead=members[0], members=members) for members in grid.groups],
+        images=[_ranked_out(shown[r.scored.image_id], r) for r in grid.images],
     )
 
 

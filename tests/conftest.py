@@ -227,7 +227,7 @@ class WorkerProcess:
                 "-m",
                 "celery",
                 "-A",
-                "worker",
+                "worker.main",
                 "worker",
                 "--pool=prefork",
                 "--concurrency=1",

@@ -1,11 +1,5 @@
-"""GPU workers: the Celery app (``celery -A worker worker``) and the render task.
+"""GPU workers: claim a render job, render its seeds with diffusers, store the PNGs and rows.
 
-Importing this package imports no torch: the model is loaded in each worker process.
+Importing this package does nothing: the Celery app is built in :mod:`worker.main`
+(``celery -A worker.main worker``), and the model is loaded in each worker process.
 """
-
-from worker.celery_app import create_app
-
-# `celery -A worker` looks for `worker.app`. It reads its settings when first configured.
-app = create_app()
-
-__all__ = ["app"]

@@ -6,30 +6,35 @@ Postgres is the queue of record; messages carry only job ids. The app is configu
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import import_modules, worker_init, worker_shutdown
 
 from pixelmill.settings import Settings, get_settings
+from pixelmill.tasks import RENDER_TASK, broker_transport_options
+from worker import metrics_hooks
 from worker.sqla_transport import use_fast_polling
 
-RENDER_TASK = "pixelmill.render_job"
+# Celery warns, on every lost broker connection, that cancelling tasks will become its default
+# (Celery 6): the setting below is explicit, and stays explicit when the default changes.
+warnings.filterwarnings(
+    "ignore",
+    message=r"\s*In Celery 5.1 we introduced an optional breaking change",
+    category=CPendingDeprecationWarning,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker_url = settings.resolved_broker_url
-    transport_options: dict[str, Any] = {}
-    if broker_url.startswith(("redis://", "rediss://")):
-        # Redis re-delivers an unacknowledged message after visibility_timeout: it must be
-        # longer than the longest job, or a second worker would start the same job.
-        # (A duplicate would be harmless, see worker.claim, but would waste a message.)
-        transport_options["visibility_timeout"] = max(6 * 3600, 2 * settings.task_time_limit)
-    elif broker_url.startswith(("sqla+", "sqlalchemy+")):
+    if broker_url.startswith(("sqla+", "sqlalchemy+")):
         use_fast_polling()  # see worker.sqla_transport
     config: dict[str, Any] = {
         "broker_url": broker_url,
-        "broker_transport_options": transport_options,
+        # The same as the dispatcher's (a Redis visibility timeout longer than any job).
+        "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.render_queue,
         "task_routes": {RENDER_TASK: {"queue": settings.render_queue}},
@@ -49,10 +54,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # goes back for another attempt), kill its process past the hard limit.
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
-        # When the broker connection drops, the broker re-delivers unacknowledged messages:
-        # stop the tasks they belong to rather than render them twice (the claim would fence
-        # off the loser's writes anyway, but its GPU time would be wasted).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # When the broker connection drops, Celery can cancel (terminate) the tasks whose
+        # late acknowledgement it can no longer send. Not here: a render in progress keeps
+        # running under its fenced claim (Postgres, not the broker, says who owns a job),
+        # records its images and ends its job; the message the broker gives out again then
+        # finds the job running or done and is dropped ("skipped"). Terminating it would
+        # throw its GPU work away and leave the job to wait out its lease.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A pool process loads its model before it reports ready (worker_process_init): that
         # takes far longer than Celery's 4 s default on a GPU, and a replacement process
         # (worker_max_tasks_per_child) that misses it is killed and replaced, forever.
@@ -68,7 +76,10 @@ def _configure_from_environment(sender: Celery, **_: Any) -> None:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app; configured from ``settings``, or from the environment on first use."""
+    """A Celery app; configured from ``settings``, or from the environment on first use.
+
+    A worker imports the ``include`` module when it starts: worker.tasks registers the render
+    task on worker.main's app, and Celery shares that task with every other app made here."""
     app = Celery("pixelmill", include=["worker.tasks"])
     if settings is not None:
         app.conf.update(celery_config(settings))
@@ -78,29 +89,23 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-# --- metrics (monitoring.worker_hooks): in the worker's main process -----------------------
+# --- metrics (worker.metrics_hooks): in the worker's main process -------------------------
 
 
 @import_modules.connect
 def _prepare_metrics(**_: Any) -> None:
     """Before the task modules (and with them prometheus-client) are imported: choose and, if
     this process serves the host's metrics, empty the multiprocess directory."""
-    from monitoring.worker_hooks import prepare_metrics_dir
-
-    prepare_metrics_dir(get_settings())
+    metrics_hooks.prepare_metrics_dir(get_settings())
 
 
 @worker_init.connect
 def _serve_metrics(**_: Any) -> None:
     """Serve the host's /metrics from the main process (PIXELMILL_METRICS_PORT > 0): it
     outlives its pool processes and never renders."""
-    from monitoring.worker_hooks import serve_host_metrics
-
-    serve_host_metrics(get_settings())
+    metrics_hooks.serve_host_metrics(get_settings())
 
 
 @worker_shutdown.connect
 def _stop_metrics(**_: Any) -> None:
-    from monitoring.worker_hooks import stop_host_metrics
-
-    stop_host_metrics()
+    metrics_hooks.stop_host_metrics()

@@ -5,6 +5,12 @@ The claim makes that harmless: only one worker can move a job to ``running``, an
 write is fenced on the ``attempts`` value of that claim, so a worker whose lease expired and
 whose job was taken over cannot overwrite the new owner's outcome.
 
+``attempts`` counts every claim; ``outages`` those that ended because a service (database,
+broker, storage) was unreachable. Only the difference is held against ``max_attempts``, so an
+outage, however many tries it lasts, makes no job dead. A job given back for another attempt
+waits until its ``retry_at`` (exponential backoff with jitter, pixelmill.outages) before the
+dispatcher publishes it again.
+
 Ending or giving back a job locks its run's row after the job's (see db.run_locks for the
 lock order).
 """
@@ -20,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
 from db.run_locks import finish_run_if_complete, lock_run
+from pixelmill.outages import RetryBackoff
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,28 @@ class ClaimedJob:
     width: int
     height: int
     seeds: list[int]
+    # Earlier attempts that ended on an outage (not counted against max_attempts).
+    outages: int = 0
+
+    @property
+    def counted_attempts(self) -> int:
+        """This attempt's number among those held against max_attempts."""
+        return self.attempt - self.outages
+
+
+def _counted_attempts() -> ColumnElement[int]:
+    return Job.attempts - Job.outages
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
     return or_(
-        Job.status.in_([JobStatus.PENDING, JobStatus.QUEUED]),
+        Job.status == JobStatus.QUEUED,
+        # A pending job waiting out its retry backoff is not taken by a stray message (a
+        # duplicate, a redelivery): the dispatcher publishes it when the pause is over.
+        and_(
+            Job.status == JobStatus.PENDING,
+            or_(Job.retry_at.is_(None), Job.retry_at <= now),
+        ),
         # A running job whose lease ran out was lost with its worker: take it over.
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
@@ -74,7 +98,7 @@ def claim_job(
     now = utcnow()
     conditions = [Job.id == job_id, _claimable(now), _active_run()]
     if max_attempts is not None:
-        conditions.append(Job.attempts < max_attempts)
+        conditions.append(_counted_attempts() < max_attempts)
     row = session.execute(
         update(Job)
         .where(*conditions)
@@ -85,11 +109,13 @@ def claim_job(
             lease_expires_at=now + lease,
             worker=worker,
             error=None,
+            retry_at=None,
         )
         .returning(
             Job.id,
             Job.run_id,
             Job.attempts,
+            Job.outages,
             Job.prompt,
             Job.negative_prompt,
             Job.model,
@@ -117,6 +143,7 @@ def claim_job(
         width=row.width,
         height=row.height,
         seeds=[int(s) for s in row.seeds],
+        outages=row.outages,
     )
 
 
@@ -133,7 +160,9 @@ def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:
     now = utcnow()
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, _claimable(now), _active_run(), Job.attempts >= max_attempts)
+        .where(
+            Job.id == job_id, _claimable(now), _active_run(), _counted_attempts() >= max_attempts
+        )
         .values(
             status=JobStatus.DEAD,
             error=func.coalesce(Job.error, _lease_expired_error()),
@@ -155,11 +184,18 @@ class ReapReport:
     cancelled: list[int] = field(default_factory=list)  # their run was cancelled meanwhile
 
 
-def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = None) -> ReapReport:
+def reap_expired(
+    session: Session,
+    *,
+    max_attempts: int,
+    now: datetime | None = None,
+    backoff: RetryBackoff | None = None,
+) -> ReapReport:
     """Running jobs whose lease expired were lost with their worker (killed, hung, cut off):
-    re-queue them (``pending``, so the dispatcher publishes them again) or, once they have had
-    ``max_attempts`` attempts, make them ``dead``. Each keeps an error saying what happened.
-    A job of a cancelled run is ``cancelled`` instead of re-queued: nothing would run it.
+    re-queue them (``pending``, so the dispatcher publishes them again, after ``backoff``'s
+    pause if given) or, once they have had ``max_attempts`` attempts, make them ``dead``.
+    Each keeps an error saying what happened. A job of a cancelled run is ``cancelled``
+    instead of re-queued: nothing would run it.
 
     A worker that is in fact still running such a job is fenced off (its claim's status and
     attempt no longer match), so it stops before its next batch of seeds and records nothing more.
@@ -168,7 +204,7 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
     expired = [Job.status == JobStatus.RUNNING, Job.lease_expires_at < now]
     dead_rows = session.execute(
         update(Job)
-        .where(*expired, Job.attempts >= max_attempts)
+        .where(*expired, _counted_attempts() >= max_attempts)
         .values(
             status=JobStatus.DEAD,
             error=_lease_expired_error(),
@@ -179,14 +215,14 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
     ).all()
     requeued_rows = session.execute(
         update(Job)
-        .where(*expired, Job.attempts < max_attempts)
+        .where(*expired, _counted_attempts() < max_attempts)
         .values(
             status=JobStatus.PENDING,
             error=_lease_expired_error(),
             lease_expires_at=None,
             queued_at=None,
         )
-        .returning(Job.id, Job.run_id)
+        .returning(Job.id, Job.run_id, Job.attempts)
     ).all()
     requeued_by_run: dict[int, list[int]] = {}
     for row in requeued_rows:
@@ -198,12 +234,24 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
         cancelled += _cancel_if_run_cancelled(session, run_id, requeued_by_run.get(run_id, []))
         if run_id in dead_runs:
             finish_run_if_complete(session, run_id)
-    session.commit()
     requeued = {row.id for row in requeued_rows} - set(cancelled)
+    if backoff is not None and requeued:
+        _back_off(session, [(r.id, r.attempts) for r in requeued_rows if r.id in requeued], backoff)
+    session.commit()
     return ReapReport(
         requeued=sorted(requeued),
         dead=sorted(row.id for row in dead_rows),
         cancelled=sorted(cancelled),
+    )
+
+
+def _back_off(session: Session, tries: list[tuple[int, int]], backoff: RetryBackoff) -> None:
+    """Give each (job id, attempts so far) its own pause: jitter spreads jobs that failed
+    together (a worker lost with its batch, an outage) over the pause."""
+    now = utcnow()
+    session.execute(
+        update(Job),
+        [{"id": job_id, "retry_at": now + backoff.delay(attempts)} for job_id, attempts in tries],
     )
 
 
@@ -275,15 +323,30 @@ def fail_job(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release_job(session: Session, job: ClaimedJob, error: str) -> bool:
-    """Give the job back for another attempt (``pending``: the dispatcher publishes it again),
-    keeping ``error``. Images already recorded stay: the next attempt renders the rest. If its
-    run was cancelled meanwhile, the job is ``cancelled`` instead. False if the job is no
-    longer ours."""
+def release_job(
+    session: Session,
+    job: ClaimedJob,
+    error: str,
+    *,
+    retry_in: timedelta | None = None,
+    outage: bool = False,
+) -> bool:
+    """Give the job back for another attempt (``pending``: the dispatcher publishes it again
+    once ``retry_in`` has passed), keeping ``error``. With ``outage`` (a service was
+    unreachable) this attempt is not counted against max_attempts. Images already recorded
+    stay: the next attempt renders the rest. If its run was cancelled meanwhile, the job is
+    ``cancelled`` instead. False if the job is no longer ours."""
     result = session.execute(
         update(Job)
         .where(*_fenced(job))
-        .values(status=JobStatus.PENDING, error=error[:4000], lease_expires_at=None, queued_at=None)
+        .values(
+            status=JobStatus.PENDING,
+            error=error[:4000],
+            lease_expires_at=None,
+            queued_at=None,
+            retry_at=None if retry_in is None else utcnow() + retry_in,
+            outages=Job.outages + 1 if outage else Job.outages,
+        )
     )
     ours = bool(result.rowcount)  # type: ignore[attr-defined]
     if ours:

@@ -176,6 +176,23 @@ def prepare_inputs(
     ``image``/``mask`` are the decoded staged images. Raises :class:`ConditioningError`
     naming what is missing or wrong.
     """
+    try:
+        return _prepare(kind, options, image=image, mask=mask, width=width, height=height)
+    except ConditioningError:
+        raise
+    except ValueError as exc:  # PIL or OpenCV refusing the job's image (a mode it cannot convert)
+        raise ConditioningError(f"input image: cannot be used ({exc})") from exc
+
+
+def _prepare(
+    kind: str,
+    options: JobOptions,
+    *,
+    image: PIL.Image.Image | None,
+    mask: PIL.Image.Image | None,
+    width: int,
+    height: int,
+) -> PreparedInputs:
     if kind not in KINDS:
         raise ConditioningError(f"kind: unknown job kind {kind!r}; expected {', '.join(KINDS)}")
     if kind == TXT2IMG:

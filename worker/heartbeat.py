@@ -17,6 +17,7 @@ from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from pixelmill.outages import OutageBackoff, RetryBackoff, infrastructure_error
 from worker.claim import ClaimedJob, extend_lease
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,26 @@ class Heartbeat:
         self.stop()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # After a failed beat (the database away, its connections dropped) the next comes
+        # sooner, doubling from one second up to the interval: the lease still has two thirds
+        # left, and a short outage must not let it run out.
+        failures = OutageBackoff(RetryBackoff(base=min(1.0, self.interval), cap=self.interval))
+        pause = self.interval
+        while not self._stop.wait(pause):
             try:
                 with self.sessions() as session:
                     ours = extend_lease(session, self.job, self.lease)
-            except Exception:
-                # A database hiccup: the lease still has two thirds left, try again.
-                log.warning("job %s: heartbeat failed, retrying", self.job.id, exc_info=True)
+            except Exception as exc:
+                pause = failures.failed()
+                log.warning(
+                    "job %s: heartbeat failed (%s), retrying in %.1f s",
+                    self.job.id,
+                    infrastructure_error(exc) or repr(exc),
+                    pause,
+                )
                 continue
+            failures.succeeded()
+            pause = self.interval
             if not ours:
                 log.warning("job %s: lease lost to another worker", self.job.id)
                 self.lost.set()

@@ -1,10 +1,10 @@
 """Starting render workers: one Celery worker process per GPU.
 
-Each GPU gets its own ``celery -A worker worker`` process (prefork pool, concurrency 1) that
+Each GPU gets its own ``celery -A worker.main worker`` process (prefork pool, concurrency 1) that
 sees only its device (``CUDA_VISIBLE_DEVICES``) and so renders on ``cuda`` (its device 0).
 The model is loaded in the pool process (``worker_process_init``); this module, the launching
 parent, imports no torch and never touches CUDA. With ``PIXELMILL_METRICS_PORT`` set, the
-launcher serves the host's merged Prometheus metrics (see monitoring.worker_hooks).
+launcher serves the host's merged Prometheus metrics (see worker.metrics_hooks).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Any
 _GPU_RE = re.compile(r"\d+|GPU-[0-9A-Fa-f-]+|MIG-[0-9A-Za-z/-]+")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The module holding the worker's Celery app: ``celery -A CELERY_APP worker``.
+CELERY_APP = "worker.main"
 
 
 def parse_gpus(text: str) -> list[str]:
@@ -46,7 +49,8 @@ def worker_argv(
     concurrency: int = 1,
     loglevel: str = "INFO",
 ) -> list[str]:
-    """Arguments of ``celery -A worker`` (or ``app.worker_main``) for a render worker."""
+    """Arguments of ``celery -A worker.main`` (:data:`CELERY_APP`), or of ``app.worker_main``,
+    for a render worker."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     return [
@@ -82,7 +86,7 @@ def gpu_worker_command(
         "-m",
         "celery",
         "-A",
-        "worker",
+        CELERY_APP,
         *worker_argv(queue=queue, hostname=hostname, concurrency=1, loglevel=loglevel),
     ]
 
@@ -118,8 +122,8 @@ def run_gpu_workers(
     current job). If one worker exits on its own, the others are stopped too, so a service
     manager sees the failure and restarts the set. Returns the first non-zero exit status.
     """
-    from monitoring.worker_hooks import prepare_metrics_dir, serve_host_metrics, stop_host_metrics
     from pixelmill.settings import get_settings
+    from worker.metrics_hooks import prepare_metrics_dir, serve_host_metrics, stop_host_metrics
 
     # One /metrics for the whole host, served from here: this process outlives every worker.
     # It empties the multiprocess directory first and sets PROMETHEUS_MULTIPROC_DIR, which the

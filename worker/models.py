@@ -34,7 +34,7 @@ def resolve_controlnet(name: str, settings: Settings) -> str:
     target = settings.tiny_model_dir.parent / TINY_CONTROLNET
     if not (target / "config.json").is_file():
         tiny = ensure_tiny_model(settings.tiny_model_dir)
-        _build_atomically(target, "config.json", lambda out: build_tiny_controlnet(tiny, out))
+        build_atomically(target, "config.json", lambda out: build_tiny_controlnet(tiny, out))
     return str(target)
 
 
@@ -42,11 +42,11 @@ def ensure_tiny_model(target: Path) -> Path:
     from worker.tiny_model import build_tiny_pipeline
 
     if not (target / "model_index.json").is_file():
-        _build_atomically(target, "model_index.json", build_tiny_pipeline)
+        build_atomically(target, "model_index.json", build_tiny_pipeline)
     return target
 
 
-def _build_atomically(target: Path, marker: str, build: Callable[[Path], object]) -> None:
+def build_atomically(target: Path, marker: str, build: Callable[[Path], object]) -> None:
     """Build next to ``target``, then rename: two workers starting at once never see a half-
     written model, and the loser of the race just discards its copy."""
     target.parent.mkdir(parents=True, exist_ok=True)

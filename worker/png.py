@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
@@ -35,6 +36,7 @@ def a1111_parameters(
     model_hash: str | None,
     version: str,
     extra: Sequence[tuple[str, str]] = (),
+    schedule_type: str | None = None,
 ) -> str:
     """The A1111 "parameters" text, e.g.::
 
@@ -42,6 +44,7 @@ def a1111_parameters(
     Negative prompt: blurry
     Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 123, Size: 512x512, Model hash: ...
 
+    ``schedule_type`` (A1111's "Schedule type", e.g. "Karras") follows the sampler.
     ``extra`` settings (e.g. ``("Denoising strength", "0.5")``) go after the model, before
     the version; a value with a comma, colon or quote is quoted as A1111 does.
     """
@@ -51,6 +54,7 @@ def a1111_parameters(
     settings = [
         f"Steps: {steps}",
         f"Sampler: {sampler}",
+        *([f"Schedule type: {schedule_type}"] if schedule_type else []),
         f"CFG scale: {float(cfg_scale)}",
         f"Seed: {seed}",
         f"Size: {width}x{height}",
@@ -62,6 +66,80 @@ def a1111_parameters(
     settings.append(f"Version: {version}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class A1111Sampler:
+    """A scheduler as A1111 names it: its "Sampler" and "Schedule type" (None: none)."""
+
+    name: str
+    schedule_type: str | None
+
+
+# diffusers scheduler classes -> A1111's sampler names (its k-diffusion and timestep samplers,
+# after diffusers' own table of A1111 equivalents). PNDM with its Runge-Kutta warm-up skipped,
+# as every Stable Diffusion config has it, is the PLMS sampler.
+_A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+# DPMSolverMultistepScheduler, by (algorithm_type, solver_order).
+_DPM_MULTISTEP: dict[tuple[object, object], str] = {
+    ("dpmsolver++", 2): "DPM++ 2M",
+    ("sde-dpmsolver++", 2): "DPM++ 2M SDE",
+    ("sde-dpmsolver++", 3): "DPM++ 3M SDE",
+}
+# diffusers' sigma options -> A1111's schedule types.
+_SCHEDULE_TYPES = {
+    "use_karras_sigmas": "Karras",
+    "use_exponential_sigmas": "Exponential",
+    "use_beta_sigmas": "Beta",
+}
+# Since 1.9, A1111's "Automatic" schedule is Karras sigmas for these samplers (exponential for
+# the SDE ones); the plain sigmas diffusers uses without an option are its "Uniform". For the
+# other samplers "Automatic" is the plain schedule, and what A1111 itself writes.
+_AUTOMATIC_IS_NOT_PLAIN = {
+    "DPM++ 2M",
+    "DPM++ SDE",
+    "DPM++ 2M SDE",
+    "DPM++ 3M SDE",
+    "DPM2",
+    "DPM2 a",
+}
+# Before 1.9 had a "Schedule type", Karras sigmas were part of these samplers' names; 1.9 and
+# later still read such a name (and split the schedule off it), so a PNG says both "Sampler:
+# DPM++ 2M Karras" and "Schedule type: Karras" and pastes into either.
+_KARRAS_NAMED = {"DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM2", "DPM2 a", "LMS"}
+
+
+def a1111_sampler(scheduler: Any) -> A1111Sampler:
+    """How A1111 names a diffusers ``scheduler`` (an instance, with its config); one it has no
+    sampler for keeps its class name, with no schedule type."""
+    kind = type(scheduler).__name__
+    config = getattr(scheduler, "config", {})
+    if kind == "DPMSolverMultistepScheduler":
+        key = (config.get("algorithm_type"), config.get("solver_order"))
+        name = _DPM_MULTISTEP.get(key, kind)
+    else:
+        name = _A1111_SAMPLERS.get(kind, kind)
+    if name == kind:
+        return A1111Sampler(kind, None)
+    plain = "Uniform" if name in _AUTOMATIC_IS_NOT_PLAIN else "Automatic"
+    schedule = next(
+        (label for option, label in _SCHEDULE_TYPES.items() if config.get(option)), plain
+    )
+    if schedule == "Karras" and name in _KARRAS_NAMED:
+        name = f"{name} Karras"
+    return A1111Sampler(name, schedule)
 
 
 def _quote(value: str) -> str:

@@ -6,39 +6,36 @@ batch) and extends the lease. An image's object is stored before its row is writ
 never points to a missing object, and a job interrupted half-way resumes where it stopped and
 never records a seed twice. The job is ``done`` only once every upload and row is durable.
 
-Outcomes: a prompt the blocklist refuses ends ``blocked`` without rendering; a deterministic
-input error (bad parameters, a missing model folder) ends ``failed`` at once; any other error
-(CUDA out of memory, storage down, the task's time limit) gives the job back as ``pending``
-for another attempt, or ends it ``dead`` once it has had ``max_attempts``. Images the safety
-checker flags are recorded as ``flagged`` and stored under ``quarantine/`` (or not at all).
+Outcomes: a prompt the blocklist refuses ends ``blocked`` without rendering; a BadInputError
+(the job's own inputs: bad parameters, a missing model folder, an unreadable input image)
+ends ``failed`` at once; any other error (CUDA out of memory, storage down, the task's time
+limit) gives the job back as ``pending`` for another attempt, or ends it ``dead`` once it has
+had ``max_attempts`` (worker.errors). Images the safety checker flags are recorded as
+``flagged`` and stored under ``quarantine/`` (or not at all): see worker.image_writer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import pathlib
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pydantic
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-import pixelmill
 from db.job_options import JobOptions
-from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run, SafetyStatus
-from db.upsert import insert_ignoring_conflicts
-from monitoring import metrics
-from pixelmill.blocklist import Blocklist, load_blocklist
-from pixelmill.errors import BadInputError, PixelmillError
+from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run
+from pixelmill.blocklist import Blocklist, BlockMatch, load_blocklist
+from pixelmill.errors import BadInputError
+from pixelmill.outages import RetryBackoff, infrastructure_error
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage, StorageError
+from worker import metrics
 from worker.claim import (
     ClaimedJob,
     bury_exhausted,
@@ -48,14 +45,20 @@ from worker.claim import (
     hold_lease,
     release_job,
 )
+from worker.errors import JobInputError, LeaseLostError
 from worker.heartbeat import Heartbeat
+from worker.image_writer import ImageWriter, JobContext, JobInputs, StoredImage, insert_images
 from worker.models import resolve_controlnet, resolve_model
 from worker.tail import JobTails
 
 if TYPE_CHECKING:
     import PIL.Image
 
-    from worker.pipeline import LoadedModel, PipelineCache, RenderedImage, RenderParams
+    from worker.loading import LoadedModel, PipelineCache
+    from worker.pipeline import RenderedImage, RenderParams
+    from worker.scoring.keepers import JobKeepers
+    from worker.scoring.render_time import JobScoring
+    from worker.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class WorkerRuntime:
     blocklist: Blocklist | None = None
     # Jobs' tails finishing in the background (render_job(defer_tail=True)).
     tails: JobTails = field(default_factory=JobTails)
+    # Scores every image as it is rendered (worker.scoring); None: nothing is scored.
+    scorer: Scorer | None = None
     # Encodes and uploads images for every job of this process (upload_workers threads); one
     # pool, so a job's first batch can upload while the previous job's tail still does.
     _uploads: ThreadPoolExecutor | None = field(default=None, repr=False)
@@ -85,28 +90,6 @@ class WorkerRuntime:
         return self._uploads
 
 
-QUARANTINE_PREFIX = "quarantine/"
-
-
-class JobInputError(BadInputError):
-    """A deterministic problem with the job itself (its parameters, its model): another
-    attempt would fail the same way. The original error is the ``__cause__``."""
-
-
-class LeaseLostError(PixelmillError):
-    pass
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """What an image's metadata names besides the job's own parameters."""
-
-    run_name: str
-    item_key: str
-    template: str
-    variant: str
-
-
 def _job_context(session: Session, job: ClaimedJob) -> JobContext:
     row = session.execute(
         select(Run.name, CatalogueItem.external_key, Job.template, Job.variant)
@@ -115,31 +98,6 @@ def _job_context(session: Session, job: ClaimedJob) -> JobContext:
         .where(Job.id == job.id)
     ).one()
     return JobContext(run_name=row[0], item_key=row[1], template=row[2], variant=row[3])
-
-
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_key_part(text: str, *, limit: int = 80) -> str:
-    """``text`` as one storage path segment: letters, digits, ``.``, ``_`` and ``-`` only, no
-    leading dots (so never ``.`` or ``..``), at most ``limit`` characters, never empty."""
-    cleaned = _UNSAFE_KEY_CHARS.sub("_", text).lstrip(".")[:limit]
-    return cleaned or "_"
-
-
-def image_key(job: ClaimedJob, item_key: str, seed: int, sha256: str) -> str:
-    # Nothing from the prompt; the item key only as a sanitised segment (the job id already
-    # makes the key unique). The content hash is part of the key: if a worker that lost its
-    # lease renders the same seed as its successor (GPU renders need not be bit-exact), each
-    # uploads its own object and the one recorded row always points at the bytes its sha256
-    # describes. A retried upload of the same bytes overwrites the same key.
-    return f"runs/{job.run_id}/{safe_key_part(item_key)}/{job.id}/{seed}-{sha256[:16]}.png"
-
-
-def thumbnail_key(key: str) -> str:
-    """The thumbnail beside an image: same path under ``thumbs/``, as JPEG."""
-    prefix = QUARANTINE_PREFIX if key.startswith(QUARANTINE_PREFIX) else ""
-    return f"{prefix}thumbs/{key.removeprefix(prefix).removesuffix('.png')}.jpg"
 
 
 def _describe(exc: BaseException) -> str:
@@ -154,16 +112,6 @@ def _item_error(item_key: str, exc: Exception) -> JobInputError:
     error = JobInputError(f"item {item_key!r}: {exc}")
     error.__cause__ = exc
     return error
-
-
-@dataclass(frozen=True)
-class JobInputs:
-    """What a job renders from besides its prompt (the jobs columns of issue 7)."""
-
-    kind: str
-    options: JobOptions
-    input_image: str | None  # sha256 of the staged input image
-    mask_image: str | None  # sha256 of the staged mask image (inpaint with a mask column)
 
 
 def _job_inputs(session: Session, job: ClaimedJob) -> JobInputs:
@@ -212,6 +160,7 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
     started = time.monotonic()
     settings = runtime.settings
     lease = timedelta(seconds=settings.job_lease_seconds)
+    # Read before the claim: a blocklist file that cannot be read leaves the job unclaimed.
     blocklist = (
         runtime.blocklist
         if runtime.blocklist is not None
@@ -222,21 +171,12 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
             session, job_id, worker=runtime.name, lease=lease, max_attempts=settings.max_attempts
         )
         if job is None:
-            if bury_exhausted(session, job_id, max_attempts=settings.max_attempts):
-                log.warning("job %s is dead: out of attempts (%s)", job_id, settings.max_attempts)
-                return "dead"
-            log.info("job %s is not claimable (done, running elsewhere or run inactive)", job_id)
-            return "skipped"
-
+            return _unclaimable(session, job_id, max_attempts=settings.max_attempts)
         if job.attempt > 1:
             metrics.REDELIVERIES.inc()
         match = blocklist.check(job.prompt, job.negative_prompt)
         if match is not None:
-            log.warning("job %s is blocked by rule %r (%s)", job_id, match.rule, match.source)
-            reason = f"blocked by rule {match.rule!r} ({match.source}): matched {match.matched!r}"
-            if not fail_job(session, job, reason, status=JobStatus.BLOCKED):
-                return "skipped"
-            return "blocked"
+            return _block(session, job, match)
 
         heartbeat = Heartbeat(runtime.sessions, job, lease)
         heartbeat.start()
@@ -249,9 +189,41 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
             return _end_with_error(runtime, session, job, exc)
         if not defer_tail:
             return _finish_tail(runtime, session, job, tail, lease, heartbeat)
+    _finish_in_background(runtime, job, tail, lease, heartbeat, started=started)
+    return DEFERRED
 
-    def finish_in_background() -> str:
-        # Counted here, not by the task's end (monitoring.worker_hooks): the job ends now.
+
+def _unclaimable(session: Session, job_id: int, *, max_attempts: int) -> str:
+    """``dead`` for a job out of attempts (buried now), else ``skipped``."""
+    if bury_exhausted(session, job_id, max_attempts=max_attempts):
+        log.warning("job %s is dead: out of attempts (%s)", job_id, max_attempts)
+        return "dead"
+    log.info("job %s is not claimable (done, running elsewhere or run inactive)", job_id)
+    return "skipped"
+
+
+def _block(session: Session, job: ClaimedJob, match: BlockMatch) -> str:
+    """End a job whose prompt the blocklist refuses, without rendering it."""
+    log.warning("job %s is blocked by rule %r (%s)", job.id, match.rule, match.source)
+    reason = f"blocked by rule {match.rule!r} ({match.source}): matched {match.matched!r}"
+    if not fail_job(session, job, reason, status=JobStatus.BLOCKED):
+        return "skipped"
+    return "blocked"
+
+
+def _finish_in_background(
+    runtime: WorkerRuntime,
+    job: ClaimedJob,
+    tail: _Tail,
+    lease: timedelta,
+    heartbeat: Heartbeat,
+    *,
+    started: float,
+) -> None:
+    """Record the job's last batch and mark it done on ``runtime.tails``."""
+
+    def finish() -> str:
+        # Counted here, not by the task's end (worker.metrics_hooks): the job ends now.
         try:
             with runtime.sessions() as tail_session:
                 outcome = _finish_tail(runtime, tail_session, job, tail, lease, heartbeat)
@@ -266,17 +238,18 @@ def render_job(runtime: WorkerRuntime, job_id: int, *, defer_tail: bool = False)
     # A tail that outlives a whole job's time limit is hung: stop its heartbeat so the lease
     # expires and the job is re-queued (its late writes are fenced off by the lease).
     runtime.tails.defer(
-        finish_in_background, deadline=settings.job_time_limit_seconds, overdue=heartbeat.stop
+        finish, deadline=runtime.settings.job_time_limit_seconds, overdue=heartbeat.stop
     )
-    return DEFERRED
 
 
 @dataclass(frozen=True)
 class _Tail:
     """A rendered job's last batch, still being encoded and uploaded."""
 
-    model: LoadedModel | None  # None: every seed already had an image
+    model: LoadedModel | None  # None: every seed already had an image, or none is rendered
     storing: list[Future[StoredImage]]
+    # Seeds left unrendered: the item already had enough likely keepers (early stop).
+    skipped: tuple[int, ...] = ()
 
 
 def _finish_tail(
@@ -296,14 +269,33 @@ def _finish_tail(
                 except BaseException:
                     _record_finished(session, job, tail.model, tail.storing, lease)
                     raise
+            saved_per_seed = _record_skipped(runtime, session, job, tail.skipped)
         except Exception as exc:
             return _end_with_error(runtime, session, job, exc)
         if not finish_job(session, job):
             log.warning("job %s was taken over by another worker before it finished", job.id)
             return "skipped"
+        if tail.skipped:
+            from worker.scoring.keepers import report_early_stop
+
+            report_early_stop(job, tail.skipped, saved_per_seed)
         return "done"
     finally:
         heartbeat.stop()
+
+
+def _record_skipped(
+    runtime: WorkerRuntime, session: Session, job: ClaimedJob, skipped: tuple[int, ...]
+) -> float | None:
+    """Write the seeds early stop left out in the transaction that finishes the job (also
+    when it left none while early stop is on: a retry decides afresh); the job's mean
+    seconds per image, which they would have cost."""
+    if not skipped and (runtime.scorer is None or runtime.settings.early_stop_keepers is None):
+        return None
+    from worker.scoring.keepers import mean_render_seconds, record_skipped
+
+    record_skipped(session, job, skipped)
+    return mean_render_seconds(session, job) if skipped else None
 
 
 def _end_with_error(
@@ -315,17 +307,22 @@ def _end_with_error(
     if isinstance(exc, LeaseLostError):
         log.warning("job %s: %s", job.id, exc)
         return "skipped"
-    if isinstance(exc, JobInputError):
+    outage = None if isinstance(exc, BadInputError) else infrastructure_error(exc)
+    if isinstance(exc, BadInputError):  # the job's own inputs: another attempt cannot help
         log.error("job %s failed: %s", job.id, error)
         status, outcome = JobStatus.FAILED, "failed"
-    elif job.attempt >= runtime.settings.max_attempts:
+    elif outage is not None:  # not the job's fault: retried, and the attempt is not counted
+        log.warning("job %s: %s; to be retried (attempt not counted)", job.id, outage)
+        status, outcome = JobStatus.PENDING, "retry"
+    elif job.counted_attempts >= runtime.settings.max_attempts:
         log.error("job %s failed on its last attempt (%s)", job.id, job.attempt, exc_info=exc)
         status, outcome = JobStatus.DEAD, "dead"
     else:
         log.error("job %s failed on attempt %s, to be retried", job.id, job.attempt, exc_info=exc)
         status, outcome = JobStatus.PENDING, "retry"
     if status == JobStatus.PENDING:
-        ours = release_job(session, job, error)
+        delay = RetryBackoff.from_settings(runtime.settings).delay(job.attempt)
+        ours = release_job(session, job, error, retry_in=delay, outage=outage is not None)
     else:
         ours = fail_job(session, job, error, status=status)
     if not ours:
@@ -334,181 +331,21 @@ def _end_with_error(
     return outcome
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    """One seed's image, stored (unless dropped as flagged) and ready for its row."""
-
-    seed: int
-    key: str  # "" when a flagged image was dropped
-    thumbnail_key: str | None
-    sha256: str
-    bytes: int
-    width: int
-    height: int
-    safety: SafetyStatus
-    render_seconds: float
-
-
-def _safety(rendered: RenderedImage) -> SafetyStatus:
-    if rendered.nsfw is None:
-        return SafetyStatus.UNCHECKED
-    return SafetyStatus.FLAGGED if rendered.nsfw else SafetyStatus.SAFE
-
-
 def _batches(seeds: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(seeds), size):
         yield seeds[start : start + size]
 
 
-class _ImageWriter:
-    """Encodes, stores and describes the images of one job (runs in the upload pool)."""
+@dataclass(frozen=True)
+class _Prepared:
+    """What a claimed job renders with: its checked inputs, its model, its image writer."""
 
-    def __init__(
-        self,
-        runtime: WorkerRuntime,
-        job: ClaimedJob,
-        context: JobContext,
-        model: LoadedModel,
-        sampler: str,
-        inputs: JobInputs,
-        strength: float | None,
-    ) -> None:
-        from worker.identity import library_versions
-
-        self.runtime = runtime
-        self.job = job
-        self.context = context
-        self.model = model
-        self.sampler = sampler
-        self.inputs = inputs
-        self.strength = strength  # the effective one (the kind's default when not given)
-        self.versions = library_versions()
-
-    def store(self, rendered: RenderedImage) -> StoredImage:
-        from worker.png import THUMBNAIL_CONTENT_TYPE, encode_png, encode_thumbnail
-
-        safety = _safety(rendered)
-        png = encode_png(
-            rendered.image,
-            parameters=self._parameters(rendered.seed),
-            pixelmill=self._pixelmill(rendered.seed, safety),
-        )
-        sha256 = hashlib.sha256(png).hexdigest()
-        key = image_key(self.job, self.context.item_key, rendered.seed, sha256)
-        if safety == SafetyStatus.FLAGGED:
-            # Never passed off as a success: its row says flagged, and it is kept apart for
-            # review (or not kept at all).
-            log.warning("job %s seed %s: flagged by the safety checker", self.job.id, rendered.seed)
-            metrics.SAFETY_FLAGS.inc()
-            drop = self.runtime.settings.flagged_images == "drop"
-            key = "" if drop else QUARANTINE_PREFIX + key
-        thumb_key = None
-        if key:
-            thumb_key = thumbnail_key(key)
-            thumbnail = encode_thumbnail(rendered.image, size=self.runtime.settings.thumbnail_size)
-            # The thumbnail first: the image is what makes the seed count as stored.
-            self._put(thumb_key, thumbnail, THUMBNAIL_CONTENT_TYPE)
-            self._put(key, png, "image/png")
-        return StoredImage(
-            seed=rendered.seed,
-            key=key,
-            thumbnail_key=thumb_key,
-            sha256=sha256,
-            bytes=len(png),
-            width=rendered.image.width,
-            height=rendered.image.height,
-            safety=safety,
-            render_seconds=rendered.seconds,
-        )
-
-    def _put(self, key: str, data: bytes, content_type: str) -> None:
-        started = time.perf_counter()
-        try:
-            self.runtime.storage.put(key, data, content_type=content_type)
-        except Exception:
-            metrics.UPLOAD_ERRORS.inc()
-            raise
-        metrics.UPLOAD_SECONDS.observe(time.perf_counter() - started)
-
-    def _parameters(self, seed: int) -> str:
-        from worker.identity import short_hash
-        from worker.png import a1111_parameters
-
-        job = self.job
-        return a1111_parameters(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            steps=job.steps,
-            sampler=self.sampler,
-            cfg_scale=job.guidance,
-            seed=seed,
-            width=job.width,
-            height=job.height,
-            model_name=job.model,
-            model_hash=short_hash(self.model.sha256),
-            version=f"pixelmill {pixelmill.__version__}",
-            extra=self._a1111_extra(),
-        )
-
-    def _a1111_extra(self) -> list[tuple[str, str]]:
-        """The A1111 settings for the kind and adapters (civitai reads the hashes)."""
-        options = self.inputs.options
-        extra: list[tuple[str, str]] = []
-        if self.strength is not None:
-            extra.append(("Denoising strength", str(self.strength)))
-        if options.controlnet is not None:
-            spec = options.controlnet
-            module = "canny" if spec.conditioning == "canny" else "none"
-            extra.append(
-                ("ControlNet 0", f"Module: {module}, Model: {spec.model}, Weight: {spec.scale}")
-            )
-        if options.loras:
-            hashes = ", ".join(
-                f"{pathlib.Path(lora.path).stem}: {lora.sha256[:12]}" for lora in options.loras
-            )
-            extra.append(("Lora hashes", hashes))
-        if options.embeddings:
-            hashes = ", ".join(f"{e.token}: {e.sha256[:12]}" for e in options.embeddings)
-            extra.append(("TI hashes", hashes))
-        return extra
-
-    def _pixelmill(self, seed: int, safety: SafetyStatus) -> dict[str, Any]:
-        job, context = self.job, self.context
-        return {
-            "job_id": job.id,
-            "run_id": job.run_id,
-            "run": context.run_name,
-            "item_key": context.item_key,
-            "template": context.template,
-            "variant": context.variant,
-            "seed": seed,
-            "model": job.model,
-            "model_sha256": self.model.sha256,
-            "scheduler": job.scheduler,
-            "safety": {"status": safety.value, "score": None},
-            "versions": self.versions,
-            **self._kind_metadata(),
-        }
-
-    def _kind_metadata(self) -> dict[str, Any]:
-        """The job's kind and what it rendered from; only the keys that apply."""
-        inputs, options = self.inputs, self.inputs.options
-        values: dict[str, Any] = {"kind": inputs.kind}
-        if inputs.input_image is not None:
-            values["input_image"] = inputs.input_image
-        if inputs.mask_image is not None:
-            values["mask_image"] = inputs.mask_image
-        if self.strength is not None:
-            values["strength"] = self.strength
-        if options.mask is not None:
-            values["mask"] = options.mask.model_dump(mode="json", exclude_none=True)
-        if options.controlnet is not None:
-            values["controlnet"] = options.controlnet.model_dump(mode="json")
-        if options.loras:
-            values["loras"] = [lora.model_dump(mode="json") for lora in options.loras]
-        if options.embeddings:
-            values["embeddings"] = [e.model_dump(mode="json") for e in options.embeddings]
-        return values
+    model_name: str
+    model: LoadedModel
+    params: RenderParams
+    writer: ImageWriter
+    item_key: str
+    scoring: JobScoring | None  # None: nothing is scored
 
 
 def _render_claimed(
@@ -521,73 +358,128 @@ def _render_claimed(
 ) -> _Tail:
     """Render the seeds that have no image yet; every batch but the last is recorded here,
     the last one (still uploading) is returned for :func:`_finish_tail`."""
-    from worker.adapters import AdapterError, AdapterLeakError
-    from worker.conditioning import ConditioningError
-    from worker.pipeline import check_inputs, render_batch, scheduler_label
-
     done = set(session.scalars(select(Image.seed).where(Image.job_id == job.id)))
     todo = [seed for seed in job.seeds if seed not in done]
     if not todo:
         return _Tail(model=None, storing=[])
+    keepers = _job_keepers(runtime, session, job)
+    if keepers is not None and keepers.enough(session):
+        # Other jobs of the item (other templates, earlier batches) found enough already.
+        return _Tail(model=None, storing=[], skipped=tuple(todo))
+    prepared = _prepare(runtime, session, job, keepers)
+    # End the read transaction: nothing stays "idle in transaction" while the GPU renders.
+    session.commit()
+    return _render_batches(runtime, session, job, lease, todo, prepared, lost=lost)
+
+
+def _job_keepers(runtime: WorkerRuntime, session: Session, job: ClaimedJob) -> JobKeepers | None:
+    """The job's keeper model and early stop (None: this worker scores nothing)."""
+    if runtime.scorer is None:
+        return None
+    from worker.scoring.keepers import job_keepers
+
+    settings = runtime.settings
+    return job_keepers(
+        session,
+        job,
+        runtime.scorer.identity,
+        stop_at=settings.early_stop_keepers,
+        probability=settings.early_stop_probability,
+    )
+
+
+def _prepare(
+    runtime: WorkerRuntime, session: Session, job: ClaimedJob, keepers: JobKeepers | None
+) -> _Prepared:
+    """The job's inputs checked, then its model loaded. Every problem with the job's own
+    inputs is a BadInputError; one that names an input of its item names the item too."""
+    from worker.conditioning import check_controlnet
+    from worker.pipeline import check_inputs, job_scheduler
+    from worker.png import a1111_sampler
+
     context = _job_context(session, job)
     inputs = _job_inputs(session, job)
     model_name = resolve_model(job.model, runtime.settings)
     # Inputs first (images, adapter files, ControlNet), then the model: a bad input fails
     # the job without loading a model for nothing.
     try:
-        params = _render_params(runtime, session, job, inputs, model_name)
-        check_inputs(params)
-    except (ConditioningError, AdapterError) as exc:
+        params, photo = _render_params(runtime, session, job, inputs, model_name)
+    except BadInputError as exc:
         raise _item_error(context.item_key, exc) from exc
-    except ValueError as exc:
-        raise JobInputError(str(exc)) from exc
-    try:
-        model = runtime.pipelines.load(model_name)
-    except (FileNotFoundError, ValueError) as exc:  # no such model: another attempt cannot help
-        raise JobInputError(str(exc)) from exc
+    check_inputs(params)
+    model = runtime.pipelines.load(model_name)
     if params.controlnet is not None:
-        from worker.conditioning import check_controlnet
-
         try:
             check_controlnet(model.pipe, params.controlnet)
-        except ConditioningError as exc:
+        except BadInputError as exc:
             raise _item_error(context.item_key, exc) from exc
-    writer = _ImageWriter(
-        runtime,
+    writer = ImageWriter(
+        runtime.storage,
+        runtime.settings,
         job,
         context,
         model,
-        scheduler_label(job.scheduler, pipe=model.pipe),
+        a1111_sampler(job_scheduler(model.pipe, job.scheduler)),
         inputs,
         params.strength,
     )
-    # End the read transaction: nothing stays "idle in transaction" while the GPU renders.
-    session.commit()
+    scoring = None
+    if runtime.scorer is not None and keepers is not None:
+        from worker.scoring.render_time import JobScoring
+
+        scoring = JobScoring(runtime.scorer, job.prompt, keepers, photo=photo)
+    return _Prepared(model_name, model, params, writer, context.item_key, scoring)
+
+
+def _render_batches(
+    runtime: WorkerRuntime,
+    session: Session,
+    job: ClaimedJob,
+    lease: timedelta,
+    todo: list[int],
+    prepared: _Prepared,
+    *,
+    lost: Callable[[], bool],
+) -> _Tail:
+    """Render ``todo`` in batches, each stored while the next renders."""
+    from worker.adapters import AdapterLeakError
+    from worker.pipeline import render_batch
+    from worker.scoring.render_time import score_batch, without_pixels
+
+    model = prepared.model
     pool = runtime.uploads()
     # At most two batches in flight: the one rendering and the one being stored.
     storing: list[Future[StoredImage]] = []
+    rendered_count = 0
     try:
         for seeds in _batches(todo, runtime.settings.render_batch_size):
             if lost():
                 raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
             started = time.perf_counter()
             try:
-                rendered = render_batch(model.pipe, params, seeds)
-            except AdapterError as exc:  # a file that does not load onto this model
-                raise _item_error(context.item_key, exc) from exc
+                rendered = render_batch(model.pipe, prepared.params, seeds)
+            except BadInputError as exc:  # an adapter file that does not load onto this model
+                raise _item_error(prepared.item_key, exc) from exc
             except AdapterLeakError:
                 # Never render another job with this pipeline's leftovers.
-                runtime.pipelines.discard(model_name)
+                runtime.pipelines.discard(prepared.model_name)
                 raise
             _observe_batch(time.perf_counter() - started, rendered)
+            scored = score_batch(prepared.scoring, rendered)
             _record(session, job, model, storing, lease)
-            storing = [pool.submit(writer.store, image) for image in rendered]
+            storing = [
+                pool.submit(prepared.writer.store, without_pixels(image), score)
+                for image, score in zip(rendered, scored, strict=True)
+            ]
+            rendered_count += len(seeds)
+            if prepared.scoring is not None and prepared.scoring.enough(session, scored):
+                break
     except BaseException:
         # Keep what is already stored (a retry then renders only the rest) unless the job is
         # no longer ours; a failure here must not hide the original error.
         _record_finished(session, job, model, storing, lease)
         raise
-    return _Tail(model=model, storing=storing)
+    return _Tail(model=model, storing=storing, skipped=tuple(todo[rendered_count:]))
 
 
 def _render_params(
@@ -596,15 +488,17 @@ def _render_params(
     job: ClaimedJob,
     inputs: JobInputs,
     model_name: str,
-) -> RenderParams:
+) -> tuple[RenderParams, PIL.Image.Image | None]:
     """The job's render parameters: its input images read from storage, decoded, fitted and
-    masked, its ControlNet loaded, its adapter files checked.
+    masked, its ControlNet loaded, its adapter files checked; and the input image as decoded
+    (None for txt2img), which the scorer compares the renders with.
 
-    Raises ConditioningError or AdapterError naming the input, ValueError for the rest.
+    Raises a BadInputError (ConditioningError, AdapterError) naming the input.
     """
     from worker.adapters import check_adapter_files
     from worker.conditioning import CONTROLNET, ConditioningError, prepare_inputs
-    from worker.pipeline import NULL_MODEL, RenderParams
+    from worker.loading import NULL_MODEL
+    from worker.pipeline import RenderParams
 
     options = inputs.options
     check_adapter_files(options.loras, options.embeddings)
@@ -624,7 +518,7 @@ def _render_params(
             raise ConditioningError(
                 f"controlnet: {options.controlnet.model}: cannot be loaded ({exc})"
             ) from exc
-    return RenderParams(
+    params = RenderParams(
         prompt=job.prompt,
         negative_prompt=job.negative_prompt,
         steps=job.steps,
@@ -643,6 +537,7 @@ def _render_params(
         loras=options.loras,
         embeddings=options.embeddings,
     )
+    return params, image
 
 
 def _observe_batch(seconds: float, rendered: list[RenderedImage]) -> None:
@@ -666,7 +561,7 @@ def _record(
     if not hold_lease(session, job, lease):
         session.rollback()
         raise LeaseLostError("lost the job's lease to another worker")
-    _insert_images(session, job, model, stored)
+    insert_images(session, job, model, stored)
 
 
 def _record_finished(
@@ -688,42 +583,8 @@ def _record_finished(
     try:
         session.rollback()
         if hold_lease(session, job, lease):
-            _insert_images(session, job, model, stored)
+            insert_images(session, job, model, stored)
         else:
             session.rollback()
     except Exception:
         log.exception("job %s: could not record %d stored images", job.id, len(stored))
-
-
-def _insert_images(
-    session: Session, job: ClaimedJob, model: LoadedModel, stored: list[StoredImage]
-) -> None:
-    from worker.identity import library_versions
-
-    if not stored:
-        return
-    versions = library_versions()
-    insert_ignoring_conflicts(
-        session,
-        Image,
-        [
-            {
-                "job_id": job.id,
-                "seed": image.seed,
-                "storage_key": image.key,
-                "thumbnail_key": image.thumbnail_key,
-                "sha256": image.sha256,
-                "width": image.width,
-                "height": image.height,
-                "bytes": image.bytes,
-                "safety": image.safety.value,
-                "model_sha256": model.sha256,
-                "versions": versions,
-                "render_seconds": image.render_seconds,
-            }
-            for image in stored
-        ],
-    )
-    session.commit()
-    for image in stored:
-        metrics.IMAGES.labels(image.safety.value).inc()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+import time
+from typing import Any, NoReturn
 
+from celery.exceptions import Reject
 from celery.signals import (
     task_postrun,
     task_prerun,
@@ -18,8 +20,10 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
-from worker import app
-from worker.celery_app import RENDER_TASK
+from pixelmill.outages import OutageBackoff, RetryBackoff, infrastructure_error
+from pixelmill.tasks import RENDER_TASK
+from worker import metrics_hooks
+from worker.main import app
 from worker.render import WorkerRuntime, render_job
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,8 @@ def build_runtime() -> WorkerRuntime:
     from pixelmill.blocklist import load_blocklist
     from pixelmill.settings import get_settings
     from pixelmill.storage import storage_from_settings
-    from worker.pipeline import PipelineCache, resolve_device
+    from worker.loading import PipelineCache, resolve_device
+    from worker.scoring.configured import scorer_from_settings
 
     settings = get_settings()
     _quiet_libraries()
@@ -52,6 +57,9 @@ def build_runtime() -> WorkerRuntime:
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
         # Read at start: a bad blocklist file stops the worker instead of failing every job.
         blocklist=load_blocklist(settings.blocklist_path),
+        # Loaded once per process, like the blocklist (a scorer that cannot load stops the
+        # worker); None when no scorer is configured.
+        scorer=scorer_from_settings(settings),
     )
 
 
@@ -89,15 +97,34 @@ def _warm_up(**_: Any) -> None:
 @worker_process_init.connect
 def _start_metrics(**_: Any) -> None:
     """After the warm-up (connected first): its GPU memory is the first value recorded."""
-    from monitoring.worker_hooks import on_pool_process_start
+    metrics_hooks.on_pool_process_start()
 
-    on_pool_process_start()
+
+# A message whose job could not even be claimed or ended because the database is away goes
+# back to the broker after this process's pause (longer while the outage lasts), instead of
+# being acknowledged and leaving its job queued with no message.
+_outages = OutageBackoff(RetryBackoff(base=1.0, cap=30.0))
 
 
 @app.task(name=RENDER_TASK)
 def render_job_task(job_id: int) -> str:
-    # The job's tail (last uploads, rows, done) finishes while the next message renders.
-    return render_job(get_runtime(), job_id, defer_tail=True)
+    try:
+        # The job's tail (last uploads, rows, done) finishes while the next message renders.
+        outcome = render_job(get_runtime(), job_id, defer_tail=True)
+    except Exception as exc:
+        outage = infrastructure_error(exc)
+        if outage is None:
+            raise
+        _give_message_back(job_id, outage)
+    _outages.succeeded()
+    return outcome
+
+
+def _give_message_back(job_id: int, outage: Exception) -> NoReturn:
+    pause = _outages.failed()
+    log.warning("job %s: %s; its message goes back to the broker in %.1f s", job_id, outage, pause)
+    time.sleep(pause)
+    raise Reject(str(outage), requeue=True)
 
 
 # A pool process that exits (warm shutdown, max_tasks_per_child) first finishes its job's
@@ -111,29 +138,23 @@ def _drain_tail(**_: Any) -> None:
         _runtime.tails.wait(timeout=TAIL_DRAIN_SECONDS)
 
 
-# --- metrics (monitoring.worker_hooks): in the pool processes ------------------------------
+# --- metrics (worker.metrics_hooks): in the pool processes --------------------------------
 
 
 @worker_process_shutdown.connect
 def _mark_dead(**_: Any) -> None:
     """This pool process exits: its live gauges (GPU memory) stop counting."""
-    from monitoring.worker_hooks import on_pool_process_exit
-
-    on_pool_process_exit()
+    metrics_hooks.on_pool_process_exit()
 
 
 # Matched by name: `sender` is the registered task, not the proxy `@app.task` returned here.
 @task_prerun.connect
 def _job_started(task_id: str, task: Any, **_: Any) -> None:
     if task.name == RENDER_TASK:
-        from monitoring.worker_hooks import on_task_start
-
-        on_task_start(task_id)
+        metrics_hooks.on_task_start(task_id)
 
 
 @task_postrun.connect
 def _job_ended(task_id: str, task: Any, retval: Any = None, **_: Any) -> None:
     if task.name == RENDER_TASK:
-        from monitoring.worker_hooks import on_task_end
-
-        on_task_end(task_id, retval)
+        metrics_hooks.on_task_end(task_id, retval)

@@ -102,10 +102,21 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
     The seed is re-applied before each model, as diffusers' tests do, so every model's
     weights depend only on ``seed`` and not on the construction order of the others.
     """
-    vocab_size = len(tokenizer)
+    return {
+        "unet": _tiny_unet(seed),
+        "scheduler": _sd_scheduler(),
+        "vae": _tiny_vae(seed, sample_size=64, norm_num_groups=2),
+        "text_encoder": _tiny_text_encoder(tokenizer, seed),
+        "tokenizer": tokenizer,
+        "safety_checker": _tiny_safety_checker(tokenizer, seed),
+        # The feature extractor must produce images at the vision tower's size (32).
+        "feature_extractor": CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
+    }
 
+
+def _tiny_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -117,9 +128,11 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
         norm_num_groups=2,
     )
 
+
+def _sd_scheduler() -> PNDMScheduler:
     # steps_offset=1 and skip_prk_steps=True are the SD 1.x scheduler settings; other values
     # make StableDiffusionPipeline emit "outdated config" deprecation warnings.
-    scheduler = PNDMScheduler(
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -129,18 +142,23 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
         steps_offset=1,
     )
 
+
+def _tiny_vae(seed: int, *, sample_size: int, **options: Any) -> AutoencoderKL:
+    """The tiny VAE of both architectures; ``options`` are where they differ."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
-        norm_num_groups=2,
-        sample_size=64,
+        sample_size=sample_size,
+        **options,
     )
 
+
+def _tiny_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -151,11 +169,13 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=5,
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         max_position_embeddings=MODEL_MAX_LENGTH,
     )
-    text_encoder = CLIPTextModel(text_config)
+    return CLIPTextModel(text_config)
 
+
+def _tiny_safety_checker(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionSafetyChecker:
     torch.manual_seed(seed)
     safety_config = CLIPConfig(
         text_config={
@@ -163,7 +183,7 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
             "intermediate_size": 37,
             "num_attention_heads": 4,
             "num_hidden_layers": 2,
-            "vocab_size": vocab_size,
+            "vocab_size": len(tokenizer),
             "max_position_embeddings": MODEL_MAX_LENGTH,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -179,19 +199,7 @@ def build_tiny_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> dict[st
         },
         projection_dim=32,
     )
-    safety_checker = StableDiffusionSafetyChecker(safety_config)
-    # The feature extractor must produce images at the vision tower's size (32).
-    feature_extractor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
-
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "safety_checker": safety_checker,
-        "feature_extractor": feature_extractor,
-    }
+    return StableDiffusionSafetyChecker(safety_config)
 
 
 def build_tiny_pipeline(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
@@ -246,8 +254,36 @@ def build_tiny_sdxl_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> di
     Both tokenizers are the byte-level ``tokenizer`` (SDXL's two real tokenizers differ
     only in their padding token). There is no safety checker: SDXL ships none.
     """
+    unet = _tiny_sdxl_unet(seed)
+    vae = _tiny_vae(seed, sample_size=128)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    text_encoder = CLIPTextModel(
+        _text_encoder_config(
+            tokenizer, hidden_size=SDXL_TEXT_ENCODER_HIDDEN, projection_dim=SDXL_POOLED_DIM
+        )
+    )
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(
+            tokenizer, hidden_size=SDXL_TEXT_ENCODER_2_HIDDEN, projection_dim=SDXL_POOLED_DIM
+        )
+    )
+    return {
+        "unet": unet,
+        "scheduler": _sdxl_scheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _tiny_sdxl_unet(seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
         block_out_channels=(2, 4),
         layers_per_block=2,
         sample_size=32,
@@ -265,49 +301,15 @@ def build_tiny_sdxl_components(tokenizer: CLIPTokenizer, *, seed: int = 0) -> di
         norm_num_groups=1,
     )
 
-    scheduler = EulerDiscreteScheduler(
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         steps_offset=1,
         beta_schedule="scaled_linear",
         timestep_spacing="leading",
     )
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        _text_encoder_config(
-            tokenizer, hidden_size=SDXL_TEXT_ENCODER_HIDDEN, projection_dim=SDXL_POOLED_DIM
-        )
-    )
-    torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        _text_encoder_config(
-            tokenizer, hidden_size=SDXL_TEXT_ENCODER_2_HIDDEN, projection_dim=SDXL_POOLED_DIM
-        )
-    )
-
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer_2": tokenizer,
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
 
 
 def build_tiny_sdxl_pipeline(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:

@@ -24,6 +24,7 @@ COPY producer producer
 COPY worker worker
 COPY review review
 COPY monitoring monitoring
+COPY cli cli
 RUN pip install . && useradd --system --uid 10001 --home-dir /app pixelmill
 
 USER pixelmill

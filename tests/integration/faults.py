@@ -29,10 +29,12 @@ import boto3
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from db.models import CatalogueItem, Image, Job, JobStatus, Run
+from db.models import Image, Job, JobStatus
+from pixelmill.outages import RetryBackoff
 from pixelmill.settings import Settings, get_settings
-from producer.dispatch import celery_publisher, dispatch
+from producer.dispatch import DispatchReport, celery_broker_count, celery_publisher, dispatch
 from tests.conftest import WorkerProcess, free_port, settings_env
+from tests.factories import make_item, make_job, make_run
 from worker.celery_app import create_app
 from worker.claim import reap_expired
 
@@ -49,6 +51,9 @@ FAULT_SETTINGS: dict[str, str | Path] = {
     "job_lease_seconds": "10",
     "requeue_after_seconds": "30",
     "max_attempts": "3",
+    # Retries after a second or two (doubling up to 4 s), not the production quarter minute.
+    "retry_backoff_seconds": "1",
+    "retry_backoff_max_seconds": "4",
     "dispatch_window": "2",
     # One seed per pipeline call: rows appear seed by seed, so a fault can land mid-job.
     "render_batch_size": "1",
@@ -80,37 +85,30 @@ class JobSpec:
 def insert_jobs(engine: Engine, specs: list[JobSpec]) -> list[int]:
     """Pending jobs of one new run, as the producer would write them; their ids in order."""
     with Session(engine) as session:
-        run = Run(name=f"faults-{uuid.uuid4().hex[:10]}", source="fault test")
-        session.add(run)
-        session.flush()
+        run = make_run(session, name=f"faults-{uuid.uuid4().hex[:10]}", source="fault test")
         ids = []
         for index, spec in enumerate(specs):
-            item = CatalogueItem(
+            item = make_item(
+                session,
                 source="fault test",
                 external_key=f"SKU-{index}",
                 fields={"title": spec.prompt},
                 content_hash=hashlib.sha256(f"{run.name}/{index}".encode()).hexdigest(),
             )
-            session.add(item)
-            session.flush()
-            job = Job(
-                run_id=run.id,
-                item_id=item.id,
-                template="studio",
+            job = make_job(
+                session,
+                run,
+                item=item,
+                commit=False,
                 prompt=f"{spec.prompt}, #{index}",
-                negative_prompt="blurry",
                 model=spec.model,
-                scheduler=None,
                 steps=spec.steps,
                 guidance=7.0,
                 width=spec.width,
                 height=spec.height,
-                seeds=list(spec.seeds),
+                seeds=spec.seeds,
                 status=JobStatus.PENDING,
-                dedupe_key=uuid.uuid4().hex * 2,
             )
-            session.add(job)
-            session.flush()
             ids.append(job.id)
         session.commit()
     return ids
@@ -165,9 +163,10 @@ def running_with_images(engine: Engine) -> int | None:
 
 class Dispatcher:
     """What ``pixelmill dispatch --watch`` does, every ``interval`` seconds, in a thread:
-    re-queue (or bury) jobs whose lease expired, top up the broker window, re-publish queued
-    jobs whose message was lost. Errors (the broker is down) are counted and retried on the
-    next round, as a supervised dispatcher would be restarted."""
+    re-queue (or bury) jobs whose lease expired (with their retry backoff), top up the broker
+    window, re-publish queued jobs whose message the broker no longer holds. Errors (the
+    broker is down) are recorded and retried on the next round. (tests/integration/outages.py
+    runs the real command, for the tests of the dispatcher itself.)"""
 
     def __init__(self, settings: Settings, engine: Engine, *, interval: float = 0.5) -> None:
         self.settings = settings
@@ -175,6 +174,7 @@ class Dispatcher:
         self.interval = interval
         self.errors: list[str] = []
         self.rounds = 0
+        self.reports: list[DispatchReport] = []
         self._stop = threading.Event()
         self._app = create_app(settings)
         self._thread = threading.Thread(target=self._run, name="test-dispatcher", daemon=True)
@@ -189,20 +189,32 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             self._app.close()
 
+    @property
+    def republished(self) -> int:
+        return sum(report.republished for report in self.reports)
+
     def _run(self) -> None:
         publish = celery_publisher(self._app, self.settings.render_queue)
+        broker_count = celery_broker_count(self._app, self.settings.render_queue)
         while not self._stop.is_set():
             try:
                 with Session(self.engine) as session:
-                    reap_expired(session, max_attempts=self.settings.max_attempts)
-                    dispatch(
+                    reap_expired(
+                        session,
+                        max_attempts=self.settings.max_attempts,
+                        backoff=RetryBackoff.from_settings(self.settings),
+                    )
+                    report = dispatch(
                         session,
                         publish,
                         requeue_after=timedelta(seconds=self.settings.requeue_after_seconds),
                         window=self.settings.dispatch_window,
+                        broker_count=broker_count,
                     )
+                    self.reports.append(report)
             except Exception as exc:  # the broker is down: try again next round
                 self.errors.append(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(self.interval)  # a round that failed at once is no faster
             self.rounds += 1
             self._stop.wait(self.interval)
 

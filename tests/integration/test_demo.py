@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_on_embedded_defaults(tmp_path: Path, examples: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
     result = subprocess.run(
-        [sys.executable, "-m", "pixelmill.cli", "demo", "--examples", str(REPO / examples)],
+        [sys.executable, "-m", "cli", "demo", "--examples", str(REPO / examples)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

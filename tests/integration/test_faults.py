@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, utcnow
+from pixelmill.tasks import RENDER_TASK
 from tests.conftest import WorkerProcess
 from tests.integration.faults import (
     FAULT_SETTINGS,
@@ -38,7 +39,7 @@ from tests.integration.faults import (
     the_pool_pid,
     wait_for_log,
 )
-from worker.celery_app import RENDER_TASK, create_app
+from worker.celery_app import create_app
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ Postgres -> broker -> a Celery worker process -> diffusers (img2img, inpaint, Co
 LoRA + embedding + weighted long prompt) -> PNGs in S3 (moto) -> image rows.
 
 The slice is shared by the tests below (one worker process, one run), so the expensive part
-runs once; each test asserts one promise of issue 7 on it.
+runs once; each test asserts on it one thing a job kind promises.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 from db.models import Image, InputImage, InputSource, Job, JobStatus
 from pixelmill.settings import Settings, get_settings
 from producer.dispatch import celery_publisher, dispatch
-from producer.produce import ProduceReport, produce
+from producer.produce import produce
+from producer.report import ProduceReport
 from tests.conftest import WorkerProcess, settings_env, wait_for
 from tests.producer.image_server import ImageServer
 from worker.celery_app import create_app

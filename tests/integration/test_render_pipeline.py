@@ -1,5 +1,6 @@
 """The whole slice, for real: catalogue -> jobs in Postgres -> dispatcher -> broker (Redis and
-RabbitMQ) -> a Celery worker process -> diffusers -> PNGs in S3 (moto server) -> image rows."""
+RabbitMQ) -> a Celery worker process -> diffusers -> PNGs in S3 (moto server) -> image rows,
+each with its scores by the worker's scorer (the built-in tiny one)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus
+from db.ranking import ImageScore
 from pixelmill.settings import get_settings
 from producer.dispatch import celery_publisher, dispatch
 from producer.produce import produce
@@ -59,6 +61,7 @@ def test_catalogue_to_images_in_s3(
         "model": str(tiny_model_dir),
         "device": "cpu",
         "data_dir": tmp_path / "data",
+        "scorer": "tiny",
         **s3_settings,
     }
     settings = get_settings(**values)
@@ -118,4 +121,10 @@ def test_catalogue_to_images_in_s3(
             assert decoded.size == (64, 72) == (image.width, image.height)
             parameters = read_parameters(png)
             assert parameters is not None and f"Seed: {image.seed}," in parameters
+        # Scored by the worker as it rendered, in the transaction of the image rows.
+        scores = session.scalars(select(ImageScore)).all()
+        assert sorted(score.image_id for score in scores) == sorted(i.id for i in images)
+        assert len({score.scorer for score in scores}) == 1
+        assert all(-1 <= score.clip_score <= 1 for score in scores)
+        assert all(score.aesthetic_score is not None for score in scores)
     engine.dispose()

@@ -47,7 +47,7 @@ class HostProcess(WorkerProcess):
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from pixelmill.cli import main; main()", *args],
+            [sys.executable, "-c", "from cli.main import main; main()", *args],
             env=env,
             cwd=Path(__file__).resolve().parents[2],
             stdout=self._log,

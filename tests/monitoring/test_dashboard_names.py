@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 from prometheus_client import REGISTRY
 
-import monitoring.dispatcher_metrics
-import monitoring.metrics
+import producer.metrics
 import review.metrics
+import worker.metrics
 from monitoring.exporter import RunFigures, Snapshot, snapshot_metrics
 from tests.monitoring.dashboards import DASHBOARDS, dashboard_expressions
 
@@ -22,7 +22,7 @@ _NAME = re.compile(r"\bpixelmill_[a-z0-9_]+")
 
 
 def exported_names() -> set[str]:
-    assert monitoring.metrics and monitoring.dispatcher_metrics and review.metrics  # registered
+    assert worker.metrics and producer.metrics and review.metrics  # registered
     # From the families, not their samples: a labelled metric has no sample until first used.
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     names = {

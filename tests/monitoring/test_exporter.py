@@ -19,20 +19,15 @@ from db.models import (
     ReviewStatus,
     Run,
     RunStatus,
-    SafetyStatus,
 )
 from monitoring.exporter import DatabaseCollector, read_snapshot, snapshot_metrics
-from tests.pixelmill.test_status import add_job
+from tests.factories import add_job, image_row
 
 NOW = datetime(2026, 11, 25, 23, 0, tzinfo=UTC)
 
 
 def _image(job_id: int, seed: int, created: datetime) -> Image:
-    return Image(
-        job_id=job_id, seed=seed, storage_key=f"k/{job_id}/{seed}", sha256="x" * 64,
-        width=64, height=64, bytes=10, safety=SafetyStatus.SAFE, render_seconds=0.1,
-        created_at=created,
-    )  # fmt: skip
+    return image_row(job_id, seed, created_at=created)
 
 
 def test_snapshot_matches_the_rows(db_session: Session) -> None:
@@ -118,6 +113,36 @@ def test_a_finished_run_is_projected_at_its_finish_not_now(db_session: Session) 
     # Nothing left but not marked finished (yet): no projection at all.
     figures.finished_at = None
     assert figures.projected_finish(NOW) is None
+
+
+def test_a_young_run_is_measured_since_its_first_image(db_session: Session) -> None:
+    """A run that began two minutes ago and makes an image a second reads 1 image/s (not
+    the tenth of it that a ten-minute window gives), and its finish is projected by it."""
+    young = Run(name="young", source="c.csv", created_at=NOW - timedelta(minutes=3))
+    db_session.add(young)
+    db_session.flush()
+    running = add_job(db_session, young, JobStatus.RUNNING, list(range(1000)))
+    # 120 images over the last 120 s, the first exactly two minutes ago.
+    for seed in range(120):
+        db_session.add(_image(running.id, seed, NOW - timedelta(seconds=120 - seed)))
+    just_started = Run(name="just-started", source="c.csv", created_at=NOW - timedelta(minutes=1))
+    db_session.add(just_started)
+    db_session.flush()
+    first_batch = add_job(db_session, just_started, JobStatus.RUNNING, [1, 2, 3, 4, 5])
+    for seed in (1, 2, 3, 4):  # one batch of four, two seconds ago
+        db_session.add(_image(first_batch.id, seed, NOW - timedelta(seconds=2)))
+    db_session.flush()
+
+    by_name = {r.name: r for r in read_snapshot(db_session, now=NOW).runs}
+    run = by_name["young"]
+    assert run.first_image_at == NOW - timedelta(seconds=120)
+    assert run.images_per_second == 1.0
+    assert run.remaining_images == 880
+    assert run.projected_finish(NOW) == NOW + timedelta(seconds=880)
+    parsed = samples_of(snapshot_metrics(read_snapshot(db_session, now=NOW), timedelta(hours=1)))
+    assert parsed[("pixelmill_run_images_per_second", (("run", "young"),))] == 1.0
+    # A first batch just in: measured over at least ten seconds, not over two.
+    assert by_name["just-started"].images_per_second == 4 / 10
 
 
 def samples_of(families: list) -> dict:  # type: ignore[type-arg]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from monitoring.multiprocess import (
+from pixelmill.metrics_multiprocess import (
+    MultiprocessSetupError,
     clean_multiprocess_dir,
     mark_dead_processes,
     multiprocess_registry,
@@ -20,7 +21,7 @@ from monitoring.multiprocess import (
 
 RECORD = """
 import os, sys, time
-from monitoring import metrics
+from worker import metrics
 metrics.IMAGES.labels("safe").inc(int(sys.argv[1]))
 metrics.GPU_MEMORY_BYTES.labels("0").set(float(sys.argv[2]))
 print("ready", flush=True)
@@ -94,7 +95,7 @@ def test_metrics_imported_before_the_directory_was_set_are_refused(tmp_path: Pat
     code = (
         "import os, prometheus_client\n"
         f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
-        "from monitoring.multiprocess import ensure_multiprocess_mode\n"
+        "from pixelmill.metrics_multiprocess import ensure_multiprocess_mode\n"
         "ensure_multiprocess_mode()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -107,7 +108,7 @@ def test_metrics_imported_before_the_directory_was_set_are_refused(tmp_path: Pat
 
 
 def test_cleaning_refuses_a_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="not a directory"):
+    with pytest.raises(MultiprocessSetupError, match="not a directory"):
         clean_multiprocess_dir(tmp_path / "missing")
 
 
@@ -120,7 +121,7 @@ def test_gpu_label_names_the_hosts_gpu(
 ) -> None:
     """A `--gpus 2` worker sees its GPU as cuda:0: the label says 2, so a host's GPUs stay
     apart in pixelmill_gpu_memory_bytes."""
-    from monitoring.worker_hooks import gpu_label
+    from worker.metrics_hooks import gpu_label
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert gpu_label(index) == label

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def _stale_counter(multiproc_dir: Path) -> None:
     """What a previous start of the host left behind: 1000 jobs done by a long-gone process."""
-    code = "from monitoring.metrics import JOBS_FINISHED; JOBS_FINISHED.labels('done').inc(1000)"
+    code = "from worker.metrics import JOBS_FINISHED; JOBS_FINISHED.labels('done').inc(1000)"
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 

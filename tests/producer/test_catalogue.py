@@ -23,14 +23,11 @@ from sqlalchemy import (
     text,
 )
 
-from producer.catalogue import (
-    READ_BYTES,
-    CatalogueError,
-    CatalogueRow,
-    CsvCatalogue,
-    JsonlCatalogue,
-    SqlCatalogue,
-)
+from producer.catalogue.common import CatalogueError, CatalogueRow
+from producer.catalogue.csv import CsvCatalogue
+from producer.catalogue.jsonl import JsonlCatalogue
+from producer.catalogue.lines import READ_BYTES
+from producer.catalogue.sql import SqlCatalogue
 
 
 def write(tmp_path: Path, data: bytes, name: str = "catalogue.csv") -> Path:

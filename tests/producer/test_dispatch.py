@@ -14,10 +14,18 @@ from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Job, JobStatus, Run, RunStatus, utcnow
-from producer.dispatch import DispatchReport, dispatch
+from pixelmill.outages import ServiceUnavailableError
+from producer.dispatch import (
+    DispatchReport,
+    PublishError,
+    celery_broker_count,
+    celery_publisher,
+    dispatch,
+)
 from producer.produce import produce
 from producer.runs import pause_run
-from tests.producer.jobs import Recorder, make_jobs, make_run
+from tests.factories import make_jobs, make_run
+from tests.producer.recorder import Recorder
 from tests.races import race
 
 HOUR = timedelta(hours=1)
@@ -165,31 +173,127 @@ def test_stale_queued_jobs_are_republished(db_session: Session) -> None:
     assert recorder.calls == []
 
 
-def test_failed_publish_leaves_jobs_queued_for_republishing(db_session: Session) -> None:
+class BrokenBroker:
+    """A publisher whose broker goes away after ``sends`` messages, as kombu's would: the
+    batch fails part-way (a PublishError naming what was sent) or at once (a bare error)."""
+
+    def __init__(self, sends: int | None = None) -> None:
+        self.sends = sends
+        self.sent: list[int] = []
+
+    def __call__(self, batch: Iterable[int]) -> None:
+        if self.sends is None:
+            raise ConnectionError("broker down")
+        sent = []
+        for job_id in batch:
+            if len(self.sent) >= self.sends:
+                raise PublishError(ConnectionRefusedError("broker down"), sent)
+            sent.append(job_id)
+            self.sent.append(job_id)
+
+
+@pytest.mark.parametrize("sends", [None, 0])
+def test_failed_publish_returns_the_jobs_to_pending_at_once(
+    db_session: Session, sends: int | None
+) -> None:
     run = make_run(db_session)
     ids = make_jobs(db_session, run, 4)
 
-    def broken(batch: Iterable[int]) -> None:
-        raise ConnectionError("broker down")
-
-    with pytest.raises(ConnectionError):
-        dispatch(db_session, broken, requeue_after=HOUR)
+    with pytest.raises((ConnectionError, PublishError)):
+        dispatch(db_session, BrokenBroker(sends), requeue_after=HOUR, window=4)
     db_session.rollback()  # whatever the caller does after the error, the state stays
 
-    # Not lost: still queued (not back to pending, not vanished) ...
-    assert set(statuses(db_session, ids).values()) == {JobStatus.QUEUED}
-    # ... and not published again while they are fresh ...
-    recorder = Recorder()
-    assert dispatch(db_session, recorder, requeue_after=HOUR).republished == 0
-    assert recorder.calls == []
-
-    # ... but once they have waited requeue_after, they are published again, each once.
+    # Not left queued without a message (filling the window until requeue_after) ...
+    assert set(statuses(db_session, ids).values()) == {JobStatus.PENDING}
+    assert set(queued_ats(db_session, ids).values()) == {None}
+    # ... but published at the next round, each once.
     recorder = Recorder(max_calls=5)
-    report = dispatch(db_session, recorder, requeue_after=timedelta(0))
-    assert report.published == 0
-    assert sorted(recorder.ids) == sorted(ids), recorder.calls
-    assert report.republished == 4
-    assert set(statuses(db_session, ids).values()) == {JobStatus.QUEUED}
+    report = dispatch(db_session, recorder, requeue_after=HOUR, window=4)
+    assert (report.published, report.republished) == (4, 0)
+    assert sorted(recorder.ids) == sorted(ids)
+
+
+def test_a_publish_failing_part_way_keeps_what_was_sent_queued(db_session: Session) -> None:
+    run = make_run(db_session)
+    ids = make_jobs(db_session, run, 5)
+    broker = BrokenBroker(sends=2)
+
+    with pytest.raises(PublishError) as raised:
+        dispatch(db_session, broker, requeue_after=HOUR)
+
+    assert raised.value.service == "broker"
+    sent = set(broker.sent)
+    assert len(sent) == 2
+    now = statuses(db_session, ids)
+    assert {job_id for job_id, status in now.items() if status == JobStatus.QUEUED} == sent
+    assert {job_id for job_id, status in now.items() if status == JobStatus.PENDING} == (
+        set(ids) - sent
+    )
+
+
+def test_a_failed_republish_returns_the_jobs_to_pending(db_session: Session) -> None:
+    run = make_run(db_session)
+    stale = make_jobs(db_session, run, 3, status=JobStatus.QUEUED, queued_at=utcnow() - HOUR)
+
+    with pytest.raises(ConnectionError):
+        dispatch(db_session, BrokenBroker(), requeue_after=timedelta(minutes=5))
+
+    assert set(statuses(db_session, stale).values()) == {JobStatus.PENDING}
+
+
+def test_stale_jobs_the_broker_still_holds_are_not_republished(db_session: Session) -> None:
+    """Jobs that only wait their turn on the broker (behind long jobs) keep their message;
+    only as many as the broker is missing are published again, the longest-queued first."""
+    run = make_run(db_session)
+    stale = [
+        make_jobs(db_session, run, 1, status=JobStatus.QUEUED, queued_at=utcnow() - age)[0]
+        for age in (5 * HOUR, 4 * HOUR, 3 * HOUR, 2 * HOUR)
+    ]
+    fresh = make_jobs(db_session, run, 2, status=JobStatus.QUEUED, queued_at=utcnow())
+
+    # The broker holds a message for every queued job: nothing was lost.
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR, broker_count=lambda: 6)
+    assert (report.republished, report.still_held, recorder.ids) == (0, 4, [])
+
+    # It holds only four: two were lost, the two queued longest are published again.
+    report = dispatch(db_session, recorder, requeue_after=HOUR, broker_count=lambda: 4)
+    assert (report.republished, report.still_held) == (2, 2)
+    assert recorder.ids == stale[:2]
+
+    # Empty (a broker restarted without its messages): every stale job, never the fresh ones.
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR, broker_count=lambda: 0)
+    assert sorted(recorder.ids) == sorted(stale[2:])
+    assert not set(recorder.ids) & set(fresh)
+
+    # More messages than queued jobs (duplicates, a paused run's): nothing to re-publish.
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=timedelta(0), broker_count=lambda: 50)
+    assert (report.republished, recorder.ids) == (0, [])
+
+
+def test_a_job_in_its_retry_backoff_is_published_when_the_pause_is_over(
+    db_session: Session,
+) -> None:
+    run = make_run(db_session)
+    waiting, due, plain = make_jobs(db_session, run, 3)
+    db_session.execute(
+        update(Job).where(Job.id == waiting).values(retry_at=utcnow() + timedelta(minutes=5))
+    )
+    db_session.execute(
+        update(Job).where(Job.id == due).values(retry_at=utcnow() - timedelta(seconds=1))
+    )
+    db_session.commit()
+
+    recorder = Recorder()
+    report = dispatch(db_session, recorder, requeue_after=HOUR)
+
+    assert report.published == 2
+    assert sorted(recorder.ids) == sorted([due, plain])
+    assert statuses(db_session, [waiting]) == {waiting: JobStatus.PENDING}
+    retry_ats = dict(db_session.execute(select(Job.id, Job.retry_at)).all())
+    assert retry_ats[due] is None  # queued: its pause is over
 
 
 def test_zero_requeue_after_publishes_each_job_once_per_call(db_session: Session) -> None:
@@ -368,3 +472,37 @@ def test_pause_racing_the_dispatcher_leaves_no_job_queued(
         assert session.scalar(select(Run.status).where(Run.id == run_id)) == RunStatus.PAUSED
         assert set(statuses(session, ids).values()) == {JobStatus.PENDING}
     assert second_waited  # serialised on the run's row
+
+
+# --------------------------------------------------------------------------- real brokers
+
+
+def test_the_broker_count_is_what_the_broker_holds(broker_url: str, render_queue: str) -> None:
+    from pixelmill.settings import get_settings
+    from pixelmill.tasks import publisher_app
+
+    app = publisher_app(get_settings(broker_url=broker_url, render_queue=render_queue))
+    try:
+        count = celery_broker_count(app, render_queue)
+        assert count() == 0  # not even declared yet
+        celery_publisher(app, render_queue)([11, 12, 13])
+        assert count() == 3
+    finally:
+        app.close()
+
+
+def test_an_unreachable_broker_is_an_outage_with_nothing_sent() -> None:
+    from pixelmill.settings import get_settings
+    from pixelmill.tasks import publisher_app
+
+    for url in ("redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"):
+        app = publisher_app(get_settings(broker_url=url))
+        try:
+            with pytest.raises(PublishError) as raised:
+                celery_publisher(app, "render")([1, 2])
+            assert (raised.value.service, raised.value.sent) == ("broker", [])
+            with pytest.raises(ServiceUnavailableError) as unreachable:
+                celery_broker_count(app, "render")()
+            assert unreachable.value.service == "broker"
+        finally:
+            app.close()

@@ -19,13 +19,9 @@ from pixelmill.errors import InputError
 from pixelmill.identity import content_hash, dedupe_key
 from pixelmill.seeds import seed_sweep
 from producer.catalogue import CatalogueError
-from producer.produce import (
-    DEFAULT_SEEDS,
-    ProduceReport,
-    StrictModeError,
-    default_run_name,
-    produce,
-)
+from producer.plan import DEFAULT_SEEDS
+from producer.produce import default_run_name, produce
+from producer.report import NothingToProduceError, ProduceReport, StrictModeError
 from producer.templates import TemplateError
 
 DEFAULT_MODEL = "default/model"
@@ -90,6 +86,7 @@ def run_produce(
     seeds: int | None = None,
     run_name: str = "run-1",
     strict: bool = False,
+    force: bool = False,
 ) -> ProduceReport:
     return produce(
         session,
@@ -99,6 +96,7 @@ def run_produce(
         default_model=DEFAULT_MODEL,
         run_name=run_name,
         strict=strict,
+        force=force,
     )
 
 
@@ -291,7 +289,7 @@ def test_seeds_override(
 # --------------------------------------------------------------------------- re-runs
 
 
-def test_reproducing_unchanged_catalogue_creates_no_jobs(
+def test_reproducing_unchanged_catalogue_creates_no_jobs_and_no_run(
     tmp_path: Path, db_session: Session
 ) -> None:
     catalogue_path, templates_path = write_inputs(tmp_path)
@@ -299,20 +297,24 @@ def test_reproducing_unchanged_catalogue_creates_no_jobs(
     before = row_counts(db_session)
     job_rows_before = set(db_session.execute(select(Job.id, Job.run_id, Job.item_id)).all())
 
-    second = run_produce(db_session, catalogue_path, templates_path, run_name="night-2")
+    with pytest.raises(NothingToProduceError) as refused:
+        run_produce(db_session, catalogue_path, templates_path, run_name="night-2")
 
-    assert second.run_id != first.run_id
+    assert "all 6 jobs were made already" in str(refused.value)
+    assert "no run was written" in str(refused.value)
+    second = refused.value.report
     assert second.items == 3
-    assert second.jobs_new == 0
-    assert second.jobs_unchanged == 6
-    assert db_session.scalar(select(func.count()).where(Job.run_id == second.run_id)) == 0
+    assert (second.jobs_new, second.jobs_unchanged) == (0, 6)
     assert second.images_planned == first.images_planned
-    after = row_counts(db_session)
-    assert after == {**before, "runs": before["runs"] + 1}  # a new run, nothing else
+    # Nothing at all: an empty run would stay active forever.
+    assert row_counts(db_session) == before
+    assert db_session.scalar(select(func.count()).where(Run.name == "night-2")) == 0
     assert set(db_session.execute(select(Job.id, Job.run_id, Job.item_id)).all()) == (
         job_rows_before
     )
-    assert db_session.scalar(select(func.count()).where(Job.run_id == second.run_id)) == 0
+    # Into the run that has the jobs, producing again is no error: nothing is new.
+    again = run_produce(db_session, catalogue_path, templates_path, run_name="night-1")
+    assert (again.run_id, again.jobs_new, again.jobs_unchanged) == (first.run_id, 0, 6)
 
 
 def test_changing_one_item_creates_jobs_for_that_item_alone(
@@ -358,11 +360,12 @@ def test_changing_an_unreferenced_field_creates_no_jobs(
     run_produce(db_session, catalogue_path, templates_path, run_name="night-1")
 
     catalogue_path.write_text(CATALOGUE.replace("an office,y", "an office,CHANGED"), "utf-8")
-    report = run_produce(db_session, catalogue_path, templates_path, run_name="night-2")
+    with pytest.raises(NothingToProduceError) as refused:
+        run_produce(db_session, catalogue_path, templates_path, run_name="night-2")
 
-    # The pixels do not depend on "notes": a new item version, but no new job.
-    assert (report.jobs_new, report.jobs_unchanged) == (0, 6)
-    assert row_counts(db_session) == {"runs": 2, "catalogue_items": 4, "jobs": 6}
+    # The pixels do not depend on "notes": no new job, so no run (nor item version) at all.
+    assert refused.value.report.jobs == 6
+    assert row_counts(db_session) == {"runs": 1, "catalogue_items": 3, "jobs": 6}
 
 
 @pytest.mark.parametrize(
@@ -610,7 +613,7 @@ def test_over_long_run_name_is_refused_before_anything_is_written(
             dry_run=True,
         )
 
-    report = run_produce(db_session, catalogue_path, templates_path, run_name="r" * 200)
+    report = run_produce(db_session, catalogue_path, templates_path, run_name="r" * 200, force=True)
     assert db_session.scalar(select(Run.name).where(Run.id == report.run_id)) == "r" * 200
 
 

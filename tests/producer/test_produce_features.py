@@ -32,11 +32,12 @@ from db.session import make_engine, make_sessionmaker
 from pixelmill.blocklist import Blocklist
 from pixelmill.errors import InputError
 from pixelmill.seeds import seed_sweep
-from producer.produce import (
+from producer.produce import produce
+from producer.report import (
     ExpansionLimitError,
+    NothingToProduceError,
     ProduceReport,
     StrictModeError,
-    produce,
 )
 from producer.runs import cancel_run
 
@@ -238,10 +239,11 @@ def test_dedupe_across_runs_and_force(tmp_path: Path, db_session: Session) -> No
     assert (first.jobs, first.jobs_new, first.jobs_unchanged) == (6, 6, 0)
     originals = job_rows(db_session)
 
-    second = run_produce(db_session, catalogue_path, templates_path, run_name="run-2")
-    assert (second.jobs, second.jobs_new, second.jobs_unchanged) == (6, 0, 6)
+    with pytest.raises(NothingToProduceError) as nothing_new:
+        run_produce(db_session, catalogue_path, templates_path, run_name="run-2")
+    assert nothing_new.value.report.jobs == 6
     assert row_counts(db_session)["jobs"] == 6
-    assert job_rows(db_session, second.run_id) == []
+    assert db_session.scalar(select(func.count()).where(Run.name == "run-2")) == 0
 
     catalogue_path.write_text(CATALOGUE.replace("A2,lamp,blue", "A2,lamp,yellow"))
     third = run_produce(db_session, catalogue_path, templates_path, run_name="run-3")
@@ -369,9 +371,12 @@ def test_a_nul_character_from_the_template_makes_its_rows_bad(
     templates = TWO_TEMPLATES.replace('"{{ title }} in a kitchen"', '"{{ title }} in a\\0 kitchen"')
     catalogue_path, templates_path = write_inputs(tmp_path, templates=templates)
 
-    report = run_produce(db_session, catalogue_path, templates_path)
+    with pytest.raises(NothingToProduceError, match=r"every row was refused \(3 bad rows\)") as exc:
+        run_produce(db_session, catalogue_path, templates_path)
 
+    report = exc.value.report
     assert (report.rows_skipped, report.items, report.jobs_new) == (3, 0, 0)
+    assert db_session.scalar(select(func.count()).select_from(Run)) == 0
     assert [(problem.line, problem.field) for problem in report.problems] == [
         (2, None),
         (3, None),
@@ -552,7 +557,7 @@ def test_priority_is_stored_on_the_run(tmp_path: Path, db_session: Session) -> N
     run_produce(db_session, catalogue_path, templates_path, priority=-2)
     assert db_session.scalar(select(Run.priority)) == -2
     # A new run without one gets 0.
-    run_produce(db_session, catalogue_path, templates_path, run_name="run-2")
+    run_produce(db_session, catalogue_path, templates_path, run_name="run-2", force=True)
     assert db_session.scalar(select(Run.priority).where(Run.name == "run-2")) == 0
 
 

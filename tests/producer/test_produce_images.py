@@ -26,11 +26,12 @@ from db.session import make_sessionmaker
 from pixelmill.identity import dedupe_key
 from pixelmill.settings import Settings
 from producer.input_images import InputStorageError
-from producer.produce import (
+from producer.produce import produce
+from producer.report import (
     ExpansionLimitError,
+    NothingToProduceError,
     ProduceReport,
     StrictModeError,
-    produce,
 )
 from tests.producer.image_server import ImageServer, jpeg, png
 
@@ -235,8 +236,10 @@ def test_a_rerun_fetches_nothing_and_creates_no_jobs(
     paths = write(tmp_path, catalogue_text(server))
     first = run(db_session, paths, settings, "run-1")
 
-    again = run(db_session, paths, settings, "run-2")
+    with pytest.raises(NothingToProduceError) as nothing_new:
+        run(db_session, paths, settings, "run-2")
 
+    again = nothing_new.value.report
     assert (again.jobs, again.jobs_new, again.jobs_unchanged) == (first.jobs, 0, first.jobs)
     # Only the address that failed is tried again.
     assert server.requests == {"/a1.png": 1, "/missing.png": 2}
@@ -253,8 +256,8 @@ def test_changed_bytes_at_the_same_address_need_force(
     server.files["/a1.png"] = png(32, 32, mode="RGBA")
     new = sha(server.files["/a1.png"])
 
-    unforced = run(db_session, paths, settings, "run-2")
-    assert unforced.jobs_new == 0
+    with pytest.raises(NothingToProduceError):
+        run(db_session, paths, settings, "run-2")
     assert server.requests["/a1.png"] == 1  # not fetched: the address is known
 
     forced = run(db_session, paths, settings, "run-3", force=True)
@@ -281,12 +284,14 @@ def test_a_new_address_renders_again_only_if_its_bytes_differ(
     (tmp_path / "photos" / "a2-new.jpg").write_bytes(jpeg(64, 64, (1, 1, 250)))
 
     # Same bytes under another name: the item changed, its jobs did not.
-    same = run(
-        db_session,
-        write(tmp_path, catalogue_text(server).replace("a2.jpg", "a2-copy.jpg")),
-        settings,
-        "run-2",
-    )
+    with pytest.raises(NothingToProduceError) as nothing_new:
+        run(
+            db_session,
+            write(tmp_path, catalogue_text(server).replace("a2.jpg", "a2-copy.jpg")),
+            settings,
+            "run-2",
+        )
+    same = nothing_new.value.report
     assert same.jobs_new == 0
     assert same.inputs_fetched == 1
 
@@ -401,8 +406,10 @@ def test_max_jobs_refuses_before_any_image_is_fetched(
     assert "counted before fetching images" in info.value.reason
     assert (count(db_session, Job), count(db_session, InputSource)) == (0, 0)
     # Within the limit, the same catalogue is fetched and produced as before.
-    report = run(db_session, paths, settings, max_jobs=100)
+    with pytest.raises(NothingToProduceError, match="every row was refused") as refused:
+        run(db_session, paths, settings, max_jobs=100)
     # Every image is a 404 here.
+    report = refused.value.report
     assert (report.inputs_failed, report.rows_skipped, report.jobs) == (50, 50, 0)
     assert server.requests
 

@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, Job, JobStatus, Run, RunStatus
+from db.models import Job, JobStatus, Run, RunStatus
 from producer.dispatch import dispatch
 from producer.runs import RunStateError, cancel_run, list_runs, pause_run, resume_run
-from tests.producer.jobs import Recorder, make_jobs, make_run
+from tests.factories import image_row, make_jobs, make_run
+from tests.producer.recorder import Recorder
 from tests.races import race
 from worker.claim import claim_job, finish_job
 
@@ -21,18 +22,9 @@ HOUR = timedelta(hours=1)
 
 
 def add_image(session: Session, job_id: int, seed: int) -> None:
+    key = f"images/{job_id}/{seed}.png"
     session.add(
-        Image(
-            job_id=job_id,
-            seed=seed,
-            storage_key=f"images/{job_id}/{seed}.png",
-            sha256="0" * 64,
-            width=64,
-            height=64,
-            bytes=100,
-            safety="unchecked",
-            render_seconds=0.1,
-        )
+        image_row(job_id, seed, storage_key=key, sha256="0" * 64, bytes=100, safety="unchecked")
     )
     session.commit()
 

@@ -9,9 +9,11 @@ from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Job
 from pixelmill.settings import Settings
-from producer.catalogue import CatalogueError, CsvCatalogue, JsonlCatalogue, SqlCatalogue
+from producer.catalogue import CatalogueError, CatalogueSource, open_catalogue
+from producer.catalogue.csv import CsvCatalogue
+from producer.catalogue.jsonl import JsonlCatalogue
+from producer.catalogue.sql import SqlCatalogue
 from producer.produce import produce
-from producer.sources import CatalogueSource, open_catalogue
 from tests.producer.image_server import png
 
 

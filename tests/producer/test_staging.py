@@ -19,6 +19,7 @@ from db.models import CatalogueItem, Image, Job, Run
 from db.session import make_sessionmaker
 from producer import staging
 from producer.produce import produce
+from producer.report import NothingToProduceError
 from producer.runs import cancel_run
 from producer.staging import JobShape, copy_text, open_staging
 
@@ -204,9 +205,11 @@ def test_a_cancelled_runs_jobs_are_taken_over_by_the_next_run(
     # Its rendered seed keeps its row: the worker renders only the others.
     assert session.scalar(select(func.count()).where(Image.job_id == retried.id)) == 1
 
-    third = produce(session, catalogue_path=catalogue, templates_path=templates, run_name="c")
-    assert (third.jobs_new, third.jobs_unchanged) == (0, 15)
-    assert session.scalar(select(func.count()).where(Job.run_id == third.run_id)) == 0
+    # Nothing is left to take over: no run "c" at all.
+    with pytest.raises(NothingToProduceError) as nothing_new:
+        produce(session, catalogue_path=catalogue, templates_path=templates, run_name="c")
+    assert (nothing_new.value.report.jobs_new, nothing_new.value.report.jobs_unchanged) == (0, 15)
+    assert session.scalar(select(func.count()).where(Run.name == "c")) == 0
 
 
 def test_a_key_twice_in_one_chunk_is_merged_once(session: Session) -> None:

@@ -5,11 +5,15 @@ logged-in HTTP client."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +24,7 @@ from pixelmill.settings import Settings, get_settings
 from pixelmill.storage import LocalStorage, Storage
 from review.accounts import add_reviewer
 from review.app import create_app
+from tests.conftest import free_port
 
 PASSWORD = "correct horse battery"
 SECRET = "s" * 40
@@ -86,6 +91,42 @@ def client(
     app = create_app(settings, sessions=sessions, storage=storage, background_sync=False)
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[FastAPI], str]]:
+    """Serve apps with uvicorn on loopback ports (stopped after the test); returns the URL."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(app: FastAPI) -> str:
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                pytest.fail("uvicorn did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    serve: Callable[[FastAPI], str],
+) -> str:
+    return serve(create_app(settings, sessions=sessions, storage=storage, background_sync=False))
 
 
 def csrf_of(html: str) -> str:

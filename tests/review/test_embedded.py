@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from cli.main import app as cli
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
-from pixelmill.cli import app as cli
 from pixelmill.settings import get_settings
 from pixelmill.storage import LocalStorage
 from review.app import create_app

@@ -32,7 +32,8 @@ from review.queue import (
     sync_queue,
     undo,
 )
-from tests.review.factory import add_images, make_run
+from tests.factories import add_images
+from tests.review.factory import make_run
 
 LEASE = timedelta(minutes=10)
 

@@ -29,9 +29,9 @@ from review.images import ImageUrls
 from review.queue import ReviewError, claim_next, decide, sync_queue
 from review.reroll import reroll
 from review.views import item_view
+from tests.factories import add_images, make_job
 from tests.races import race
-from tests.review.factory import add_images, make_run
-from tests.worker.test_claim import make_job
+from tests.review.factory import make_run
 from worker.claim import ClaimedJob, claim_job, finish_job
 
 LEASE = timedelta(minutes=10)

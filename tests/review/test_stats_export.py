@@ -9,14 +9,15 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Decision, Image, Reviewer, ReviewEvent, utcnow
+from db.models import Decision, Image, Job, Reviewer, ReviewEvent, ReviewItem, utcnow
 from pixelmill.storage import Storage
-from review.export import ExportError, escape_cell, export_lines
+from review.export import ExportError, escape_cell, export_lines, open_items_left_out
 from review.queue import claim_next, decide, submit, sync_queue
-from review.stats import IDLE_GAP_SECONDS, run_stats
+from review.reroll import reroll
+from review.stats import IDLE_GAP_SECONDS, MIN_RATE_SECONDS, reviewer_speeds, run_stats
 from tests.review.conftest import log_in
 from tests.review.factory import MadeRun, make_run
 
@@ -43,8 +44,6 @@ def _review(session: Session, made: MadeRun, reviewer: Reviewer, keep: dict[str,
 
 
 def _item_of(session: Session, review_item_id: int) -> int:
-    from db.models import ReviewItem
-
     item = session.get(ReviewItem, review_item_id)
     assert item is not None
     return item.item_id
@@ -188,3 +187,88 @@ def test_admins_export_and_read_stats_in_the_app(
     assert stats["templates"][0]["template"] == "studio"
     page = client.get(f"/runs/{made.run.id}/stats")
     assert page.status_code == 200 and "50.0%" in page.text
+
+
+def test_export_takes_submitted_items_only_and_counts_those_left_out(
+    client: TestClient, session: Session, storage: Storage, alice: Reviewer, boss: Reviewer
+) -> None:
+    made = make_run(session, items=4, templates=("studio",), seeds=2, storage=storage)
+    sync_queue(session)
+
+    def keep_one(reviewer: Reviewer) -> tuple[int, int]:
+        item_id = claim_next(session, run_id=made.run.id, reviewer_id=reviewer.id, lease=LEASE)
+        assert item_id is not None
+        image_id = _image_ids(session, item_id)[0]
+        decide(session, item_id, image_id, Decision.KEEP, reviewer_id=reviewer.id, lease=LEASE)
+        return item_id, image_id
+
+    # A keep on each of three items: one submitted, one re-rolling, one still held; the
+    # fourth item open and untouched.
+    first, first_keep = keep_one(alice)
+    submit(session, first, reviewer_id=alice.id, lease=LEASE)
+    second, _ = keep_one(alice)
+    third, _ = keep_one(boss)
+    reroll(session, third, reviewer_id=boss.id, lease=LEASE)
+
+    lines = list(export_lines(session, made.run, storage, "jsonl"))
+    assert [json.loads(line)["image_id"] for line in lines] == [first_keep]
+    assert open_items_left_out(session, made.run) == 3
+
+    log_in(client, "boss")
+    download = client.get(f"/runs/{made.run.id}/export?format=csv")
+    assert download.headers["x-open-items-left-out"] == "3"
+    assert len(list(csv.DictReader(io.StringIO(download.text)))) == 1
+    page = client.get(f"/runs/{made.run.id}/stats").text
+    assert "3 items not submitted yet" in page
+    submit(session, second, reviewer_id=alice.id, lease=LEASE)
+    assert open_items_left_out(session, made.run) == 2
+    assert len(list(export_lines(session, made.run, storage, "jsonl"))) == 2
+
+
+def _image_ids(session: Session, review_item_id: int) -> list[int]:
+    item = session.get_one(ReviewItem, review_item_id)
+    return list(
+        session.scalars(
+            select(Image.id)
+            .join(Job, Job.id == Image.job_id)
+            .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
+            .order_by(Image.id)
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("gaps", "shown"),
+    [
+        ([1.0], False),  # two decisions a second apart: not 7,200 an hour
+        ([10.0] * 20, False),  # 200 s of work
+        ([10.0] * 30, True),  # 300 s: enough to mean something
+        ([2000.0], True),  # a break counts as 5 minutes: 300 s
+    ],
+)
+def test_decisions_per_hour_wait_for_enough_review_time(
+    session: Session, alice: Reviewer, gaps: list[float], shown: bool
+) -> None:
+    made = make_run(session, items=1, templates=("studio",), seeds=len(gaps) + 1)
+    sync_queue(session)
+    item_id = claim_next(session, run_id=made.run.id, reviewer_id=alice.id, lease=LEASE)
+    assert item_id is not None
+    for image in made.images:
+        decide(session, item_id, image.id, Decision.REJECT, reviewer_id=alice.id, lease=LEASE)
+    start = utcnow()
+    offsets = [0.0]
+    for gap in gaps:
+        offsets.append(offsets[-1] + gap)
+    events = sorted(e.id for e in session.query(ReviewEvent).all())
+    for event_id, offset in zip(events, offsets, strict=True):
+        session.execute(
+            update(ReviewEvent)
+            .where(ReviewEvent.id == event_id)
+            .values(created_at=start + timedelta(seconds=offset))
+        )
+    session.commit()
+    (speed,) = run_stats(session, made.run).reviewers
+    assert (speed.decisions_per_hour is not None) is shown
+    assert speed.active_seconds >= MIN_RATE_SECONDS or not shown
+    (own,) = reviewer_speeds(session, made.run.id, alice.id)
+    assert own.decisions_per_hour == speed.decisions_per_hour

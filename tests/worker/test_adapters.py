@@ -19,7 +19,8 @@ from worker.adapters import (
     check_adapter_files,
     file_sha256,
 )
-from worker.pipeline import RenderParams, load_pipeline, render_batch
+from worker.loading import load_pipeline
+from worker.pipeline import RenderParams, render_batch
 from worker.tiny_adapters import TINY_EMBEDDING_TOKEN
 
 CPU = torch.device("cpu")

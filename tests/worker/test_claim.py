@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import random
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -10,9 +10,12 @@ import pytest
 from sqlalchemy import Engine, create_engine, update
 from sqlalchemy.orm import Session
 
-from db.models import CatalogueItem, Job, JobStatus, Run, RunStatus, utcnow
+from db.models import Job, JobStatus, Run, RunStatus, utcnow
+from pixelmill.outages import RetryBackoff
 from producer.runs import cancel_run
+from tests.factories import make_job, make_run
 from tests.races import race
+from tests.worker.support import expire_lease, reload
 from worker.claim import (
     ClaimedJob,
     claim_job,
@@ -24,68 +27,6 @@ from worker.claim import (
 )
 
 LEASE = timedelta(minutes=30)
-
-
-def make_run(session: Session, *, status: str = RunStatus.ACTIVE) -> Run:
-    run = Run(name=f"run-{uuid.uuid4().hex}", source="test", status=status)
-    session.add(run)
-    session.flush()
-    return run
-
-
-def make_job(
-    session: Session,
-    run: Run | None = None,
-    *,
-    status: str = JobStatus.QUEUED,
-    seeds: list[int] | None = None,
-) -> Job:
-    run = run if run is not None else make_run(session)
-    item = CatalogueItem(
-        source="test",
-        external_key=f"sku-{uuid.uuid4().hex[:8]}",
-        fields={"name": "lamp"},
-        content_hash=uuid.uuid4().hex * 2,
-    )
-    session.add(item)
-    session.flush()
-    job = Job(
-        run_id=run.id,
-        item_id=item.id,
-        template="studio",
-        prompt="a brass lamp on a table",
-        negative_prompt="blurry",
-        model="tiny",
-        scheduler=None,
-        steps=2,
-        guidance=7.5,
-        width=64,
-        height=64,
-        seeds=seeds if seeds is not None else [1, 2, 3],
-        status=status,
-        dedupe_key=uuid.uuid4().hex * 2,
-    )
-    session.add(job)
-    session.commit()
-    return job
-
-
-def reload(session: Session, job: Job) -> Job:
-    session.expire_all()
-    fresh = session.get(Job, job.id)
-    assert fresh is not None
-    return fresh
-
-
-def expire_lease(session: Session, job_id: int) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(lease_expires_at=utcnow() - timedelta(seconds=5))
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    session.expire_all()
 
 
 @pytest.mark.parametrize("status", [JobStatus.PENDING, JobStatus.QUEUED])
@@ -353,6 +294,86 @@ def test_the_reaper_cancels_expired_jobs_of_a_cancelled_run(db_session: Session)
     assert row.error == f"lease expired: worker w{lost.id} stopped during attempt 1"
     assert row.finished_at is not None
     assert reload(db_session, other).status == JobStatus.PENDING
+
+
+# --- backoff between attempts, outages apart ------------------------------------------------
+
+BACKOFF = RetryBackoff(base=10.0, cap=40.0)
+
+
+def test_a_released_job_waits_out_its_backoff_before_it_can_be_claimed(
+    db_session: Session,
+) -> None:
+    job = make_job(db_session)
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE)
+    assert claim is not None
+    before = utcnow()
+
+    assert release_job(db_session, claim, "CUDA out of memory", retry_in=timedelta(minutes=2))
+
+    row = reload(db_session, job)
+    assert row.status == JobStatus.PENDING and row.retry_at is not None
+    assert before + timedelta(minutes=2) <= row.retry_at <= utcnow() + timedelta(minutes=2)
+    # A stray message (a duplicate, a redelivery) does not cut the pause short ...
+    assert claim_job(db_session, job.id, worker="b", lease=LEASE) is None
+    # ... the dispatcher publishes it when the pause is over (queued: claimable).
+    db_session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.QUEUED))
+    db_session.commit()
+    again = claim_job(db_session, job.id, worker="b", lease=LEASE)
+    assert again is not None and again.attempt == 2
+    assert reload(db_session, job).retry_at is None
+
+
+def test_attempts_that_ended_on_an_outage_are_not_counted(db_session: Session) -> None:
+    job = make_job(db_session)
+    for attempt in (1, 2, 3, 4):  # four outages in a row, max_attempts 2: never out of tries
+        claim = claim_job(db_session, job.id, worker="a", lease=LEASE, max_attempts=2)
+        assert claim is not None
+        assert (claim.attempt, claim.outages, claim.counted_attempts) == (attempt, attempt - 1, 1)
+        assert release_job(db_session, claim, "storage unreachable", outage=True)
+    row = reload(db_session, job)
+    assert (row.attempts, row.outages, row.status) == (4, 4, JobStatus.PENDING)
+    # A failure of the job's own is counted: the next claim is its second counted attempt,
+    # and the one after that is refused (bury_exhausted would make it dead).
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE, max_attempts=2)
+    assert claim is not None and claim.counted_attempts == 1
+    assert release_job(db_session, claim, "CUDA out of memory")
+    claim = claim_job(db_session, job.id, worker="a", lease=LEASE, max_attempts=2)
+    assert claim is not None and claim.counted_attempts == 2
+    assert release_job(db_session, claim, "CUDA out of memory")
+    assert claim_job(db_session, job.id, worker="a", lease=LEASE, max_attempts=2) is None
+
+
+def test_the_reaper_spreads_requeued_jobs_over_their_backoff(db_session: Session) -> None:
+    run = make_run(db_session)
+    jobs = [make_job(db_session, run) for _ in range(8)]
+    for job in jobs:
+        assert claim_job(db_session, job.id, worker="w", lease=LEASE) is not None
+        expire_lease(db_session, job.id)
+    second = jobs[0]  # its second attempt lost its worker too: a longer pause
+    db_session.execute(update(Job).where(Job.id == second.id).values(attempts=2))
+    db_session.commit()
+    before = utcnow()
+
+    report = reap_expired(db_session, max_attempts=3, backoff=BACKOFF)
+
+    assert report.requeued == sorted(job.id for job in jobs)
+    pauses = {
+        job.id: (reload(db_session, job).retry_at - before).total_seconds()  # type: ignore[operator]
+        for job in jobs
+    }
+    assert 10 <= pauses[second.id] <= 20.5  # attempt 2: between half of 20 s and 20 s
+    first_attempts = [pauses[job.id] for job in jobs[1:]]
+    assert all(5 <= pause <= 10.5 for pause in first_attempts)  # attempt 1: 5 to 10 s
+    assert len({round(pause, 3) for pause in first_attempts}) > 1  # jittered, not in step
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
+    assert [BACKOFF.ceiling(n) for n in (0, 1, 2, 3, 4, 10, 100)] == [10, 10, 20, 40, 40, 40, 40]
+    rng = random.Random(7)
+    draws = [BACKOFF.seconds(3, rng) for _ in range(200)]
+    assert all(20 <= draw <= 40 for draw in draws)
+    assert max(draws) - min(draws) > 15
 
 
 # --- races on real connections (see tests/races.py) -----------------------------------------

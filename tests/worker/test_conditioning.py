@@ -28,14 +28,8 @@ from worker.conditioning import (
     mask_overlay,
     prepare_inputs,
 )
-from worker.pipeline import (
-    NULL_MODEL,
-    PipelineCache,
-    RenderParams,
-    check_inputs,
-    load_pipeline,
-    render_batch,
-)
+from worker.loading import NULL_MODEL, PipelineCache, load_pipeline
+from worker.pipeline import RenderParams, check_inputs, render_batch
 
 CPU = torch.device("cpu")
 W, H = 64, 48  # not square: sizes are checked both ways

@@ -11,17 +11,19 @@ from datetime import timedelta
 
 import pytest
 import torch
+from botocore.exceptions import EndpointConnectionError
 from sqlalchemy import create_engine, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Job, JobStatus, RunStatus, utcnow
 from pixelmill.storage import LocalStorage, Storage, StorageError
-from tests.worker.test_claim import expire_lease, make_job, make_run, reload
-from tests.worker.test_render import images_of, make_settings
-from tests.worker.test_render import make_job as make_render_job
+from tests.factories import make_job, make_run
+from tests.worker.support import expire_lease, images_of, make_settings, reload
+from tests.worker.support import make_job as make_render_job
 from worker.claim import bury_exhausted, claim_job, extend_lease, reap_expired
 from worker.heartbeat import Heartbeat
-from worker.pipeline import PipelineCache
+from worker.loading import PipelineCache
 from worker.render import WorkerRuntime, render_job
 
 LEASE = timedelta(minutes=30)
@@ -239,6 +241,47 @@ def test_transient_error_on_the_last_attempt_makes_the_job_dead(
     assert reload(db_session, job).attempts == 2  # type: ignore[arg-type]
 
 
+class UnreachableStorage(FlakyStorage):
+    """An S3 endpoint that does not answer, as boto3 reports it: not the job's fault."""
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise EndpointConnectionError(endpoint_url="http://s3.test:9000/bucket/" + key)
+        self.inner.put(key, data, content_type=content_type)
+
+
+def test_an_outage_is_retried_after_a_backoff_without_spending_an_attempt(
+    runtime_factory: Callable[..., WorkerRuntime],
+    db_session: Session,
+    tiny_model_dir: pathlib.Path,
+    tmp_path: pathlib.Path,
+) -> None:
+    storage = UnreachableStorage(LocalStorage(tmp_path / "down"), failures=100)
+    # One attempt allowed: had the outages been counted, the first would make the job dead.
+    runtime = runtime_factory(
+        storage=storage, max_attempts=1, retry_backoff_seconds=8, retry_backoff_max_seconds=60
+    )
+    job = make_render_job(db_session, model=str(tiny_model_dir), seeds=[1])
+
+    for attempt in (1, 2, 3):
+        before = utcnow()
+        assert render_job(runtime, job.id) == "retry"
+        row = reload(db_session, job)  # type: ignore[arg-type]
+        assert (row.status, row.attempts, row.outages) == (JobStatus.PENDING, attempt, attempt)
+        assert row.error is not None and row.error.startswith("EndpointConnectionError: ")
+        # The pause doubles with each try (8, 16, 32 s at most), drawn from its upper half.
+        ceiling = 8 * 2 ** (attempt - 1)
+        pause = (row.retry_at - before).total_seconds()  # type: ignore[operator]
+        assert ceiling / 2 - 1 <= pause <= ceiling + 1
+        _requeue(db_session, job.id)
+
+    storage.failures = 0  # storage is back
+    assert render_job(runtime, job.id) == "done"
+    row = reload(db_session, job)  # type: ignore[arg-type]
+    assert (row.status, row.attempts, row.outages, row.error) == (JobStatus.DONE, 4, 3, None)
+
+
 def test_a_job_out_of_attempts_is_buried_on_its_next_delivery(
     runtime_factory: Callable[..., WorkerRuntime],
     db_session: Session,
@@ -340,6 +383,35 @@ def test_heartbeat_extends_the_lease_until_stopped(
     beats = heartbeat.beats
     time.sleep(0.4)
     assert heartbeat.beats == beats  # stopped
+
+
+def test_a_failed_heartbeat_is_retried_sooner_than_the_next_beat(
+    committed_sessions: sessionmaker[Session],
+) -> None:
+    """The database answers the first beat with a dropped connection: the next try comes
+    within a second or so, not a whole interval later (a short outage must not cost the
+    lease)."""
+    lease = timedelta(seconds=30)
+    with committed_sessions() as session:
+        job = make_job(session)
+        claimed = claim_job(session, job.id, worker="w", lease=lease)
+        assert claimed is not None
+    calls: list[float] = []
+
+    def flaky_sessions() -> Session:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+        return committed_sessions()
+
+    started = time.monotonic()
+    with Heartbeat(flaky_sessions, claimed, lease, interval=4) as heartbeat:  # type: ignore[arg-type]
+        deadline = started + 15
+        while heartbeat.beats < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert heartbeat.beats >= 1
+    assert len(calls) >= 2
+    assert calls[1] - calls[0] <= 1.5  # not another 4 s
 
 
 def test_heartbeat_stops_when_the_job_is_taken_over(

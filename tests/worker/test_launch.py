@@ -52,7 +52,7 @@ def test_gpu_worker_env_and_command() -> None:
         "PIXELMILL_DEVICE": "cuda",
     }
     command = gpu_worker_command("1", queue="render", name="night")
-    assert command[:5] == [sys.executable, "-m", "celery", "-A", "worker"]
+    assert command[:5] == [sys.executable, "-m", "celery", "-A", "worker.main"]
     assert "--concurrency=1" in command and "--pool=prefork" in command
     assert "--hostname=night-gpu1@%h" in command
     assert "--queues=render" in command
@@ -82,9 +82,9 @@ def test_start_gpu_workers_starts_one_process_per_gpu() -> None:
 
 def test_launching_imports_no_torch() -> None:
     """The parent of the GPU workers must never initialise CUDA: it does not even import torch
-    (nor does `import worker`, which `celery -A worker` does in the parent)."""
+    (nor does `import worker.main`, which `celery -A worker.main` does in the parent)."""
     code = (
-        "import sys, worker, worker.launch, worker.celery_app;"
+        "import sys, worker, worker.main, worker.launch, worker.celery_app;"
         "from pixelmill.settings import Settings;"
         "worker.celery_app.celery_config(Settings());"
         "assert 'torch' not in sys.modules, 'torch imported';"

@@ -9,23 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import worker.pipeline
+import worker.schedulers
 from pixelmill.schedulers import KNOWN_SCHEDULERS, SCHEDULER_LABELS
-from worker.pipeline import (
+from worker.loading import (
     NULL_MODEL,
     NullPipeline,
     PipelineCache,
-    RenderedImage,
-    RenderParams,
-    apply_scheduler,
-    check_inputs,
     default_dtype,
     load_pipeline,
-    render_batch,
-    render_seed,
     resolve_device,
-    scheduler_label,
 )
+from worker.pipeline import RenderedImage, RenderParams, check_inputs, render_batch, render_seed
+from worker.schedulers import apply_scheduler, scheduler_label
 
 CPU = torch.device("cpu")
 
@@ -152,7 +147,7 @@ def test_every_known_scheduler_can_be_built(pipe: Any) -> None:
     for name in KNOWN_SCHEDULERS:
         apply_scheduler(pipe, name)
         assert scheduler_label(name, pipe=pipe)
-    assert set(worker.pipeline._SCHEDULER_FACTORIES) == set(SCHEDULER_LABELS)
+    assert set(worker.schedulers._SCHEDULER_FACTORIES) == set(SCHEDULER_LABELS)
 
 
 def test_scheduler_label_without_pipe() -> None:

@@ -41,6 +41,11 @@ def test_a1111_format() -> None:
     )
 
 
+def test_a1111_schedule_type_follows_the_sampler() -> None:
+    text = _params(sampler="DPM++ 2M Karras", schedule_type="Karras")
+    assert "Steps: 20, Sampler: DPM++ 2M Karras, Schedule type: Karras, CFG scale: 7.0," in text
+
+
 def test_a1111_format_omits_empty_negative_and_missing_hash() -> None:
     assert _params(negative_prompt="", model_hash=None, cfg_scale=4.5) == (
         "a red fox in the snow, (masterpiece:1.2)\n"

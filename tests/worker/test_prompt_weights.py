@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.pipeline import RenderParams, check_inputs, load_pipeline, render_batch
+from worker.loading import load_pipeline
+from worker.pipeline import RenderParams, check_inputs, render_batch
 from worker.prompt_weights import (
     DOWN,
     UP,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pathlib
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,39 +12,24 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus, SafetyStatus, utcnow
+from db.models import Image, Job, JobStatus, RunStatus, SafetyStatus, utcnow
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage, S3Storage, Storage, storage_from_settings
+from tests.worker.support import PROMPT, STEPS, images_of, make_job, make_settings, reload_job
 from worker.claim import ClaimedJob, claim_job
-from worker.pipeline import PipelineCache
+from worker.image_writer import image_key, safe_key_part, thumbnail_key
+from worker.loading import PipelineCache
 from worker.png import read_parameters, read_pixelmill
-from worker.render import WorkerRuntime, image_key, render_job, safe_key_part, thumbnail_key
-
-PROMPT = "a ceramic teapot, studio lighting"
-STEPS = 2
+from worker.render import WorkerRuntime, render_job
 
 
 @pytest.fixture(scope="module")
 def pipelines() -> PipelineCache:
     # Shared by the module's tests: loading the tiny model once keeps the file fast.
     return PipelineCache(device=torch.device("cpu"))
-
-
-def make_settings(
-    tiny_model_dir: pathlib.Path, tmp_path: pathlib.Path, **extra: object
-) -> Settings:
-    values: dict[str, object] = {
-        "model": str(tiny_model_dir),
-        "device": "cpu",
-        "storage": "local",
-        "storage_dir": tmp_path / "images",
-        "data_dir": tmp_path / "data",
-        **extra,
-    }
-    return Settings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -64,56 +48,6 @@ def runtime(
         pipelines=pipelines,
         name="test-worker",
     )
-
-
-def make_job(
-    session: Session,
-    *,
-    model: str,
-    seeds: list[int],
-    scheduler: str | None = None,
-    prompt: str = PROMPT,
-) -> Job:
-    run = Run(name=f"run-{uuid.uuid4().hex}", source="test")
-    item = CatalogueItem(
-        source="test",
-        external_key=f"sku-{uuid.uuid4().hex[:8]}",
-        fields={"name": "teapot"},
-        content_hash=uuid.uuid4().hex * 2,
-    )
-    session.add_all([run, item])
-    session.flush()
-    job = Job(
-        run_id=run.id,
-        item_id=item.id,
-        template="studio",
-        prompt=prompt,
-        negative_prompt="blurry",
-        model=model,
-        scheduler=scheduler,
-        steps=STEPS,
-        guidance=7.0,
-        width=64,
-        height=64,
-        seeds=seeds,
-        status=JobStatus.QUEUED,
-        dedupe_key=uuid.uuid4().hex * 2,
-    )
-    session.add(job)
-    session.commit()
-    return job
-
-
-def reload_job(session: Session, job_id: int) -> Job:
-    session.expire_all()
-    job = session.get(Job, job_id)
-    assert job is not None
-    return job
-
-
-def images_of(session: Session, job_id: int) -> list[Image]:
-    session.expire_all()
-    return list(session.scalars(select(Image).where(Image.job_id == job_id).order_by(Image.seed)))
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -1,12 +1,12 @@
-"""render_job for the job kinds of issue 7: staged input images read from storage, adapters,
-the metadata chunks, and clear per-item errors for bad inputs."""
+"""render_job for the job kinds beyond text-to-image (img2img, inpaint, ControlNet, adapters):
+staged input images read from storage, adapters, the metadata chunks, and clear per-item
+errors for bad inputs."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import pathlib
-import uuid
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.job_options import ControlNetSpec, EmbeddingRef, JobOptions, LoraRef, MaskSpec
-from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run
+from db.models import CatalogueItem, Image, InputImage, Job, JobStatus
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage
+from tests import factories
 from worker.adapters import file_sha256
 from worker.conditioning import fit_image, fitted_rgb
-from worker.pipeline import PipelineCache
+from worker.loading import PipelineCache
 from worker.png import read_parameters, read_pixelmill
 from worker.render import WorkerRuntime, render_job
 from worker.tiny_adapters import TINY_EMBEDDING_TOKEN
@@ -107,37 +108,22 @@ def make_job(
     prompt: str = "a red sneaker on a marble table",
     seeds: tuple[int, ...] = (1, 2),
 ) -> Job:
-    run = Run(name=f"run-{uuid.uuid4().hex}", source="test")
-    item = CatalogueItem(
-        source="test",
-        external_key=f"sku-{uuid.uuid4().hex[:8]}",
-        fields={"name": "sneaker"},
-        content_hash=uuid.uuid4().hex * 2,
-    )
-    session.add_all([run, item])
-    session.flush()
-    job = Job(
-        run_id=run.id,
-        item_id=item.id,
+    return factories.make_job(
+        session,
+        item=factories.make_item(session, fields={"name": "sneaker"}),
         template="scene",
         prompt=prompt,
-        negative_prompt="blurry",
         model=model,
         steps=3,
         guidance=6.0,
         width=W,
         height=H,
-        seeds=list(seeds),
+        seeds=seeds,
         kind=kind,
         input_image=input_image,
         mask_image=mask_image,
         options=(options or JobOptions()).to_json(),
-        status=JobStatus.QUEUED,
-        dedupe_key=uuid.uuid4().hex * 2,
     )
-    session.add(job)
-    session.commit()
-    return job
 
 
 def outcome(session: Session, job: Job) -> tuple[str, str | None]:

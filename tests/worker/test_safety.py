@@ -19,9 +19,10 @@ from db.models import Job, JobStatus, RunStatus, SafetyStatus
 from pixelmill.blocklist import Blocklist
 from pixelmill.storage import LocalStorage
 from tests.worker.flagging_model import make_flagging_model
-from tests.worker.test_render import images_of, make_job, make_settings, reload_job
-from worker.pipeline import PipelineCache
-from worker.render import QUARANTINE_PREFIX, WorkerRuntime, image_key, render_job
+from tests.worker.support import images_of, make_job, make_settings, reload_job
+from worker.image_writer import QUARANTINE_PREFIX, image_key
+from worker.loading import PipelineCache
+from worker.render import WorkerRuntime, render_job
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.pipeline import RenderParams, load_pipeline, render_batch
+from worker.loading import load_pipeline
+from worker.pipeline import RenderParams, render_batch
 
 CPU = torch.device("cpu")
 

@@ -26,7 +26,8 @@ from tests.worker.checkpoints import (
     convert_to_single_file,
     copy_configs_only,
 )
-from worker.pipeline import RenderParams, load_pipeline, render_batch
+from worker.loading import load_pipeline
+from worker.pipeline import RenderParams, render_batch
 
 CPU = torch.device("cpu")
 PARAMS = RenderParams(

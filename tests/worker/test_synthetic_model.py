@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pixelmill.cli import app
+from cli.main import app
 from worker.synthetic_model import (
     SD15_UNET,
     SDXL_UNET,
@@ -98,7 +98,8 @@ def test_cli_writes_an_sd15_folder_that_renders_on_the_gpu(tmp_path: Path) -> No
     """End to end on a GPU: `pixelmill model synthetic` -> from_pretrained -> a 512x512 image."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from worker.pipeline import RenderParams, load_pipeline, render_seed
+    from worker.loading import load_pipeline
+    from worker.pipeline import RenderParams, render_seed
 
     out = tmp_path / "sd15"
     result = CliRunner().invoke(app, ["model", "synthetic", "--arch", "sd15", "--out", str(out)])

@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import JobStatus
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage
-from tests.worker.test_render import images_of, make_job, make_settings, reload_job
-from worker.pipeline import PipelineCache
+from tests.worker.support import images_of, make_job, make_settings, reload_job
+from worker.loading import PipelineCache
 from worker.render import DEFERRED, WorkerRuntime, render_job
 from worker.tail import JobTails
 

@@ -112,7 +112,7 @@ def test_sdxl_build_is_deterministic(
 def test_cli_writes_either_architecture(tmp_path: pathlib.Path) -> None:
     from typer.testing import CliRunner
 
-    from pixelmill.cli import app
+    from cli.main import app
 
     for arch, pipeline_class in (
         ("sdxl", "StableDiffusionXLPipeline"),
@@ -128,7 +128,7 @@ def test_cli_writes_either_architecture(tmp_path: pathlib.Path) -> None:
 def test_cli_refuses_an_unknown_architecture(tmp_path: pathlib.Path) -> None:
     from typer.testing import CliRunner
 
-    from pixelmill.cli import app
+    from cli.main import app
 
     out = tmp_path / "model"
     result = CliRunner().invoke(app, ["model", "tiny", "--out", str(out), "--arch", "sd3"])

@@ -1,0 +1,167 @@
+"""`pixelmill demo`: the nightly job end to end on the embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cli import common
+from cli.common import EXIT_FAILED, console, fail
+from cli.dispatch import dispatch_once
+from cli.produce import ProduceArguments, print_run, run_producer
+from cli.status import status
+from pixelmill.errors import BadInputError
+from pixelmill.settings import Settings
+
+if TYPE_CHECKING:
+    from monitoring.status import RunStatusReport
+
+
+def demo(
+    examples: Annotated[Path, typer.Option(help="Folder with catalogue.csv, templates.yaml.")] = (
+        Path("examples")
+    ),
+    timeout: Annotated[
+        float, typer.Option(min=1, max=86_400, help="Seconds to wait for the render.")
+    ] = 600,
+) -> None:
+    """Run the nightly job end to end on the embedded defaults (SQLite, local folder, a Celery
+    worker on a file-based transport, the tiny model)."""
+    _quiet_libraries()
+    from db.migrate import upgrade
+    from worker.models import resolve_model
+
+    catalogue, templates = _example_files(examples)
+    settings = common.settings()
+    upgrade(settings.resolved_database_url)
+    console.print(f"model: {resolve_model(settings.model, settings)}")
+    run_name = default_demo_run(examples, catalogue, templates)
+    _produce_demo_run(settings, catalogue, templates, run_name)
+    worker_process = _start_worker(settings)
+    try:
+        report = _wait_for_render(settings, run_name, worker_process, timeout)
+    finally:
+        worker_process.send_signal(signal.SIGTERM)
+        worker_process.wait(timeout=60)
+    status(run_name)
+    if report.failures:
+        raise typer.Exit(EXIT_FAILED)
+    storage = (
+        f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
+        if settings.storage == "s3"
+        else str(settings.resolved_storage_dir)
+    )
+    console.print(f"images:   {storage}")
+    console.print(f"database: {common.safe_url(settings.resolved_database_url)}")
+
+
+def _example_files(examples: Path) -> tuple[Path, Path]:
+    """The folder's catalogue.csv and templates.yaml; refused (exit 2) before anything
+    starts when either is missing."""
+    if not examples.is_dir():
+        raise BadInputError(f"--examples {str(examples)!r}: no such folder")
+    files = examples / "catalogue.csv", examples / "templates.yaml"
+    for path in files:
+        if not path.is_file():
+            raise BadInputError(f"--examples {str(examples)!r}: {path.name} is missing")
+    return files
+
+
+def default_demo_run(examples: Path, catalogue: Path, templates: Path) -> str:
+    """The demo run's name: its examples folder, catalogue and template file, then the time,
+    so two demo runs (of examples/ and of examples/product-scenes/, say) can be told apart."""
+    from datetime import UTC, datetime
+
+    folder = examples.resolve().name or "examples"
+    return f"{folder}-{catalogue.stem}-{templates.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+def _produce_demo_run(settings: Settings, catalogue: Path, templates: Path, run_name: str) -> None:
+    """Produces the demo's run and publishes its jobs. An earlier demo on the same database
+    made every job already, and the demo is there to show a render: it renders them again."""
+    from producer.report import NothingToProduceError
+
+    arguments = ProduceArguments(catalogue=str(catalogue), template=templates, run=run_name)
+    try:
+        report = run_producer(settings, arguments)
+    except NothingToProduceError:
+        console.print("an earlier demo made these jobs already: rendering them again (--force)")
+        report = run_producer(settings, replace(arguments, force=True))
+    print_run(settings, report, dispatch_jobs=True)
+
+
+def _quiet_libraries() -> None:
+    """No notices or progress bars from transformers and diffusers (building the tiny model
+    and scorer, loading them), here and in the worker, which inherits the environment: the
+    demo's output is its own. Set before either library is imported; a variable already set
+    is left as it is."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    """One Celery worker process on the render queue, with this process's environment; it
+    scores with the built-in tiny scorer unless a scorer is configured (PIXELMILL_SCORER set,
+    even empty), so a first run's review grid is ranked."""
+    from worker.launch import CELERY_APP, worker_argv
+
+    env = os.environ.copy()
+    if not settings.scorer and "PIXELMILL_SCORER" not in env:
+        env["PIXELMILL_SCORER"] = "tiny"
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            CELERY_APP,
+            *worker_argv(queue=settings.render_queue, hostname="demo@%h", loglevel="WARNING"),
+        ],
+        env=env,
+    )
+
+
+def _wait_for_render(
+    settings: Settings, run_name: str, worker_process: subprocess.Popen[bytes], timeout: float
+) -> RunStatusReport:
+    """A progress bar of run ``run_name`` until it is finished; the worker exiting, or the
+    run not finishing within ``timeout`` seconds, ends the command with exit status 1."""
+    from db.runs import find_run
+    from monitoring.status import run_status
+
+    sessions = common.sessions(settings)
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("rendering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("images", total=None)
+        while True:
+            with sessions() as session:
+                found = find_run(session, run_name)
+                assert found is not None
+                report = run_status(session, found)
+            progress.update(task, total=report.images_planned, completed=report.images)
+            if report.finished:
+                return report
+            # The dispatcher keeps a small window on the broker: top it up as jobs finish.
+            dispatch_once(settings, quiet=True)
+            if worker_process.poll() is not None:
+                fail(f"the worker exited ({worker_process.returncode})")
+            if time.monotonic() > deadline:
+                fail(f"not finished after {timeout:.0f} s")
+            time.sleep(0.5)

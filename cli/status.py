@@ -1,0 +1,90 @@
+"""`pixelmill status`: a run's jobs by status, images and failures, or a live progress bar."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from cli import common
+from cli.common import EXIT_FAILED, console, err, fail
+from pixelmill.settings import Settings
+
+if TYPE_CHECKING:
+    from monitoring.status import ProgressRate, RunStatusReport
+
+
+def status(
+    run: Annotated[str | None, typer.Argument(help="Run name or id.")] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Show a live progress bar (rate, ETA) until done.")
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+) -> None:
+    """Jobs by status, images made and failures of RUN (default: the latest run)."""
+    from db.models import Run as RunRow
+    from db.runs import find_run
+    from monitoring.status import run_status
+
+    settings = common.settings()
+    with common.sessions(settings)() as session:
+        found = find_run(session, run)
+        if found is None:
+            if run:
+                fail(f"no run {run!r}")
+            err.print("no runs yet")
+            raise typer.Exit(EXIT_FAILED)
+        run_id = found.id
+        if not watch:
+            report = run_status(session, found)
+    if watch:
+        _watch_run(settings, run_id, interval)
+        with common.sessions(settings)() as session:
+            report = run_status(session, session.get_one(RunRow, run_id))
+    print_report(report)
+
+
+def print_report(report: RunStatusReport) -> None:
+    table = Table(title=f"run {report.name!r} (id {report.run_id}, {report.status})")
+    table.add_column("job status")
+    table.add_column("jobs", justify="right")
+    for job_status, count in sorted(report.jobs.items()):
+        table.add_row(job_status, str(count))
+    console.print(table)
+    console.print(f"images: {report.images} of {report.images_planned} planned")
+    for job_id, error in report.failures:
+        console.print(f"[red]job {job_id} failed:[/red] {error}")
+
+
+def _watch_run(settings: Settings, run_id: int, interval: float) -> None:
+    """A progress bar of the run's images until no job of it is open (monitoring.status)."""
+    from monitoring.status import watch_run
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images  {task.fields[rate]}  {task.fields[eta]}  {task.fields[jobs]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("run", total=None, rate="", eta="", jobs="")
+
+        def show(report: RunStatusReport, rate: ProgressRate) -> None:
+            per_second = rate.per_second()
+            eta = rate.eta_seconds(report.images_planned - report.images)
+            eta_text = "ETA ?" if eta is None else f"ETA {timedelta(seconds=round(eta))}"
+            open_jobs = {s: n for s, n in sorted(report.jobs.items()) if n}
+            progress.update(
+                task,
+                description=f"run {report.name!r}",
+                total=max(report.images_planned, report.images),
+                completed=report.images,
+                rate="…" if per_second is None else f"{per_second * 60:.1f}/min",
+                eta="done" if report.finished else eta_text,
+                jobs=" ".join(f"{s}:{n}" for s, n in open_jobs.items()),
+            )
+
+        watch_run(common.sessions(settings), run_id, interval=interval, show=show)

@@ -1,0 +1,1 @@
+"""What review learns from decisions: the keeper model (training, predictions, retraining)."""
