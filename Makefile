@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 .PHONY: install demo demo-products test lint format typecheck pytest migrations-check bench bench-worker review bench-review clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first and pinned: the
-# CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
+# CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build). spandrel (upscale
+# models) is installed without its dependencies: see the "einops" line of pyproject.toml.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps 'spandrel>=0.4.2,<0.5'
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

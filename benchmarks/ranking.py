@@ -2,12 +2,12 @@
 time a keeper costs, with a planted signal.
 
 The planted signal: every candidate is a random texture, and a keeper is one whose texture is
-tinted faintly warm (red raised and blue lowered by 6% of the range). The tint is a property of the pixels only, so the
-tiny random CLIP scorer (the same loading and scoring path as a real scorer) sees it in its
-embedding. About 15% of candidates are keepers, and how many an item holds varies. Simulated
-reviewers decide in the app's order (review.ranking.order over the rows in the database),
-through the review queue's own claim/decide/submit, and keep a keeper, or reject a reject,
-90% of the time (10% label noise).
+tinted faintly warm (red raised and blue lowered by 6% of the range). The tint is a property
+of the pixels only, so the tiny random CLIP scorer (the same loading and scoring path as a
+real scorer) sees it in its embedding. About 15% of candidates are keepers, and how many an
+item holds varies. Simulated reviewers decide in the app's order (review.ranking.order over
+the rows in the database), through the review queue's own claim/decide/submit, and keep a
+keeper, or reject a reject, 90% of the time (10% label noise).
 
 After 200, 1,000 and 5,000 decisions a keeper model is trained (review.ranking.train) and a
 fresh evaluation run of unseen items is ranked by it. Printed for each:
@@ -107,6 +107,10 @@ def plant_run(
     return Planted(run.id, truth)
 
 
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _plant_job(
     session: Session,
     scorer: Scorer,
@@ -120,7 +124,7 @@ def _plant_job(
     job = Job(
         run_id=run.id, item_id=item.id, template=template, prompt=prompt, model="tiny",
         steps=1, guidance=1.0, width=64, height=64, seeds=list(range(CANDIDATES)),
-        status=JobStatus.DONE, dedupe_key=hashlib.sha256(f"{run.name}-{index}".encode()).hexdigest(),
+        status=JobStatus.DONE, dedupe_key=_key(f"{run.name}-{index}"),
     )  # fmt: skip
     session.add(job)
     session.flush()

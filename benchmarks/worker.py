@@ -13,7 +13,11 @@ Renders the same (prompt, seed) pairs (default 8 jobs x 4 seeds = 32) twice:
   its model and rendered a warm-up job, as the bare loop has).
 
 It prints images/s for both and the ratio system/bare (target >= 0.95 where rendering
-dominates). With ``--null`` the worker renders with ``PIXELMILL_MODEL=null`` (blank images, no
+dominates). Scoring (``--scorer``, default the built-in tiny one): the system runs once more
+with the scorer, and a fresh process renders the pairs through the worker's pipeline code and
+scores each batch on the render device as the worker does, timing both per batch, so images/s
+with and without scoring come from the same batches (goal: at most 3% slower). With
+``--null`` the worker renders with ``PIXELMILL_MODEL=null`` (blank images, no
 compute) and it prints the system's own overhead in ms per job instead.
 
     .venv/bin/python benchmarks/worker.py                      # tiny model, CPU, 128x128
@@ -248,22 +252,61 @@ def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> floa
     return rendered / seconds
 
 
-def bare_in_child(model_dir: str, pairs: list[Pair], args: Any, work: Path) -> float:
-    """:func:`bare_images_per_second` in a fresh process of its own, as the worker's child is:
-    measured in this process the loop was 5-10% slower (on a 2-core machine) than in a clean
-    one, which flattered the system's ratio."""
+def scored_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> list[float]:
+    """Images/s of the worker's render loop without and with scoring, from the same batches:
+    each is rendered (worker.pipeline.render_batch, tensors on the device) and then scored as
+    the worker scores it (the prompt's embedding cached, one transfer back per batch)."""
+    import torch
+
+    from pixelmill.settings import get_settings
+    from worker.loading import PipelineCache
+    from worker.pipeline import RenderParams, render_batch
+    from worker.scoring.configured import scorer_from_settings
+
+    device = torch.device(args.device)
+    pipe = PipelineCache(device=device, safety_checker=args.safety_checker).get(model_dir)
+    settings = get_settings(scorer=args.scorer, device=args.device, data_dir=args.data_dir)
+    scorer = scorer_from_settings(settings)
+    assert scorer is not None
+
+    def render_and_score(pair: Pair) -> tuple[float, float]:
+        params = RenderParams(
+            prompt=pair.prompt, negative_prompt=pair.negative_prompt, steps=args.steps,
+            guidance=7.0, width=args.size, height=args.size,
+        )  # fmt: skip
+        started = time.perf_counter()
+        rendered = render_batch(pipe, params, pair.seeds)
+        synchronize(device)
+        rendered_at = time.perf_counter()
+        pixels = torch.stack([image.pixels for image in rendered if image.pixels is not None])
+        scorer.score_against(pixels, pair.prompt, None)  # returns on the CPU: synchronised
+        return rendered_at - started, time.perf_counter() - rendered_at
+
+    render_and_score(Pair("warm-up", pairs[0].negative_prompt, [0] * len(pairs[0].seeds)))
+    times = [render_and_score(pair) for pair in pairs]
+    images = sum(len(pair.seeds) for pair in pairs)
+    rendering = sum(render for render, _ in times)
+    return [images / rendering, images / (rendering + sum(score for _, score in times))]
+
+
+def in_child(mode: str, model_dir: str, pairs: list[Pair], args: Any, work: Path) -> list[float]:
+    """:func:`bare_images_per_second` (``--bare-child``) or :func:`scored_images_per_second`
+    (``--score-child``) in a fresh process of its own, as the worker's child is: measured in
+    this process the loop was 5-10% slower (on a 2-core machine) than in a clean one, which
+    flattered the system's ratio."""
     pairs_path = work / "pairs.json"
     pairs_path.write_text(json.dumps([vars(pair) for pair in pairs]))
     command = [
-        sys.executable, __file__, "--bare-child", str(pairs_path), "--model", model_dir,
+        sys.executable, __file__, mode, str(pairs_path), "--model", model_dir,
         "--size", str(args.size), "--steps", str(args.steps), "--device", args.device,
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--scorer", args.scorer,
+        "--data-dir", str(work / "data"),
         "--safety-checker" if args.safety_checker else "--no-safety-checker",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the bare loop failed:\n{done.stdout}\n{done.stderr[-4000:]}")
-    return float(done.stdout.split()[-1])
+        raise RuntimeError(f"{mode} failed:\n{done.stdout}\n{done.stderr[-4000:]}")
+    return [float(value) for value in done.stdout.split()[-1].split(",")]
 
 
 def synchronize(device: Any) -> None:
@@ -394,7 +437,12 @@ def parse_args() -> argparse.Namespace:
         help="SQLite database, SQLAlchemy-transport broker and local storage (no services)",
     )
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--scorer", default="tiny", help="PIXELMILL_SCORER for the scoring figures (tiny)"
+    )
     parser.add_argument("--bare-child", metavar="PAIRS_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--score-child", metavar="PAIRS_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", default="var", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -451,10 +499,13 @@ def worker_settings(args: Any, model: str, services: Services, work: Path) -> di
 
 
 def benchmark(args: Any, work: Path, model: str, services: Services) -> None:
-    """The bare loop, the system, the bare loop again (unless --null); prints the figures."""
+    """The bare loop, the system (without, then with scoring), the bare loop again (unless
+    --null), the scoring loop; prints the figures."""
     database_url = services.database_url
     warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
     run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
+    scored_warm_up = produce_run(database_url, work, "warm-up-scored", model, args, jobs=1)
+    scored_run = produce_run(database_url, work, "scored", model, args, jobs=args.jobs)
     images = args.jobs * args.seeds
     print(
         f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
@@ -466,14 +517,10 @@ def benchmark(args: Any, work: Path, model: str, services: Services) -> None:
     bare: list[float] = []
     pairs = pairs_of(database_url, run_id, args.batch_size)
     if not args.null:
-        bare.append(bare_in_child(model, pairs, args, work))
+        bare.append(in_child("--bare-child", model, pairs, args, work)[0])
         print(f"bare diffusers loop: {bare[-1]:8.3f} images/s", flush=True)
-    system = System(worker_settings(args, model, services, work), args, work / "worker.log")
-    try:
-        system.run(warm_up, timeout=args.timeout)  # model loaded, first job rendered
-        seconds = system.run(run_id, timeout=args.timeout)
-    finally:
-        system.stop()
+    settings = worker_settings(args, model, services, work)
+    seconds = system_seconds(settings, args, work, warm_up, run_id)
     rate = images / seconds
     print(f"system:              {rate:8.3f} images/s ({seconds:.2f} s)", flush=True)
     rendering = render_seconds(database_url, run_id)
@@ -481,12 +528,37 @@ def benchmark(args: Any, work: Path, model: str, services: Services) -> None:
     if args.null:
         print(f"job overhead:        {seconds / args.jobs * 1000:8.1f} ms per job")
         return
+    scored = {**settings, "scorer": args.scorer}
+    scored_rate = images / system_seconds(scored, args, work, scored_warm_up, scored_run)
+    print(
+        f"system, scoring:     {scored_rate:8.3f} images/s ({args.scorer} scorer: "
+        f"{scored_rate / rate - 1:+.1%} images/s in one run of each; the paired loop below "
+        "measures scoring without the run-to-run noise)"
+    )
     # The bare loop again, after: on a shared machine the load drifts during a run, and
     # the mean of a run before and one after the system's cancels a steady drift.
-    bare.append(bare_in_child(model, pairs, args, work))
+    bare.append(in_child("--bare-child", model, pairs, args, work)[0])
     print(f"bare diffusers loop: {bare[-1]:8.3f} images/s (again, after)", flush=True)
     mean = sum(bare) / len(bare)
     print(f"ratio system/bare:   {rate / mean:8.3f}  (target >= 0.95; bare = mean of both)")
+    plain, with_scores = in_child("--score-child", model, pairs, args, work)
+    slower = 1 - with_scores / plain
+    print(f"render loop: {plain:.3f} images/s unscored, {with_scores:.3f} scored (same batches)")
+    verdict = "met" if slower <= 0.03 else "NOT met"
+    print(f"scoring ({args.scorer}, {args.device}): {slower:.2%} slower (goal <= 3%): {verdict}")
+    print("scoring (ViT-L/14, GPU): not measured here (no GPU; on one: --device cuda --scorer "
+          "openai/clip-vit-large-patch14 with a real model)")  # fmt: skip
+
+
+def system_seconds(values: dict[str, str], args: Any, work: Path, warm_up: int, run: int) -> float:
+    """A worker subprocess renders the warm-up run (model loaded, first job rendered), then
+    ``run``: the seconds of the latter."""
+    system = System(values, args, work / f"worker-{run}.log")
+    try:
+        system.run(warm_up, timeout=args.timeout)
+        return system.run(run, timeout=args.timeout)
+    finally:
+        system.stop()
 
 
 def main() -> int:
@@ -495,9 +567,13 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.bare_child:
-        pairs = [Pair(**pair) for pair in json.loads(Path(args.bare_child).read_text())]
-        print(bare_images_per_second(args.model, pairs, args))
+    if args.bare_child or args.score_child:
+        pairs_path = Path(args.bare_child or args.score_child)
+        pairs = [Pair(**pair) for pair in json.loads(pairs_path.read_text())]
+        if args.bare_child:
+            print(bare_images_per_second(args.model, pairs, args))
+        else:
+            print(",".join(str(rate) for rate in scored_images_per_second(args.model, pairs, args)))
         return 0
 
     from pixelmill.logs import configure_logging

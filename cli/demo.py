@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,8 @@ def demo(
 
     catalogue, templates = _example_files(examples)
     settings = common.settings()
+    # A fresh database's migrations, one log line each, are not what the demo is about.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     upgrade(settings.resolved_database_url)
     console.print(f"model: {resolve_model(settings.model, settings)}")
     run_name = default_demo_run(examples, catalogue, templates)
@@ -62,6 +65,7 @@ def demo(
     )
     console.print(f"images:   {storage}")
     console.print(f"database: {common.safe_url(settings.resolved_database_url)}")
+    console.print(f"worker log: {worker_log(settings)}")
 
 
 def _example_files(examples: Path) -> tuple[Path, Path]:
@@ -118,17 +122,28 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = os.environ.copy()
     if not settings.scorer and "PIXELMILL_SCORER" not in env:
         env["PIXELMILL_SCORER"] = "tiny"
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            CELERY_APP,
-            *worker_argv(queue=settings.render_queue, hostname="demo@%h", loglevel="WARNING"),
-        ],
-        env=env,
-    )
+    # The worker's banner and logs go to a file: what a newcomer sees is progress and results.
+    log = worker_log(settings).open("ab")
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                CELERY_APP,
+                *worker_argv(queue=settings.render_queue, hostname="demo@%h", loglevel="WARNING"),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()  # the child holds its own copy
+
+
+def worker_log(settings: Settings) -> Path:
+    return (settings.data_dir / "demo-worker.log").resolve()
 
 
 def _wait_for_render(
@@ -161,7 +176,10 @@ def _wait_for_render(
             # The dispatcher keeps a small window on the broker: top it up as jobs finish.
             dispatch_once(settings, quiet=True)
             if worker_process.poll() is not None:
-                fail(f"the worker exited ({worker_process.returncode})")
+                fail(
+                    f"the worker exited ({worker_process.returncode}); its log: "
+                    f"{worker_log(settings)}"
+                )
             if time.monotonic() > deadline:
                 fail(f"not finished after {timeout:.0f} s")
             time.sleep(0.5)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
 # The pauses of a watching dispatcher after a failed round: doubling up to this many seconds.
-OUTAGE_PAUSE_MAX_SECONDS = 30.0
+OUTAGE_PAUSE_MAX_SECONDS = 10.0
 
 
 def dispatch_once(

@@ -11,6 +11,7 @@ from cli import db, model, rank, runs
 from cli.common import Commands
 from cli.demo import demo
 from cli.dispatch import dispatch
+from cli.finish import finish
 from cli.monitoring import exporter
 from cli.produce import produce
 from cli.review import export, review, reviewer_app
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 for command in (
-    produce, dispatch, worker, status, runs.runs, demo, review, export, exporter, score
+    produce, dispatch, worker, status, runs.runs, demo, review, export, exporter, score, finish
 ):  # fmt: skip
     app.command()(command)
 app.add_typer(db.app, name="db")

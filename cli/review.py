@@ -100,8 +100,32 @@ def export(
         bool, typer.Option("--copy-approved", help="Also copy the keepers under approved/.")
     ] = False,
     out: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+    channel: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--channel", help="A sales channel's preset (repeatable): its files go to --to."
+        ),
+    ] = None,
+    presets: Annotated[
+        Path | None,
+        typer.Option(help="Channel presets file. Default: PIXELMILL_CHANNEL_PRESETS_PATH."),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="With --channel: a folder, a .zip file or s3://BUCKET/PREFIX."),
+    ] = None,
 ) -> None:
-    """One row per kept image of RUN: item key, storage URL, prompt, seed, model, ..."""
+    """One row per kept image of RUN: item key, storage URL, prompt, seed, model, ...
+
+    With --channel: each keeper as each channel's file (sized, encoded, marked as
+    AI-generated), written to --to with a manifest; run again, it adds only what is missing.
+    """
+    if channel or to is not None or presets is not None:
+        from cli.channels import export_to_channels
+
+        rows_options = out is not None or copy_approved or format != "csv"
+        export_to_channels(run, channel or [], presets, to, rows_options=rows_options)
+        return
     from db.runs import find_run
     from pixelmill.storage import storage_from_settings
     from review.export import FORMATS, export_lines, open_items_left_out

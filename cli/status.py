@@ -14,6 +14,7 @@ from cli.common import EXIT_FAILED, console, err, fail
 from pixelmill.settings import Settings
 
 if TYPE_CHECKING:
+    from db.keeper_costs import CostFigures, RunCosts
     from monitoring.status import ProgressRate, RunStatusReport
 
 
@@ -57,6 +58,55 @@ def print_report(report: RunStatusReport) -> None:
     console.print(f"images: {report.images} of {report.images_planned} planned")
     for job_id, error in report.failures:
         console.print(f"[red]job {job_id} failed:[/red] {error}")
+    if report.costs is not None and report.costs.variants:  # nothing to cost before images
+        print_costs(report.costs)
+
+
+def _figure(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _cost_row(table: Table, template: str, variant: str, figures: CostFigures) -> None:
+    table.add_row(
+        template,
+        variant,
+        str(figures.images),
+        str(figures.kept),
+        str(figures.auto_rejected),
+        _figure(figures.gpu_seconds_per_image),
+        _figure(figures.gpu_seconds_per_keeper),
+        _figure(figures.reviewer_seconds_per_keeper),
+        _figure(figures.keeper_recall, ".0%"),
+        _figure(figures.gpu_seconds_saved, ".1f"),
+    )
+
+
+def print_costs(costs: RunCosts) -> None:
+    """GPU- and reviewer-seconds per keeper per template and variant (db.keeper_costs says
+    what each figure means)."""
+    from db.keeper_costs import REVIEW_GAP_CAP_SECONDS
+
+    table = Table(title="cost per keeper")
+    table.add_column("template")
+    table.add_column("variant")
+    counts = ("images", "kept", "auto-rejected", "GPU-s/image", "GPU-s/keeper")
+    for heading in (*counts, "review-s/keeper", f"in top {costs.top_k}", "GPU-s saved"):
+        table.add_column(heading, justify="right")
+    for template, variant in sorted(costs.variants):
+        _cost_row(table, template, variant or "–", costs.variants[(template, variant)])
+    for template, figures in costs.templates.items():
+        if sum(1 for name, _ in costs.variants if name == template) > 1:
+            _cost_row(table, template, "(all)", figures)
+    _cost_row(table, "(run)", "", costs.total)
+    console.print(table)
+    total = costs.total
+    console.print(
+        f"GPU-seconds: {total.gpu_seconds:.1f}, per keeper so far. Review-seconds: "
+        f"{total.reviewer_seconds:.0f} (gaps between a reviewer's actions, each capped at "
+        f"{REVIEW_GAP_CAP_SECONDS / 60:.0f} min). In top {costs.top_k}: kept images the model "
+        f"ranked among their item's first {costs.top_k}. Early stop: {total.skipped_seeds} "
+        f"seeds skipped, {total.gpu_seconds_saved:.1f} GPU-seconds saved."
+    )
 
 
 def _watch_run(settings: Settings, run_id: int, interval: float) -> None:

@@ -20,24 +20,22 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run render workers (one per GPU with --gpus; else the same as `celery -A worker.main
-    worker`). The model is loaded in each worker process, never in this one."""
-    from worker.launch import parse_gpus, run_gpu_workers, worker_argv
+    worker`). They also serve the finishing queue (upscaling and captioning keepers). The
+    model is loaded in each worker process, never in this one."""
+    from worker.launch import parse_gpus, run_gpu_workers, served_queues, worker_argv
 
     settings = common.settings()
+    queues = served_queues(settings.render_queue, settings.finishing_queue)
     if gpus is not None:
         try:
             gpu_list = parse_gpus(gpus)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--gpus") from exc
         raise typer.Exit(
-            run_gpu_workers(
-                gpu_list, queue=settings.render_queue, name=name.split("@")[0], loglevel=loglevel
-            )
+            run_gpu_workers(gpu_list, queue=queues, name=name.split("@")[0], loglevel=loglevel)
         )
     from worker.main import app as celery
 
     celery.worker_main(
-        worker_argv(
-            queue=settings.render_queue, hostname=name, concurrency=concurrency, loglevel=loglevel
-        )
+        worker_argv(queue=queues, hostname=name, concurrency=concurrency, loglevel=loglevel)
     )

@@ -1,21 +1,25 @@
 """The schema of record: runs, catalogue items, jobs and images."""
 
+from db.finishing import CatalogueFill, ImageCaption, UpscaledImage
 from db.models import Base, CatalogueItem, Image, Job, JobStatus, Run, RunStatus, SafetyStatus
 from db.ranking import AutoReject, ImageScore, KeeperModel, KeeperPrediction
 from db.review_sessions import ReviewSession
 
 __all__ = [
     "AutoReject",
-    "ImageScore",
-    "KeeperModel",
-    "KeeperPrediction",
     "Base",
+    "CatalogueFill",
     "CatalogueItem",
     "Image",
+    "ImageCaption",
+    "ImageScore",
     "Job",
     "JobStatus",
-    "Run",
+    "KeeperModel",
+    "KeeperPrediction",
     "ReviewSession",
+    "Run",
     "RunStatus",
     "SafetyStatus",
+    "UpscaledImage",
 ]

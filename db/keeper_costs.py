@@ -181,8 +181,9 @@ def _read_auto_rejects(session: Session, costs: dict[int, RunCosts], ids: list[i
         costs[run_id].arm(template, variant).auto_rejected = int(count)
 
 
-def _array_length(session: Session, column: Any) -> ColumnElement[int]:
-    """Length of a JSON array column, 0 for anything else (a JSON null included)."""
+def json_array_length(session: Session, column: Any) -> ColumnElement[int]:
+    """Length of a JSON array column, 0 for anything else: SQL NULL, and a JSON null (what an
+    explicit None stores), which the databases' own array length functions refuse."""
     if session.get_bind().dialect.name == "postgresql":
         return case(
             (func.jsonb_typeof(column) == "array", func.jsonb_array_length(column)), else_=0
@@ -191,7 +192,7 @@ def _array_length(session: Session, column: Any) -> ColumnElement[int]:
 
 
 def _read_skipped(session: Session, costs: dict[int, RunCosts], ids: list[int]) -> None:
-    skipped = _array_length(session, Job.skipped_seeds)
+    skipped = json_array_length(session, Job.skipped_seeds)
     own_mean = (
         select(Image.job_id, func.avg(Image.render_seconds).label("mean"))
         .join(Job, Job.id == Image.job_id)

@@ -31,7 +31,9 @@ class ImageScore(Base):
     """One image's scores by one scorer (a CLIP model and an aesthetic head).
 
     ``embedding`` is the image's CLIP embedding, L2-normalised, as little-endian float16:
-    768 dimensions (ViT-L/14) are 1,536 bytes, so a million images are about 1.5 GB.
+    768 dimensions (ViT-L/14) are 1,536 bytes. Measured on Postgres (10,000 rows,
+    pg_total_relation_size after VACUUM): 2,086 bytes a row with its indexes, so a million
+    images take about 2.1 GB (four 1.7 KB rows fit an 8 KB page).
     """
 
     __tablename__ = "image_scores"

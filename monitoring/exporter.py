@@ -4,7 +4,8 @@ The workers count what they do; how far a run is, how old its oldest waiting job
 it will finish are facts of the database, so they are read from it, when Prometheus asks, by
 a custom collector: a handful of grouped queries over the recent runs' rows, in one read-only
 transaction with a statement timeout, nothing cached between scrapes. Labels name runs (a few
-recent ones), never jobs or images.
+recent ones) and, for what keepers cost (monitoring.cost_metrics), their templates and
+variants; never jobs or images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy import ColumnElement, Engine, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
+from db.keeper_costs import RunCosts, json_array_length, runs_costs
 from db.models import (
     OPEN_JOB_STATUSES,
     Decision,
@@ -32,6 +34,7 @@ from db.models import (
     Run,
     RunStatus,
 )
+from monitoring.cost_metrics import add_run_costs, cost_families
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class RunFigures:
     review_backlog: int = 0
     reviewed: int = 0
     kept: int = 0
+    # What its keepers cost (db.keeper_costs); None until read.
+    costs: RunCosts | None = None
 
     @property
     def remaining_images(self) -> int:
@@ -128,6 +133,8 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
         _read_jobs(session, figures, ids)
         _read_images(session, figures, ids, now)
         _read_review(session, figures, ids)
+        for run_id, costs in runs_costs(session, ids).items():
+            figures[run_id].costs = costs
     oldest = session.scalar(
         select(func.min(Job.created_at))
         .join(Run, Run.id == Job.run_id)
@@ -145,7 +152,9 @@ def _seed_count(session: Session) -> ColumnElement[int]:
     length = func.jsonb_array_length if postgres else func.json_array_length
     # Seeds early stop left unrendered (skipped_seeds) are not planned images: never missing.
     planned = func.coalesce(func.sum(length(Job.seeds)), 0)
-    return planned - func.coalesce(func.sum(length(Job.skipped_seeds)), 0)
+    # json_array_length: a JSON null (an explicit None) counts 0 rather than failing.
+    skipped = json_array_length(session, Job.skipped_seeds)
+    return planned - func.coalesce(func.sum(skipped), 0)
 
 
 def _read_jobs(session: Session, figures: dict[int, RunFigures], ids: list[int]) -> None:
@@ -219,14 +228,17 @@ def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> Ga
 def snapshot_metrics(snapshot: Snapshot, deadline: timedelta) -> list[Metric]:
     """The exporter's metric families for one snapshot of the database."""
     families = _run_families()
+    costs = cost_families()
     for run in snapshot.runs:
         _add_run(families, run, snapshot.now, deadline)
+        if run.costs is not None:
+            add_run_costs(costs, run.name, run.costs)
     oldest = _gauge(
         "pixelmill_oldest_waiting_job_age_seconds",
         "Age of the oldest pending or queued job of an active run (0 when none waits).",
     )
     oldest.add_metric([], snapshot.oldest_waiting_age)
-    return [*families.values(), oldest]
+    return [*families.values(), *costs.values(), oldest]
 
 
 def _run_families() -> dict[str, GaugeMetricFamily]:

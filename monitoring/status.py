@@ -1,5 +1,5 @@
-"""What a run has done so far (jobs by status, images made, failures with their errors), and
-the polling loop behind `pixelmill status RUN --watch`."""
+"""What a run has done so far (jobs by status, images made, failures with their errors, what
+its keepers cost: db.keeper_costs), and the polling loop behind `pixelmill status RUN --watch`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.keeper_costs import RunCosts, json_array_length, run_costs
 from db.models import OPEN_JOB_STATUSES, Image, Job, JobStatus, Run
 
 
@@ -23,6 +24,7 @@ class RunStatusReport:
     images: int
     images_planned: int
     failures: list[tuple[int, str]] = field(default_factory=list)
+    costs: RunCosts | None = None  # None when not asked for (the live progress bar)
 
     @property
     def total_jobs(self) -> int:
@@ -34,7 +36,9 @@ class RunStatusReport:
         return not any(self.jobs.get(s, 0) for s in OPEN_JOB_STATUSES)
 
 
-def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStatusReport:
+def run_status(
+    session: Session, run: Run, *, max_failures: int = 20, costs: bool = True
+) -> RunStatusReport:
     counts = session.execute(
         select(Job.status, func.count()).where(Job.run_id == run.id).group_by(Job.status)
     )
@@ -50,7 +54,7 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
     planned = session.scalar(
         select(
             func.coalesce(func.sum(array_length(Job.seeds)), 0)
-            - func.coalesce(func.sum(array_length(Job.skipped_seeds)), 0)
+            - func.coalesce(func.sum(json_array_length(session, Job.skipped_seeds)), 0)
         ).where(Job.run_id == run.id)
     )
     failures = session.execute(
@@ -70,6 +74,7 @@ def run_status(session: Session, run: Run, *, max_failures: int = 20) -> RunStat
         images=images or 0,
         images_planned=int(planned or 0),
         failures=[(job_id, error or "") for job_id, error in failures],
+        costs=run_costs(session, run.id) if costs else None,
     )
 
 
@@ -129,7 +134,7 @@ def watch_run(
             run = session.get(Run, run_id)
             if run is None:
                 raise LookupError(f"run {run_id} no longer exists")
-            report = run_status(session, run, max_failures=0)
+            report = run_status(session, run, max_failures=0, costs=False)
         rate.add(clock(), report.images)
         show(report, rate)
         if report.finished:

@@ -179,6 +179,45 @@ class Settings(BaseSettings):
     early_stop_keepers: int | None = Field(default=None, ge=1)
     early_stop_probability: float = Field(default=0.8, gt=0, lt=1)
 
+    # Finishing keepers (worker/finishing, `pixelmill finish RUN`): once an item is submitted
+    # (and its reopen window has passed), its keepers are upscaled and captioned on the
+    # finishing queue, which every worker serves beside the render queue. Off while neither
+    # model is set. The upscaler: a Real-ESRGAN-family model file (.pth or .safetensors, read
+    # by spandrel; "tiny": a built-in tiny random one); x2 or x4 (a model of a larger native
+    # scale is resized down to it); run in tiles of this many input pixels a side, each with
+    # this much context around it, so memory stays bounded at any image size.
+    upscale_model: str = ""
+    upscale_scale: int = 4
+    upscale_tile: int = Field(default=256, ge=16, le=4096)
+    upscale_tile_overlap: int = Field(default=16, ge=0, le=512)
+    # The captioner: a BLIP captioning model (a folder or hub id loaded with transformers'
+    # BlipForConditionalGeneration; "tiny": a built-in tiny random one). An optional prompt
+    # starts the caption (conditional captioning; left out of the stored caption). Alt text is
+    # the caption as a sentence of at most alt_text_max_chars characters.
+    caption_model: str = ""
+    caption_prompt: str = ""
+    caption_max_tokens: int = Field(default=30, ge=1, le=512)
+    caption_beams: int = Field(default=3, ge=1, le=16)
+    alt_text_max_chars: int = Field(default=125, ge=16, le=2000)
+    # A catalogue field (e.g. "description") that the first keeper's caption fills where the
+    # item's own value is empty: recorded beside the item (catalogue_fills), never written
+    # into it. Empty: nothing is filled.
+    caption_fill_field: str = Field(default="", max_length=200)
+    finishing_queue: str = "finishing"
+
+    # Sales-channel export (`pixelmill export RUN --channel NAME --to ...`): the presets file
+    # (unset: the built-in ones, examples/channels.yaml). Every exported file is marked as
+    # AI-generated in its XMP; with a certificate chain (PEM, the signer's certificate first)
+    # and its private key (PEM) it also carries a signed C2PA manifest, time-stamped by the
+    # RFC 3161 authority at c2pa_timestamp_url if one is set (empty: offline, no time-stamp).
+    channel_presets_path: Path | None = None
+    c2pa_cert_path: Path | None = None
+    c2pa_key_path: Path | None = None
+    c2pa_signing_alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = (
+        "es256"
+    )
+    c2pa_timestamp_url: str = ""
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -187,10 +226,25 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return level
 
+    @field_validator("upscale_scale")
+    @classmethod
+    def _check_upscale_scale(cls, value: int) -> int:
+        if value not in (2, 4):
+            raise ValueError("must be 2 or 4")
+        return value
+
     @model_validator(mode="after")
     def _check_s3(self) -> Settings:
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("PIXELMILL_S3_BUCKET is required when PIXELMILL_STORAGE=s3")
+        return self
+
+    @model_validator(mode="after")
+    def _check_c2pa(self) -> Settings:
+        if (self.c2pa_cert_path is None) != (self.c2pa_key_path is None):
+            raise ValueError(
+                "PIXELMILL_C2PA_CERT_PATH and PIXELMILL_C2PA_KEY_PATH go together: set both"
+            )
         return self
 
     @property

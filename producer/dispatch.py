@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Iterable[int]], None]
 # How many messages the broker holds in the render queue (ready, not yet delivered).
 BrokerCount = Callable[[], int]
+# A shortfall of messages is counted again after this long (see _missing_messages).
+RECOUNT_AFTER_SECONDS = 0.5
 
 
 class PublishError(ServiceUnavailableError):
@@ -140,23 +143,45 @@ def return_to_pending(session: Session, ids: Sequence[int]) -> int:
 
 
 def _missing_messages(session: Session, broker_count: BrokerCount | None) -> int | None:
-    """How many queued jobs have no message on the broker, at most (None: not known).
+    """How many queued jobs have no message anywhere, at most (None: not known).
 
-    The broker is asked first: a message taken between the two counts then has its job
-    running (not counted as queued), so the answer can be low but never high, and a job
-    whose message is still on the broker is not published again. (The count includes
-    messages of jobs no longer queued, such as duplicates: workers drop those and the count
-    falls.) The broker delivers in order, so the messages it misses are the oldest jobs'."""
+    A queued job's message is on the broker (counted by it), or taken by a worker that has
+    not claimed the job yet: a busy worker takes the next message before its job is done
+    (up to one per pool process, the prefetch), and holds it as long as that job renders.
+    So a message is counted missing only beyond one per running job: while every worker is
+    busy nothing is starved for want of it, and once they are idle (nothing left on the
+    broker) each lost one shows.
+
+    The broker is asked first, then the database: a message a worker takes in between has
+    its job running by then, which makes the answer low, never high. One taken just before
+    the broker is asked and claimed just after the database is would make it one too high,
+    so a shortfall is counted again a moment later and the smaller answer is taken: a lost
+    message is missing both times. (The broker's count includes messages of jobs no longer
+    queued, duplicates say: workers drop those and the count falls.) The broker delivers in
+    order, so the messages it misses are the oldest jobs'."""
     if broker_count is None:
         return None
+    missing = _count_missing(session, broker_count)
+    if missing > 0:
+        time.sleep(RECOUNT_AFTER_SECONDS)
+        missing = min(missing, _count_missing(session, broker_count))
+    return missing
+
+
+def _count_missing(session: Session, broker_count: BrokerCount) -> int:
     held = broker_count()
-    queued = session.scalar(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+    counts = dict(
+        session.execute(
+            select(Job.status, func.count())
+            .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .group_by(Job.status)
+        ).all()
     )
     session.commit()
+    queued, running = counts.get(JobStatus.QUEUED, 0), counts.get(JobStatus.RUNNING, 0)
     metrics.BROKER_MESSAGES.set(held)
-    metrics.JOBS_QUEUED.set(queued or 0)
-    return max(0, (queued or 0) - held)
+    metrics.JOBS_QUEUED.set(queued)
+    return max(0, queued - held - running)
 
 
 def _count_stale(session: Session, stale_before: datetime, run_id: int | None) -> int:

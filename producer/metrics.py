@@ -27,7 +27,8 @@ BROKER_MESSAGES = Gauge(
 JOBS_QUEUED = Gauge(
     "pixelmill_dispatch_jobs_queued",
     "Jobs queued in the database (published, not yet started) when the dispatcher last "
-    "counted; more than the broker holds means messages were lost.",
+    "counted; more than the broker holds, plus one a running job's worker may have taken, "
+    "means messages were lost.",
 )
 OUTAGES = Counter(
     "pixelmill_dispatch_outages_total",

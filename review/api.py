@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import select
 
 from db.models import Decision, Image, ImageReview, Job
+from pixelmill.tasks import publish_finishing
 from review.bounds import After, OptionalRowId, PageSize, RowId
 from review.bulk import Changed, Wanted, decide_many, keep_top, reject_rest
 from review.claims import claim_for
@@ -279,8 +280,10 @@ def post_undo(
 def post_submit(
     state: State, session: DB, reviewer: CurrentReviewer, review_item_id: RowId
 ) -> SubmitOut:
-    """Finish the item: undecided images are rejected."""
+    """Finish the item: undecided images are rejected. Its keepers are then queued for
+    finishing (upscale, captions) where that is configured."""
     rejected = submit(session, review_item_id, reviewer_id=reviewer.id, lease=state.lease)
+    publish_finishing(state.settings, review_item_id)  # after the submit's commit
     return SubmitOut(review_item_id=review_item_id, rejected=rejected)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from threading import Lock
 from urllib.parse import quote, urlsplit
@@ -71,6 +71,29 @@ def _state(settings: Settings, sessions: sessionmaker[Session], storage: Storage
     )
 
 
+def _lifespan(
+    state: ReviewState, sync: bool, retrain: bool, retrain_check_seconds: float
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's background threads, started with it and stopped on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        threads: list[SyncThread | RetrainThread] = []
+        if sync:
+            threads.append(SyncThread(state, state.settings.review_sync_seconds))
+        if retrain:
+            threads.append(RetrainThread(state.sessions, state.settings, retrain_check_seconds))
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            for thread in threads:
+                thread.stop()
+
+    return lifespan
+
+
 def create_app(
     settings: Settings,
     *,
@@ -89,26 +112,10 @@ def create_app(
     state = _state(settings, sessions, storage)
 
     retrain = background_sync if background_retrain is None else background_retrain
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        threads: list[SyncThread | RetrainThread] = []
-        if background_sync:
-            threads.append(SyncThread(state, settings.review_sync_seconds))
-        if retrain:
-            threads.append(RetrainThread(state.sessions, settings, retrain_check_seconds))
-        for thread in threads:
-            thread.start()
-        try:
-            yield
-        finally:
-            for thread in threads:
-                thread.stop()
-
     app = FastAPI(
         title="pixelmill review",
         version="1",
-        lifespan=lifespan,
+        lifespan=_lifespan(state, background_sync, retrain, retrain_check_seconds),
         # The schema is served behind login by review.api; no public docs pages.
         openapi_url=None,
         docs_url=None,

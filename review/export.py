@@ -1,6 +1,8 @@
 """Export a run's keepers: one row per kept image of a submitted item (CSV or JSON Lines),
 optionally copying the images under the ``approved/`` prefix of the same storage. Items still
-open (not submitted, or re-rolling) are left out: their decisions may still change."""
+open (not submitted, or re-rolling) are left out: their decisions may still change. Only
+people's keeps are read: an image the keeper model rejected on its own is exported only once
+a person has kept it."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from db.finishing import ImageCaption, latest_upscaled_key, run_filled_fields
 from db.models import (
     CatalogueItem,
     Decision,
@@ -25,12 +28,12 @@ from db.models import (
     ReviewStatus,
     Run,
 )
+from pixelmill.approved import APPROVED_PREFIX
 from pixelmill.errors import BadInputError
 from pixelmill.storage import Storage
 
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl")
-APPROVED_PREFIX = "approved/"
 
 COLUMNS = (
     "item_key",
@@ -48,6 +51,12 @@ COLUMNS = (
     "image_id",
     "reviewer",
     "decided_at",
+    # Finishing (worker.finishing): the latest upscaled copy, the caption and alt text, and
+    # the catalogue fields filled from a caption (an object; JSON text in CSV).
+    "upscaled_url",
+    "caption",
+    "alt_text",
+    "filled_fields",
 )
 
 # A spreadsheet runs a cell starting with one of these as a formula (or DDE): such cells get a
@@ -65,14 +74,22 @@ def escape_cell(value: object) -> object:
     return value
 
 
+def _csv_cell(value: object) -> object:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True) if value else ""
+    return value
+
+
 @dataclass
 class Keeper:
     values: dict[str, Any]
     storage_key: str
+    # The keeper's latest upscaled copy (None: not upscaled).
+    upscaled_key: str | None = None
 
 
-def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
-    rows = session.execute(
+def _keepers_query(run: Run) -> Select:
+    return (
         select(
             CatalogueItem.external_key,
             Image.storage_key,
@@ -88,6 +105,10 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
             Image.id,
             Reviewer.name,
             ImageReview.decided_at,
+            CatalogueItem.id.label("catalogue_item_id"),
+            latest_upscaled_key(Image.id).label("upscaled_key"),
+            ImageCaption.caption,
+            ImageCaption.alt_text,
         )
         .select_from(ImageReview)
         .join(Image, Image.id == ImageReview.image_id)
@@ -95,6 +116,7 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
         .join(CatalogueItem, CatalogueItem.id == Job.item_id)
         .join(Reviewer, Reviewer.id == ImageReview.reviewer_id)
         .join(ReviewItem, ReviewItem.id == ImageReview.review_item_id)
+        .outerjoin(ImageCaption, ImageCaption.image_id == Image.id)
         .where(
             ImageReview.run_id == run.id,
             ImageReview.decision == Decision.KEEP,
@@ -106,7 +128,11 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
         .order_by(CatalogueItem.external_key, Image.id)
         .execution_options(yield_per=5_000)
     )
-    for row in rows:
+
+
+def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
+    fills = run_filled_fields(session, run.id)
+    for row in session.execute(_keepers_query(run)):
         yield Keeper(
             values={
                 "item_key": row.external_key,
@@ -124,8 +150,13 @@ def keepers(session: Session, run: Run, storage: Storage) -> Iterator[Keeper]:
                 "image_id": row.id,
                 "reviewer": row.name,
                 "decided_at": row.decided_at.isoformat(),
+                "upscaled_url": storage.url(row.upscaled_key) if row.upscaled_key else "",
+                "caption": row.caption or "",
+                "alt_text": row.alt_text or "",
+                "filled_fields": fills.get(row.catalogue_item_id, {}),
             },
             storage_key=row.storage_key,
+            upscaled_key=row.upscaled_key,
         )
 
 
@@ -168,7 +199,7 @@ def export_lines(
         if copy:
             copy_approved(storage, keeper)
         if fmt == "csv":
-            writer.writerow([escape_cell(keeper.values[c]) for c in COLUMNS])
+            writer.writerow([escape_cell(_csv_cell(keeper.values[c])) for c in COLUMNS])
             yield _drain(buffer)
         else:
             yield json.dumps(keeper.values, ensure_ascii=False) + "\n"

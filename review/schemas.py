@@ -231,6 +231,39 @@ class ReviewerOut(BaseModel):
     decisions_per_hour: float | None
 
 
+class CostOut(BaseModel):
+    """What keepers cost (db.keeper_costs defines each figure); None where nothing divides."""
+
+    images: int
+    gpu_seconds: float = Field(description="render_seconds of every image, flagged ones too")
+    gpu_seconds_per_image: float | None
+    gpu_seconds_per_keeper: float | None = Field(description="so far: high until review ends")
+    kept: int
+    auto_rejected: int = Field(description="standing rejections by the keeper model")
+    reviewer_seconds: float
+    reviewer_seconds_per_keeper: float | None
+    skipped_seeds: int = Field(description="seeds early stop left unrendered")
+    gpu_seconds_saved: float = Field(description="skipped seeds x their job's mean render time")
+    keeper_recall: float | None = Field(
+        description="kept images ranked in their item's top k, over kept images with a prediction"
+    )
+
+
+class TemplateCostOut(CostOut):
+    template: str
+    variant: str | None = None
+
+
+class CostsOut(BaseModel):
+    top_k: int = Field(description="the k of keeper_recall")
+    review_gap_cap_seconds: float = Field(
+        description="a longer pause between a reviewer's actions counts as this long"
+    )
+    totals: CostOut
+    templates: list[TemplateCostOut]
+    variants: list[TemplateCostOut]
+
+
 class StatsOut(BaseModel):
     run_id: int
     run_name: str
@@ -240,3 +273,4 @@ class StatsOut(BaseModel):
     templates: list[TemplateRateOut]
     variants: list[TemplateRateOut]
     reviewers: list[ReviewerOut]
+    costs: CostsOut

@@ -1,29 +1,20 @@
-"""Per-run review figures: progress, keep rates per template and variant, reviewer speed."""
+"""Per-run review figures: progress, keep rates per template and variant, reviewer speed, and
+what a keeper costs (db.keeper_costs: GPU- and reviewer-seconds, early stop's savings, the
+model's auto-rejects, keeper recall in the ranking's top k)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from db.models import (
-    Decision,
-    Image,
-    ImageReview,
-    Job,
-    ReviewAction,
-    Reviewer,
-    ReviewEvent,
-    ReviewItem,
-    Run,
-    SafetyStatus,
-)
+from db.keeper_costs import REVIEW_GAP_CAP_SECONDS, RunCosts, reviewer_times, run_costs
+from db.models import Decision, Image, ImageReview, Job, ReviewItem, Run, SafetyStatus
 
-# A pause longer than this between two decisions is a break, not review time: it counts as
-# this long when measuring how many decisions a reviewer makes per hour of work.
-IDLE_GAP_SECONDS = 300.0
+# A pause longer than this between two of a reviewer's events is a break, not review time: it
+# counts as this long, in decisions per hour and in reviewer-seconds per keeper alike.
+IDLE_GAP_SECONDS = REVIEW_GAP_CAP_SECONDS
 # Decisions per hour are not shown before this much review time: two decisions a second apart
 # would read as 7,200 an hour.
 MIN_RATE_SECONDS = 300.0
@@ -71,6 +62,7 @@ class RunStats:
     totals: KeepRate
     flagged: int
     items: dict[str, int]
+    costs: RunCosts
     templates: dict[str, KeepRate] = field(default_factory=dict)
     variants: dict[tuple[str, str], KeepRate] = field(default_factory=dict)
     reviewers: list[ReviewerSpeed] = field(default_factory=list)
@@ -121,34 +113,17 @@ def run_stats(session: Session, run: Run) -> RunStats:
         templates=templates,
         variants=variants,
         reviewers=reviewer_speeds(session, run.id),
+        costs=run_costs(session, run.id),
     )
 
 
 def reviewer_speeds(
     session: Session, run_id: int, reviewer_id: int | None = None
 ) -> list[ReviewerSpeed]:
-    """Decisions (keep or reject) per reviewer (or of one) and the time they spent making
-    them: the gaps between consecutive decisions, each capped at IDLE_GAP_SECONDS."""
-    query = (
-        select(Reviewer.name, ReviewEvent.created_at)
-        .join(Reviewer, Reviewer.id == ReviewEvent.reviewer_id)
-        .where(
-            ReviewEvent.run_id == run_id,
-            ReviewEvent.action.in_([ReviewAction.KEEP, ReviewAction.REJECT]),
-        )
-        .order_by(ReviewEvent.reviewer_id, ReviewEvent.created_at)
-        .execution_options(yield_per=10_000)
-    )
-    if reviewer_id is not None:
-        query = query.where(ReviewEvent.reviewer_id == reviewer_id)
-    events = session.execute(query)
-    speeds: dict[str, ReviewerSpeed] = {}
-    previous: dict[str, datetime] = {}
-    for name, at in events:
-        speed = speeds.setdefault(name, ReviewerSpeed(name, 0, 0.0))
-        speed.decisions += 1
-        if name in previous:
-            gap = (at - previous[name]).total_seconds()
-            speed.active_seconds += min(max(gap, 0.0), IDLE_GAP_SECONDS)
-        previous[name] = at
-    return sorted(speeds.values(), key=lambda s: s.name)
+    """Decisions (keep or reject) per reviewer (or of one) and their review time: the gaps
+    between consecutive events of theirs in the run (every action), each capped at
+    IDLE_GAP_SECONDS (db.keeper_costs defines it, for reviewer-seconds per keeper too)."""
+    return [
+        ReviewerSpeed(time.name, time.decisions, time.seconds)
+        for time in reviewer_times(session, run_id, reviewer_id)
+    ]

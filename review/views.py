@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session, aliased
 
+from db.keeper_costs import REVIEW_GAP_CAP_SECONDS, CostFigures, RunCosts
 from db.models import (
     CatalogueItem,
     Image,
@@ -26,6 +27,8 @@ from review.queue import NotFoundError
 from review.ranked import RankedImage, RunCuts, rank_grid
 from review.schemas import (
     AutoRejectOut,
+    CostOut,
+    CostsOut,
     EventOut,
     GroupOut,
     ImageOut,
@@ -35,6 +38,7 @@ from review.schemas import (
     ReviewItemRow,
     RunSummary,
     StatsOut,
+    TemplateCostOut,
     TemplateRateOut,
     decision_value,
 )
@@ -141,6 +145,29 @@ def _ranked_out(image: ImageOut, ranked: RankedImage) -> ImageOut:
     )
 
 
+def _item_images(
+    session: Session, item: ReviewItem, urls: ImageUrls, show_flagged: bool
+) -> tuple[dict[int, ImageOut], int]:
+    """The item's images shown, in render order, and how many flagged ones were left out."""
+    decider = aliased(Reviewer)
+    images = session.execute(
+        select(Image, Job, ImageReview.decision, decider.name)
+        .join(Job, Job.id == Image.job_id)
+        .outerjoin(ImageReview, ImageReview.image_id == Image.id)
+        .outerjoin(decider, decider.id == ImageReview.reviewer_id)
+        .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
+        .order_by(Job.template, Job.variant, Job.id, Image.seed)
+    ).all()
+    shown: dict[int, ImageOut] = {}
+    hidden = 0
+    for image, job, decision, decided_by in images:
+        if image.safety == SafetyStatus.FLAGGED and not show_flagged:
+            hidden += 1
+            continue
+        shown[image.id] = image_out(image, job, decision, decided_by, urls)
+    return shown, hidden
+
+
 def item_view(
     session: Session,
     review_item_id: int,
@@ -162,22 +189,7 @@ def item_view(
     if row is None:
         raise NotFoundError(f"review item {review_item_id} does not exist")
     item, run_name, catalogue_item, claimed_by = row
-    decider = aliased(Reviewer)
-    images = session.execute(
-        select(Image, Job, ImageReview.decision, decider.name)
-        .join(Job, Job.id == Image.job_id)
-        .outerjoin(ImageReview, ImageReview.image_id == Image.id)
-        .outerjoin(decider, decider.id == ImageReview.reviewer_id)
-        .where(Job.run_id == item.run_id, Job.item_id == item.item_id)
-        .order_by(Job.template, Job.variant, Job.id, Image.seed)
-    ).all()
-    shown: dict[int, ImageOut] = {}
-    hidden = 0
-    for image, job, decision, decided_by in images:
-        if image.safety == SafetyStatus.FLAGGED and not show_flagged:
-            hidden += 1
-            continue
-        shown[image.id] = image_out(image, job, decision, decided_by, urls)
+    shown, hidden = _item_images(session, item, urls, show_flagged)
     grid = rank_grid(
         session,
         run_id=item.run_id,
@@ -295,5 +307,38 @@ def stats_view(stats: RunStats) -> StatsOut:
                 decisions_per_hour=speed.decisions_per_hour,
             )
             for speed in stats.reviewers
+        ],
+        costs=costs_view(stats.costs),
+    )
+
+
+def _cost(figures: CostFigures) -> dict[str, Any]:
+    return CostOut(
+        images=figures.images,
+        gpu_seconds=figures.gpu_seconds,
+        gpu_seconds_per_image=figures.gpu_seconds_per_image,
+        gpu_seconds_per_keeper=figures.gpu_seconds_per_keeper,
+        kept=figures.kept,
+        auto_rejected=figures.auto_rejected,
+        reviewer_seconds=figures.reviewer_seconds,
+        reviewer_seconds_per_keeper=figures.reviewer_seconds_per_keeper,
+        skipped_seeds=figures.skipped_seeds,
+        gpu_seconds_saved=figures.gpu_seconds_saved,
+        keeper_recall=figures.keeper_recall,
+    ).model_dump()
+
+
+def costs_view(costs: RunCosts) -> CostsOut:
+    return CostsOut(
+        top_k=costs.top_k,
+        review_gap_cap_seconds=REVIEW_GAP_CAP_SECONDS,
+        totals=CostOut(**_cost(costs.total)),
+        templates=[
+            TemplateCostOut(template=name, **_cost(figures))
+            for name, figures in costs.templates.items()
+        ],
+        variants=[
+            TemplateCostOut(template=template, variant=variant, **_cost(figures))
+            for (template, variant), figures in sorted(costs.variants.items())
         ],
     )

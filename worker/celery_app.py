@@ -14,7 +14,7 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import import_modules, worker_init, worker_shutdown
 
 from pixelmill.settings import Settings, get_settings
-from pixelmill.tasks import RENDER_TASK, broker_transport_options
+from pixelmill.tasks import FINISH_TASK, RENDER_TASK, broker_transport_options
 from worker import metrics_hooks
 from worker.sqla_transport import use_fast_polling
 
@@ -37,7 +37,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.render_queue,
-        "task_routes": {RENDER_TASK: {"queue": settings.render_queue}},
+        "task_routes": {
+            RENDER_TASK: {"queue": settings.render_queue},
+            FINISH_TASK: {"queue": settings.finishing_queue},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         # Results live in Postgres, not in a result backend.
@@ -78,9 +81,10 @@ def _configure_from_environment(sender: Celery, **_: Any) -> None:
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app; configured from ``settings``, or from the environment on first use.
 
-    A worker imports the ``include`` module when it starts: worker.tasks registers the render
-    task on worker.main's app, and Celery shares that task with every other app made here."""
-    app = Celery("pixelmill", include=["worker.tasks"])
+    A worker imports the ``include`` modules when it starts: worker.tasks registers the render
+    task on worker.main's app (worker.finishing.tasks the finishing task), and Celery shares
+    those tasks with every other app made here."""
+    app = Celery("pixelmill", include=["worker.tasks", "worker.finishing.tasks"])
     if settings is not None:
         app.conf.update(celery_config(settings))
     else:

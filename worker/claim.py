@@ -111,21 +111,7 @@ def claim_job(
             error=None,
             retry_at=None,
         )
-        .returning(
-            Job.id,
-            Job.run_id,
-            Job.attempts,
-            Job.outages,
-            Job.prompt,
-            Job.negative_prompt,
-            Job.model,
-            Job.scheduler,
-            Job.steps,
-            Job.guidance,
-            Job.width,
-            Job.height,
-            Job.seeds,
-        )
+        .returning(*_CLAIMED_COLUMNS)
     ).one_or_none()
     session.commit()
     if row is None:
@@ -145,6 +131,24 @@ def claim_job(
         seeds=[int(s) for s in row.seeds],
         outages=row.outages,
     )
+
+
+# What a claim reads back of its job (ClaimedJob).
+_CLAIMED_COLUMNS = (
+    Job.id,
+    Job.run_id,
+    Job.attempts,
+    Job.outages,
+    Job.prompt,
+    Job.negative_prompt,
+    Job.model,
+    Job.scheduler,
+    Job.steps,
+    Job.guidance,
+    Job.width,
+    Job.height,
+    Job.seeds,
+)
 
 
 def bury_exhausted(session: Session, job_id: int, *, max_attempts: int) -> bool:

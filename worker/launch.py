@@ -42,6 +42,11 @@ def parse_gpus(text: str) -> list[str]:
     return gpus
 
 
+def served_queues(render_queue: str, finishing_queue: str) -> str:
+    """The ``--queues`` of a worker: it renders, and finishes keepers between renders."""
+    return ",".join(dict.fromkeys([render_queue, finishing_queue]))
+
+
 def worker_argv(
     *,
     queue: str,

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.keeper_costs import reviewer_times, run_costs, runs_costs
 from db.migrate import upgrade
-from db.models import Reviewer
+from db.models import Job, Reviewer
 from db.session import make_engine
 from tests.cost_rows import (
     DUSK_REVIEW,
@@ -20,6 +20,7 @@ from tests.cost_rows import (
     STUDIO_REVIEW,
     make_costed_run,
 )
+from tests.factories import make_job
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -100,3 +101,12 @@ def test_reviewer_times(any_session: Session) -> None:
     bo_id = any_session.scalars(select(Reviewer.id).where(Reviewer.name == "bo")).one()
     (bo,) = reviewer_times(any_session, made.run.id, bo_id)
     assert bo.name == "bo"
+
+
+def test_a_json_null_of_skipped_seeds_skips_nothing(any_session: Session) -> None:
+    made = make_costed_run(any_session)
+    # An explicit None stores a JSON null, which the databases' array lengths refuse.
+    job = make_job(any_session, made.run, commit=False, seeds=[20], skipped_seeds=None)
+    any_session.flush()
+    assert any_session.scalar(select(Job.skipped_seeds.is_(None)).where(Job.id == job.id)) is False
+    assert run_costs(any_session, made.run.id).total.skipped_seeds == 5

@@ -424,6 +424,27 @@ class Rig:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
 
 
+def mid_render_job(rig: Rig, workers: list[WorkerProcess]) -> int:
+    """Wait for a job that is running and has recorded part of its seeds; its id."""
+    found: list[int] = []
+
+    def mid_render() -> bool:
+        job_id = running_with_images(rig.engine)
+        if job_id is not None:
+            found.append(job_id)
+        return job_id is not None
+
+    rig.wait_until(mid_render, timeout=120, what="a job mid-render", workers=workers)
+    return found[0]
+
+
+def assert_was_mid_render(rig: Rig, job_id: int) -> None:
+    """The fault landed while the job was still running (not after it finished)."""
+    row = job(rig.engine, job_id)
+    assert row.status == JobStatus.RUNNING and row.attempts == 1, (row.status, row.attempts)
+    assert image_count(rig.engine, job_id) < len(row.seeds)
+
+
 @contextlib.contextmanager
 def disposing(engine: Engine) -> Iterator[Engine]:
     try:

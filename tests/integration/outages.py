@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -60,6 +61,7 @@ class PrivateRabbitMQ:
         self.node = f"pixelmill-{uuid.uuid4().hex[:8]}@localhost"
         self.base = Path(tempfile.mkdtemp(prefix="pixelmill-rabbitmq-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
 
     @staticmethod
     def can_start() -> bool:
@@ -95,11 +97,9 @@ class PrivateRabbitMQ:
             owner = pwd.getpwnam("rabbitmq")
             for path in [self.base, *self.base.rglob("*")]:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
+        self._log = (self.base / "server.out").open("wb")
         self.process = subprocess.Popen(
-            ["rabbitmq-server"],
-            env=self._env(),
-            stdout=(self.base / "server.out").open("wb"),
-            stderr=subprocess.STDOUT,
+            ["rabbitmq-server"], env=self._env(), stdout=self._log, stderr=subprocess.STDOUT
         )
         wait_for_port(self.port, up=True, timeout=90)
 
@@ -140,6 +140,8 @@ class PrivateRabbitMQ:
                 self.process.kill()
                 self.process.wait()
             self.process = None
+        if self._log is not None:
+            self._log.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -304,7 +306,8 @@ class WatchingDispatcher:
         )
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-8000:]
 
     def alive(self) -> bool:

@@ -15,6 +15,16 @@ from PIL import Image as PILImage
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+NOISE = (
+    "Traceback",
+    "Warning",  # SecurityWarning (a worker as root), FutureWarning, ...
+    "[transformers]",
+    "requires torchvision",
+    "Loading weights",
+    "Writing model shards",
+    "[queues]",  # Celery's banner
+    "Warm shutdown",
+)
 
 
 # The demo catalogue, and the product-photo one (img2img, inpaint, ControlNet on the tiny
@@ -34,6 +44,10 @@ def test_demo_on_embedded_defaults(tmp_path: Path, examples: str) -> None:
     data = tmp_path / "var"
     assert f"images:   {data / 'images'}" in result.stdout
     assert f"database: sqlite:///{data / 'pixelmill.db'}" in result.stdout
+    # What a newcomer sees is progress and results: no library banners, warnings or bars.
+    output = result.stdout + result.stderr
+    for noise in NOISE:
+        assert noise not in output, f"{noise!r} in the demo's output:\n{output[-4000:]}"
 
     with sqlite3.connect(data / "pixelmill.db") as db:
         jobs = db.execute("SELECT id, status, seeds, width, height FROM jobs").fetchall()

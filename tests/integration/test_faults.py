@@ -9,22 +9,23 @@ are the tiny model at 64x64, a few steps, one seed per pipeline call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, utcnow
 from pixelmill.tasks import RENDER_TASK
 from tests.conftest import WorkerProcess
 from tests.integration.faults import (
-    FAULT_SETTINGS,
     FrozenProcesses,
     JobSpec,
     PrivateRedis,
@@ -32,13 +33,15 @@ from tests.integration.faults import (
     Rig,
     all_ended,
     assert_consistent,
+    assert_was_mid_render,
     image_count,
     insert_jobs,
     job,
-    running_with_images,
+    mid_render_job,
     the_pool_pid,
     wait_for_log,
 )
+from tests.integration.outages import rabbitmq_to_restart
 from worker.celery_app import create_app
 
 pytestmark = pytest.mark.integration
@@ -48,60 +51,6 @@ SETTLE = 150  # seconds for a faulted run to end, on a slow shared 2-core machin
 
 # Celery logs each task's return value (render_job's outcome) at INFO.
 DONE = "succeeded in"
-
-
-@pytest.fixture
-def frozen() -> Iterator[FrozenProcesses]:
-    processes = FrozenProcesses()
-    yield processes
-    processes.release_all()
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, fresh_database_url: str, tiny_model_dir: Path
-) -> Iterator[Callable[..., Rig]]:
-    engines = []
-
-    def make(*, broker_url: str, queue: str, s3: dict[str, str], **extra: str) -> Rig:
-        engine = create_engine(fresh_database_url)
-        engines.append(engine)
-        values: dict[str, str | Path] = {
-            **FAULT_SETTINGS,
-            "database_url": fresh_database_url,
-            "broker_url": broker_url,
-            "render_queue": queue,
-            "model": str(tiny_model_dir),
-            "data_dir": tmp_path / "data",
-            **s3,
-            **extra,
-        }
-        return Rig(values=values, engine=engine)
-
-    yield make
-    for engine in engines:
-        engine.dispose()
-
-
-def mid_render_job(rig: Rig, workers: list[WorkerProcess]) -> int:
-    """Wait for a job that is running and has recorded part of its seeds; its id."""
-    found: list[int] = []
-
-    def mid_render() -> bool:
-        job_id = running_with_images(rig.engine)
-        if job_id is not None:
-            found.append(job_id)
-        return job_id is not None
-
-    rig.wait_until(mid_render, timeout=120, what="a job mid-render", workers=workers)
-    return found[0]
-
-
-def assert_was_mid_render(rig: Rig, job_id: int) -> None:
-    """The fault landed while the job was still running (not after it finished)."""
-    row = job(rig.engine, job_id)
-    assert row.status == JobStatus.RUNNING and row.attempts == 1, (row.status, row.attempts)
-    assert image_count(rig.engine, job_id) < len(row.seeds)
 
 
 # --- a worker's pool process killed mid-render ---------------------------------------------
@@ -211,41 +160,64 @@ def test_same_job_delivered_twice_at_once(
     assert_consistent(rig, attempts={job_id: 1})
 
 
-# --- the broker restarted mid-run ----------------------------------------------------------
+# --- the broker restarted under a rendering worker -----------------------------------------
 
 
-def test_broker_restarted_mid_run(
+@contextlib.contextmanager
+def broker_to_restart(
+    kind: str, tmp_path: Path
+) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """(url, stop, start) of a broker the test may restart: a private Redis (no persistence:
+    its messages are lost, as with a crashed broker host) or a RabbitMQ node (durable queue,
+    persistent messages: the unacknowledged one is given out again)."""
+    if kind == "redis":
+        redis = PrivateRedis(tmp_path / "redis.log")
+        redis.start()
+        try:
+            yield redis.url, redis.kill, redis.start
+        finally:
+            redis.stop()
+    else:
+        with rabbitmq_to_restart() as rabbit:
+            yield rabbit.url, rabbit.stop_app, rabbit.start_app
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_broker_restarted_under_a_rendering_worker(
     make_rig: Callable[..., Rig],
     tmp_path: Path,
     s3_settings: dict[str, str],
     tiny_model_dir: Path,
     start_worker: StartWorker,
+    kind: str,
 ) -> None:
-    """A private Redis, killed (its messages are lost: no persistence) and started again on
-    the same port. The worker reconnects; the dispatcher re-publishes what was lost."""
-    redis = PrivateRedis(tmp_path / "redis.log")
-    redis.start()
-    try:
-        rig = make_rig(
-            broker_url=redis.url, queue="render", s3=s3_settings, requeue_after_seconds="6"
-        )
-        ids = insert_jobs(rig.engine, [JobSpec(str(tiny_model_dir), seeds=(1, 2, 3))] * 4)
-        worker = start_worker(rig.env(), "render")
+    """The broker goes away for a few seconds while a job renders. The render is not
+    cancelled: the job finishes on its first attempt under its fenced claim (Postgres was up),
+    so no GPU work is lost and no job waits out its lease. The worker reconnects; RabbitMQ
+    gives the job's message out again and it finds the job running or done; what Redis lost
+    the dispatcher publishes again."""
+    queue = f"render-{uuid.uuid4().hex[:8]}"
+    with broker_to_restart(kind, tmp_path) as (url, stop_broker, start_broker):
+        rig = make_rig(broker_url=url, queue=queue, s3=s3_settings, requeue_after_seconds="6")
+        ids = insert_jobs(rig.engine, [JobSpec(str(tiny_model_dir), seeds=(1, 2, 3, 4, 5))] * 3)
+        worker = start_worker(rig.env(), queue)
         with rig.dispatcher():
             victim = mid_render_job(rig, [worker])
-            redis.kill()
+            stop_broker()
             assert_was_mid_render(rig, victim)
-            time.sleep(3)  # the worker and the dispatcher notice and retry
-            redis.start()
+            time.sleep(4)  # the worker and the dispatcher notice and retry
+            start_broker()
             rig.wait_until(
                 lambda: all_ended(rig.engine), timeout=SETTLE, what="the run", workers=[worker]
             )
-    finally:
-        redis.stop()
-    # The job in flight may finish (Postgres was up) or be cancelled with the lost
-    # connection and resume once its lease ran out; every other job ran once.
-    assert_consistent(rig, attempts={i: (1, 2) if i == victim else 1 for i in ids})
-    assert "Connection to broker lost" in worker.output()  # the fault did reach the worker
+    output = worker.output()
+    assert "Connection to broker lost" in output  # the fault did reach the worker
+    assert "Terminating it instead" not in output  # ... and did not cancel the render
+    # Every job rendered once, the one in flight included.
+    assert_consistent(rig, attempts=dict.fromkeys(ids, 1))
+    if kind == "rabbitmq":
+        # Its message, unacknowledged when the connection dropped, came back and was dropped.
+        wait_for_log(worker, "'skipped'", timeout=30)
 
 
 # --- S3 stopped mid-run, then started again -------------------------------------------------
@@ -259,12 +231,18 @@ def test_storage_stopped_mid_run_then_started(
     tiny_model_dir: Path,
     start_worker: StartWorker,
 ) -> None:
+    """S3 away for 20 s. Uploads fail; the jobs are given back with a growing pause between
+    tries, and these outages are not counted: with two attempts allowed, none dies."""
     s3 = PrivateS3()
     s3.start()
     try:
-        # Enough attempts that an outage cannot make a job dead: it must heal.
         rig = make_rig(
-            broker_url=broker_url, queue=render_queue, s3=s3.settings(), max_attempts="6"
+            broker_url=broker_url,
+            queue=render_queue,
+            s3=s3.settings(),
+            max_attempts="2",
+            retry_backoff_seconds="2",
+            retry_backoff_max_seconds="8",
         )
         ids = insert_jobs(rig.engine, [JobSpec(str(tiny_model_dir), seeds=(1, 2, 3))] * 3)
         worker = start_worker(rig.env(), render_queue)
@@ -274,16 +252,20 @@ def test_storage_stopped_mid_run_then_started(
             # Rows follow their objects: none can be recorded while storage is down.
             time.sleep(1.5)
             during = image_count(rig.engine)
-            time.sleep(5)
+            time.sleep(18.5)
             assert image_count(rig.engine) == during
             assert not all_ended(rig.engine)
             s3.start()
             rig.wait_until(
                 lambda: all_ended(rig.engine), timeout=SETTLE, what="the run", workers=[worker]
             )
-        # An upload that failed gave its job back for another attempt (or was retried by
-        # boto3 in place): never more than one image row per seed either way.
-        assert_consistent(rig, attempts={i: (1, 2, 3) for i in ids})
+        # Tried again after a pause (at most a few tries in 20 s, not one per dispatcher
+        # round), never more than one image row per seed, and no attempt spent on the outage.
+        jobs = assert_consistent(rig, attempts={i: tuple(range(1, 9)) for i in ids})
+        assert {
+            job_id: row.attempts - row.outages for job_id, row in jobs.items()
+        } == dict.fromkeys(ids, 1)
+        assert sum(row.outages for row in jobs.values()) >= 1
     finally:
         s3.stop()
 

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 import producer.metrics
 import review.metrics
 import worker.metrics
+from db.keeper_costs import CostFigures, RunCosts
 from monitoring.exporter import RunFigures, Snapshot, snapshot_metrics
 from tests.monitoring.dashboards import DASHBOARDS, dashboard_expressions
 
@@ -33,9 +34,12 @@ def exported_names() -> set[str]:
     }
     now = datetime.now(UTC)
     # A run still rendering (a finished one has no projected finish): every series there is.
+    # With a keeper, a prediction and review time: every cost series is there too.
+    costs = RunCosts(1, 4, total=CostFigures(images=1, gpu_seconds=1.0, kept=1, ranked_keepers=1))
+    costs.variants[("t", "")] = costs.total
     run = RunFigures(
         "r", now, jobs={"done": 1, "running": 1}, images=1, recent_images=1, reviewed=1,
-        open_planned=2,
+        open_planned=2, costs=costs,
     )  # fmt: skip
     snapshot = Snapshot(now=now, runs=[run], oldest_waiting_age=0)
     names |= {s.name for f in snapshot_metrics(snapshot, timedelta(hours=1)) for s in f.samples}
@@ -72,5 +76,6 @@ def test_dashboard_uses_the_provisioned_datasource_and_has_the_issue_panels() ->
             assert panel["datasource"]["uid"] == uid, panel["title"]
     titles = " | ".join(title.lower() for title, _ in dashboard_expressions())
     for wanted in ("images per minute", "backlog", "projected finish", "render time",
-                   "failure", "keep rate", "gpu memory"):  # fmt: skip
+                   "failure", "keep rate", "gpu memory", "gpu-seconds per keeper",
+                   "reviewer-seconds per keeper", "keeper recall"):  # fmt: skip
         assert wanted in titles, wanted

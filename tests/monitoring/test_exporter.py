@@ -21,6 +21,7 @@ from db.models import (
     RunStatus,
 )
 from monitoring.exporter import DatabaseCollector, read_snapshot, snapshot_metrics
+from tests.cost_rows import DUSK_REVIEW, REVIEWER_SECONDS, make_costed_run
 from tests.factories import add_job, image_row
 
 NOW = datetime(2026, 11, 25, 23, 0, tzinfo=UTC)
@@ -147,6 +148,34 @@ def test_a_young_run_is_measured_since_its_first_image(db_session: Session) -> N
 
 def samples_of(families: list) -> dict:  # type: ignore[type-arg]
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_cost_per_keeper_per_run_and_variant(db_session: Session) -> None:
+    made = make_costed_run(db_session)  # its figures are worked out in tests/cost_rows.py
+    parsed = samples_of(snapshot_metrics(read_snapshot(db_session), deadline=timedelta(hours=1)))
+
+    run = (("run", "costed"),)
+    assert parsed[("pixelmill_run_gpu_seconds", run)] == 22.0
+    assert parsed[("pixelmill_run_gpu_seconds_per_image", run)] == 22 / 7
+    assert parsed[("pixelmill_run_gpu_seconds_per_keeper", run)] == 22 / 3
+    assert parsed[("pixelmill_run_reviewer_seconds", run)] == REVIEWER_SECONDS
+    assert parsed[("pixelmill_run_reviewer_seconds_per_keeper", run)] == REVIEWER_SECONDS / 3
+    assert parsed[("pixelmill_run_auto_rejected_images", run)] == 1
+    assert parsed[("pixelmill_run_early_stop_skipped_seeds", run)] == 5
+    assert parsed[("pixelmill_run_early_stop_gpu_seconds_saved", run)] == 24.0
+    assert parsed[("pixelmill_run_keeper_recall_top_k", run)] == 1.0
+    assert parsed[("pixelmill_run_images_kept", run)] == 3
+    dusk = (("run", "costed"), ("template", "outdoor"), ("variant", "dusk"))
+    assert parsed[("pixelmill_variant_images", dusk)] == 2
+    assert parsed[("pixelmill_variant_images_kept", dusk)] == 1
+    assert parsed[("pixelmill_variant_gpu_seconds_per_keeper", dusk)] == 8.0
+    assert parsed[("pixelmill_variant_reviewer_seconds_per_keeper", dusk)] == DUSK_REVIEW
+    assert parsed[("pixelmill_variant_early_stop_gpu_seconds_saved", dusk)] == 24.0
+    # The other run: one keeper, no prediction, one review event: no recall, no review time.
+    other = (("run", made.other.name),)
+    assert parsed[("pixelmill_run_gpu_seconds_per_keeper", other)] == 9.0
+    assert parsed[("pixelmill_run_reviewer_seconds", other)] == 0.0
+    assert ("pixelmill_run_keeper_recall_top_k", other) not in parsed
 
 
 def test_unreachable_database_is_a_metric_not_an_error() -> None:

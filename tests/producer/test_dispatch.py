@@ -273,6 +273,22 @@ def test_stale_jobs_the_broker_still_holds_are_not_republished(db_session: Sessi
     assert (report.republished, recorder.ids) == (0, [])
 
 
+def test_a_busy_worker_may_hold_one_message_per_running_job(db_session: Session) -> None:
+    """A worker rendering a job has taken the next message already (prefetch) and holds it
+    until that job is done: that message is neither on the broker nor lost."""
+    run = make_run(db_session)
+    stale = make_jobs(db_session, run, 3, status=JobStatus.QUEUED, queued_at=utcnow() - HOUR)
+    make_jobs(db_session, run, 2, status=JobStatus.RUNNING)
+
+    recorder = Recorder()
+    report = dispatch(
+        db_session, recorder, requeue_after=timedelta(minutes=5), broker_count=lambda: 0
+    )
+
+    # Three queued, none on the broker, two workers busy: at most one message lost.
+    assert (report.republished, recorder.ids) == (1, stale[:1])
+
+
 def test_a_job_in_its_retry_backoff_is_published_when_the_pause_is_over(
     db_session: Session,
 ) -> None:
@@ -506,3 +522,50 @@ def test_an_unreachable_broker_is_an_outage_with_nothing_sent() -> None:
             assert unreachable.value.service == "broker"
         finally:
             app.close()
+
+
+def test_the_dispatcher_counts_expired_leases_and_burials(
+    committed_engine: Engine,
+    fresh_database_url: str,
+    broker_url: str,
+    render_queue: str,
+    tmp_path: Path,
+) -> None:
+    """`pixelmill dispatch` (one round): a lost worker's job is requeued with a backoff, one
+    out of attempts is buried, and both are counted in the dispatcher's metrics."""
+    from cli.dispatch import dispatch_once
+    from pixelmill.settings import get_settings
+    from producer.metrics import EXPIRED_LEASES
+    from tests.worker.support import expire_lease
+    from worker.claim import claim_job
+
+    with Session(committed_engine, expire_on_commit=False) as session:
+        run = make_run(session)
+        lost, exhausted = make_jobs(session, run, 2)
+        for job_id in (lost, exhausted):
+            assert claim_job(session, job_id, worker="w", lease=HOUR) is not None
+            expire_lease(session, job_id)
+        session.execute(update(Job).where(Job.id == exhausted).values(attempts=3))
+        session.commit()
+
+    def counted(outcome: str) -> float:
+        return EXPIRED_LEASES.labels(outcome)._value.get()  # type: ignore[attr-defined]
+
+    before = {outcome: counted(outcome) for outcome in ("requeued", "dead")}
+    settings = get_settings(
+        database_url=fresh_database_url,
+        broker_url=broker_url,
+        render_queue=render_queue,
+        data_dir=tmp_path,
+        retry_backoff_seconds=60,
+    )
+    dispatch_once(settings, quiet=True)
+
+    assert counted("requeued") - before["requeued"] == 1
+    assert counted("dead") - before["dead"] == 1
+    with Session(committed_engine) as session:
+        rows = {job.id: job for job in session.scalars(select(Job))}
+    assert rows[exhausted].status == JobStatus.DEAD
+    # Requeued, and not published in the same round: it waits out its backoff.
+    assert rows[lost].status == JobStatus.PENDING
+    assert rows[lost].retry_at is not None and rows[lost].retry_at > utcnow()

@@ -24,7 +24,7 @@ from db.models import Reviewer
 from db.session import make_engine, make_sessionmaker
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
-from review import api, pages, public
+from review import api, audit, pages, public
 from review.accounts import add_reviewer
 from review.app import create_app
 from review.queue import claim_next, sync_queue
@@ -59,7 +59,7 @@ def made(session: Session, storage: Storage) -> MadeRun:
 def _routes() -> list[tuple[str, str]]:
     """Every (method, path) the app serves but logout (the corpus runs logged in)."""
     found: list[tuple[str, str]] = []
-    for router in (public.router, pages.router, api.router):
+    for router in (public.router, pages.router, api.router, audit.router):
         for route in router.routes:
             assert isinstance(route, APIRoute)
             found.extend((method, route.path) for method in sorted(route.methods or ()))

@@ -33,11 +33,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def invoke(*args: str, stdin: str | None = None) -> tuple[int, str]:
+def invoke(*args: str, stdin: str | None = None, stdout: bool = False) -> tuple[int, str]:
+    """Exit code and output (stdout and stderr, or with ``stdout`` only stdout)."""
     result = CliRunner().invoke(cli, list(args), input=stdin)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if stdout else result.output
 
 
 def test_review_on_the_embedded_setup(workdir: Path) -> None:
@@ -80,7 +81,7 @@ def test_review_on_the_embedded_setup(workdir: Path) -> None:
         other = client.post(f"/api/runs/{made.run.id}/claim", headers=headers).json()
         assert other["review_item_id"] not in (None, item_id)
 
-    code, out = invoke("export", made.run.name, "--format", "csv")
+    code, out = invoke("export", made.run.name, "--format", "csv", stdout=True)
     assert code == 0, out
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [row["image_id"] for row in rows] == [str(keep)]

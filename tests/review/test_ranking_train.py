@@ -26,7 +26,7 @@ DIMENSIONS = 16
 SCORER = "s" * 64
 
 
-def _plant(
+def plant_decisions(
     session: Session, *, items: int, per_item: int, noise: float, seed: int = 0
 ) -> tuple[int, dict[int, bool]]:
     """A run whose images' embeddings carry the planted signal; decisions on all of them.
@@ -75,7 +75,7 @@ def _plant(
 
 
 def test_model_learns_planted_signal_with_label_noise(db_session: Session) -> None:
-    run_id, truth = _plant(db_session, items=60, per_item=8, noise=0.1)
+    run_id, truth = plant_decisions(db_session, items=60, per_item=8, noise=0.1)
 
     outcome = train_keeper_model(db_session, "catalogue.csv", min_decisions=200)
 
@@ -94,7 +94,7 @@ def test_model_learns_planted_signal_with_label_noise(db_session: Session) -> No
 
 
 def test_no_model_before_enough_decisions_or_with_one_class(db_session: Session) -> None:
-    _plant(db_session, items=5, per_item=4, noise=0.0)
+    plant_decisions(db_session, items=5, per_item=4, noise=0.0)
 
     outcome = train_keeper_model(db_session, "catalogue.csv", min_decisions=200)
 
@@ -106,14 +106,14 @@ def test_no_model_before_enough_decisions_or_with_one_class(db_session: Session)
 @pytest.mark.parametrize("new_decisions", [0, 30])
 def test_retraining_waits_for_enough_new_decisions(db_session: Session, new_decisions: int) -> None:
     settings = get_settings(keeper_min_decisions=100, keeper_retrain_every=30)
-    _plant(db_session, items=20, per_item=8, noise=0.1)
+    plant_decisions(db_session, items=20, per_item=8, noise=0.1)
     assert due_for_training(db_session, "catalogue.csv", settings)
     [first] = retrain_due(db_session, settings)
     assert first.model is not None and first.model.version == 1
     assert not due_for_training(db_session, "catalogue.csv", settings)
 
     if new_decisions:
-        _plant(db_session, items=new_decisions // 6 + 1, per_item=6, noise=0.1, seed=1)
+        plant_decisions(db_session, items=new_decisions // 6 + 1, per_item=6, noise=0.1, seed=1)
     outcomes = retrain_due(db_session, settings)
 
     assert [o.model.version for o in outcomes if o.model] == ([2] if new_decisions else [])

@@ -1,4 +1,5 @@
-"""Keep-rate figures, reviewer speed, and the export (CSV escaping, JSONL, approved/ copies)."""
+"""Keep-rate figures, reviewer speed, cost per keeper, and the export (CSV escaping, JSONL,
+approved/ copies)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from review.export import ExportError, escape_cell, export_lines, open_items_lef
 from review.queue import claim_next, decide, submit, sync_queue
 from review.reroll import reroll
 from review.stats import IDLE_GAP_SECONDS, MIN_RATE_SECONDS, reviewer_speeds, run_stats
+from tests.cost_rows import DUSK_REVIEW, REVIEWER_SECONDS, make_costed_run
 from tests.review.conftest import log_in
 from tests.review.factory import MadeRun, make_run
 
@@ -272,3 +274,45 @@ def test_decisions_per_hour_wait_for_enough_review_time(
     assert speed.active_seconds >= MIN_RATE_SECONDS or not shown
     (own,) = reviewer_speeds(session, made.run.id, alice.id)
     assert own.decisions_per_hour == speed.decisions_per_hour
+
+
+def test_cost_per_keeper_in_the_stats_json_and_page(
+    client: TestClient, session: Session, boss: Reviewer
+) -> None:
+    made = make_costed_run(session)
+    session.commit()
+    log_in(client, "boss")
+
+    costs = client.get(f"/api/runs/{made.run.id}/stats").json()["costs"]
+    assert (costs["top_k"], costs["review_gap_cap_seconds"]) == (4, IDLE_GAP_SECONDS)
+    totals = costs["totals"]
+    assert (totals["images"], totals["kept"], totals["auto_rejected"]) == (7, 3, 1)
+    assert totals["gpu_seconds_per_image"] == pytest.approx(22 / 7)
+    assert totals["gpu_seconds_per_keeper"] == pytest.approx(22 / 3)
+    assert totals["reviewer_seconds_per_keeper"] == pytest.approx(REVIEWER_SECONDS / 3)
+    assert (totals["skipped_seeds"], totals["gpu_seconds_saved"]) == (5, pytest.approx(24.0))
+    assert totals["keeper_recall"] == 1.0
+    by_template = {row["template"]: row for row in costs["templates"]}
+    assert by_template["studio"]["gpu_seconds_per_keeper"] == pytest.approx(7.0)
+    (dusk,) = [row for row in costs["variants"] if row["variant"] == "dusk"]
+    assert dusk["reviewer_seconds_per_keeper"] == pytest.approx(DUSK_REVIEW)
+    assert dusk["auto_rejected"] == 0  # overridden by a person's decision
+
+    page = client.get(f"/runs/{made.run.id}/stats").text
+    assert "Cost per keeper" in page and "keepers in their item's top 4" in page
+    assert "<th>GPU-seconds per keeper</th><td>7.33</td>" in page
+    assert "<th>GPU-seconds saved</th><td>24.00</td>" in page
+    assert "<td>outdoor</td><td>dusk</td><td>2</td><td>1</td><td>0</td>" in page
+    # The keep rates count people's decisions only: the model's auto-reject is not one.
+    assert client.get(f"/api/runs/{made.run.id}/stats").json()["totals"]["reviewed"] == 5
+
+
+def test_decisions_per_hour_and_review_time_count_every_action(
+    session: Session, alice: Reviewer
+) -> None:
+    made = make_costed_run(session)
+    speeds = {speed.name: speed for speed in run_stats(session, made.run).reviewers}
+    # ann: 5 decisions and 2 submits; bo: an undo and a submit, no decision.
+    assert (speeds["ann"].decisions, speeds["ann"].active_seconds) == (5, pytest.approx(360.0))
+    assert (speeds["bo"].decisions, speeds["bo"].active_seconds) == (0, pytest.approx(60.0))
+    assert sum(s.active_seconds for s in speeds.values()) == pytest.approx(REVIEWER_SECONDS)

@@ -27,10 +27,10 @@ PUBLIC = {"/healthz", "/metrics", "/login"}
 
 def _routes(client: TestClient) -> list[tuple[str, str]]:
     """Every (method, path) the app serves, read from the routers it includes."""
-    from review import api, pages, public
+    from review import api, audit, pages, public
 
     found: list[tuple[str, str]] = []
-    for router in (public.router, pages.router, api.router):
+    for router in (public.router, pages.router, api.router, audit.router):
         for route in router.routes:
             assert isinstance(route, APIRoute)
             found.extend((method, route.path) for method in sorted(route.methods or ()))
@@ -139,7 +139,11 @@ def test_review_an_item_through_the_api(
         json={"image_id": keep, "decision": "keep"},
         headers=headers,
     )
-    assert response.json() == {"image_id": keep, "decision": "keep"}
+    assert response.json() == {
+        "image_id": keep,
+        "decision": "keep",
+        "changed": [{"image_id": keep, "decision": "keep"}],
+    }
     bad = client.post(
         f"/api/items/{item_id}/decisions",
         json={"image_id": keep, "decision": "maybe"},

@@ -519,3 +519,39 @@ def test_lease_extension_is_fenced(db_session: Session) -> None:
     stale = dataclasses.replace(claimed, attempt=claimed.attempt + 1)
     assert not extend_lease(db_session, stale, LEASE)
     assert reload(db_session, job).lease_expires_at > utcnow()  # type: ignore[operator]
+
+
+# --- the task: a message whose job the database could not even take --------------------------
+
+
+def test_a_message_met_by_a_database_outage_goes_back_to_the_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim itself fails (the database is away): the message is not acknowledged and
+    lost (its job would stay queued with no message) but rejected back to the broker after
+    a pause that grows while the outage lasts; a job's own error still fails the task."""
+    from celery.exceptions import Reject
+
+    import worker.tasks as tasks
+
+    pauses: list[float] = []
+    monkeypatch.setattr(tasks.time, "sleep", pauses.append)
+    monkeypatch.setattr(tasks, "get_runtime", lambda: None)
+    monkeypatch.setattr(tasks, "_outages", type(tasks._outages)(tasks._outages.backoff))
+
+    def unreachable(runtime: object, job_id: int, **_: object) -> str:
+        raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(tasks, "render_job", unreachable)
+    for _ in range(3):
+        with pytest.raises(Reject) as rejected:
+            tasks.render_job_task.run(7)
+        assert rejected.value.requeue is True
+    assert len(pauses) == 3 and pauses[0] <= 1 and pauses[2] > pauses[0]
+
+    def bug(runtime: object, job_id: int, **_: object) -> str:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(tasks, "render_job", bug)
+    with pytest.raises(KeyError):
+        tasks.render_job_task.run(7)

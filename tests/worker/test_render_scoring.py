@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.job_options import ControlNetSpec, JobOptions, MaskSpec
 from db.models import Decision, Image, ImageReview, InputImage, Job, JobStatus, ReviewItem
 from db.ranking import ImageScore, KeeperModel, KeeperPrediction
+from monitoring.exporter import read_snapshot
 from monitoring.status import run_status
 from pixelmill.keeper import category, embedding_from_bytes, parameters
 from pixelmill.storage import Storage, storage_from_settings
@@ -344,6 +345,8 @@ def test_early_stop_records_the_seeds_not_rendered_and_reports_the_time_saved(
     # Skipped seeds are not missing images: the run's planned images are those it has.
     report = run_status(db_session, run)
     assert report.images == report.images_planned == 2
+    (figures,) = [f for f in read_snapshot(db_session).runs if f.name == run.name]
+    assert (figures.images, figures.images_planned, figures.remaining_images) == (2, 2, 0)
 
 
 def test_images_a_person_rejected_do_not_stop_a_sweep(
