@@ -17,7 +17,7 @@ and that no job is left pending, queued or running; it prints the faults injecte
 lost, duplicated and orphaned, the seconds from each fault to the next image recorded after
 it, and ``met``/``NOT met`` against zero lost and zero duplicated (exit status 1 if not).
 
-    .venv/bin/python benchmarks/soak.py                      # 120 jobs x 2 seeds, a few minutes
+    .venv/bin/python benchmarks/soak.py                      # 200 jobs x 2 seeds, a few minutes
     .venv/bin/python benchmarks/soak.py --jobs 1000 --kill-every 30
 
 It uses the fault helpers of the tests (tests/integration/faults.py and outages.py).
@@ -210,13 +210,13 @@ def drop_connections(rig: Rig) -> Fault:
     return Fault(f"database connections dropped ({count})", now())
 
 
-def schedule(args: argparse.Namespace) -> list[tuple[float, Callable[[Rig], Fault]]]:
+def schedule(args: argparse.Namespace) -> list[tuple[float, str, Callable[[Rig], Fault]]]:
     """The one-off faults, by seconds after the first image."""
     return [
-        (args.dispatcher_at, restart_dispatcher),
-        (args.broker_at, restart_broker),
-        (args.s3_at, lambda rig: stop_storage(rig, args.s3_outage)),
-        (args.database_at, drop_connections),
+        (args.dispatcher_at, "dispatcher restart", restart_dispatcher),
+        (args.broker_at, "broker restart", restart_broker),
+        (args.s3_at, "S3 outage", lambda rig: stop_storage(rig, args.s3_outage)),
+        (args.database_at, "database connections dropped", drop_connections),
     ]
 
 
@@ -250,7 +250,7 @@ def run_faults(rig: Rig, args: argparse.Namespace) -> list[Fault]:
     while open_jobs(rig.engine) and time.monotonic() < deadline:
         elapsed = time.monotonic() - started
         if pending and elapsed >= pending[0][0]:
-            faults.append(pending.pop(0)[1](rig))
+            faults.append(pending.pop(0)[2](rig))
             print(f"  {elapsed:6.1f} s  {faults[-1].name}", flush=True)
         elif args.kill_every > 0 and elapsed >= next_kill:
             fault = kill_a_render(rig, turn)
@@ -260,8 +260,8 @@ def run_faults(rig: Rig, args: argparse.Namespace) -> list[Fault]:
                 print(f"  {elapsed:6.1f} s  {fault.name}", flush=True)
         else:
             time.sleep(0.5)
-    for _, action in pending:
-        print(f"  not injected (the run ended first): {getattr(action, '__name__', action)}")
+    for _, name, _ in pending:
+        print(f"  not injected (the run ended first): {name}")
     return faults
 
 
@@ -377,7 +377,7 @@ def report(rig: Rig, faults: list[Fault], findings: Findings, seconds: float) ->
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=120)
+    parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=2, help="seeds (images) per job")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)

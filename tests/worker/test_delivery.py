@@ -267,13 +267,16 @@ def test_an_outage_is_retried_after_a_backoff_without_spending_an_attempt(
     for attempt in (1, 2, 3):
         before = utcnow()
         assert render_job(runtime, job.id) == "retry"
+        after = utcnow()
         row = reload(db_session, job)  # type: ignore[arg-type]
         assert (row.status, row.attempts, row.outages) == (JobStatus.PENDING, attempt, attempt)
         assert row.error is not None and row.error.startswith("EndpointConnectionError: ")
         # The pause doubles with each try (8, 16, 32 s at most), drawn from its upper half.
+        # (Measured around render_job: the pause starts when the job is given back.)
         ceiling = 8 * 2 ** (attempt - 1)
-        pause = (row.retry_at - before).total_seconds()  # type: ignore[operator]
-        assert ceiling / 2 - 1 <= pause <= ceiling + 1
+        assert row.retry_at is not None
+        assert (row.retry_at - after).total_seconds() >= ceiling / 2 - 0.1
+        assert (row.retry_at - before).total_seconds() <= ceiling + 0.1
         _requeue(db_session, job.id)
 
     storage.failures = 0  # storage is back
@@ -411,7 +414,7 @@ def test_a_failed_heartbeat_is_retried_sooner_than_the_next_beat(
             time.sleep(0.05)
     assert heartbeat.beats >= 1
     assert len(calls) >= 2
-    assert calls[1] - calls[0] <= 1.5  # not another 4 s
+    assert calls[1] - calls[0] <= 2.5  # not another 4 s (at most 1 s, on a busy machine more)
 
 
 def test_heartbeat_stops_when_the_job_is_taken_over(
