@@ -21,8 +21,9 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    select,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.models import Base, JSONType, utcnow
 
@@ -136,3 +137,15 @@ class AutoReject(Base):
     undone_by: Mapped[int | None] = mapped_column(ForeignKey("reviewers.id"))
     undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def latest_keeper_model(
+    session: Session, source: str, scorer: str | None = None
+) -> KeeperModel | None:
+    """The source's newest keeper model; with ``scorer``, the newest trained on that scorer's
+    embeddings (an older model of this scorer still reads them; a newer one of another
+    scorer cannot). Review ranks with it and the worker stops sweeps early with it."""
+    statement = select(KeeperModel).where(KeeperModel.source == source)
+    if scorer is not None:
+        statement = statement.where(KeeperModel.scorer == scorer)
+    return session.scalars(statement.order_by(KeeperModel.version.desc()).limit(1)).first()

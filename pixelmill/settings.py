@@ -276,6 +276,11 @@ class Settings(BaseSettings):
         return (self.prometheus_multiproc_dir or self.data_dir / "prometheus").resolve()
 
     @property
+    def model_hash_cache(self) -> Path:
+        """Where a host's workers keep their models' sha256, so a restart does not hash again."""
+        return self.data_dir / "model-hashes.json"
+
+    @property
     def tiny_model_dir(self) -> Path:
         return (self.data_dir / "models" / "tiny").resolve()
 

@@ -52,7 +52,7 @@ def build_runtime() -> WorkerRuntime:
             max_models=settings.max_loaded_models,
             config=settings.model_config_dir,
             compile_unet=settings.torch_compile,
-            hash_cache=settings.data_dir / "model-hashes.json",
+            hash_cache=settings.model_hash_cache,
         ),
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
         # Read at start: a bad blocklist file stops the worker instead of failing every job.

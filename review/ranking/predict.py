@@ -6,11 +6,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Image, Job
-from db.ranking import KeeperModel, KeeperPrediction
+from db.ranking import KeeperModel, KeeperPrediction, latest_keeper_model
 from db.upsert import upsert_many
 from pixelmill.keeper import KeeperPredictor
 from review.ranking.decisions import candidate_of, scored_candidates_query
-from review.ranking.train import latest_model
 
 BATCH = 2000
 
@@ -48,7 +47,7 @@ def predict_run(session: Session, run_id: int) -> int:
     """Predict every scored image of a run with its source's latest model (where one exists)."""
     predicted = 0
     for source in run_sources(session, run_id):
-        model = latest_model(session, source)
+        model = latest_keeper_model(session, source)
         if model is not None:
             predicted += predict_source(session, model, run_id)
     return predicted

@@ -12,11 +12,12 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
+from db.ranking import latest_keeper_model
 from pixelmill.settings import Settings
 from review.ranking.auto_reject import make_auto_rejects
 from review.ranking.decisions import decision_count, sources_with_decisions
 from review.ranking.predict import predict_source
-from review.ranking.train import TrainingOutcome, latest_model, train_keeper_model
+from review.ranking.train import TrainingOutcome, train_keeper_model
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def due_for_training(session: Session, source: str, settings: Settings) -> bool:
     count = decision_count(session, source)
     if count < settings.keeper_min_decisions:
         return False
-    model = latest_model(session, source)
+    model = latest_keeper_model(session, source)
     return model is None or count - model.decisions_seen >= settings.keeper_retrain_every
 
 

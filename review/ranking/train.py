@@ -160,13 +160,3 @@ def _next_version(session: Session, source: str) -> int:
         select(func.max(KeeperModel.version)).where(KeeperModel.source == source)
     )
     return 1 if latest is None else int(latest) + 1
-
-
-def latest_model(session: Session, source: str) -> KeeperModel | None:
-    statement = (
-        select(KeeperModel)
-        .where(KeeperModel.source == source)
-        .order_by(KeeperModel.version.desc())
-        .limit(1)
-    )
-    return session.scalars(statement).first()

@@ -24,7 +24,7 @@ def upscaler_from_settings(settings: Settings) -> Upscaler | None:
         tile=settings.upscale_tile,
         overlap=settings.upscale_tile_overlap,
         device=resolve_device(settings.device),
-        cache_file=settings.data_dir / "model-hashes.json",
+        cache_file=settings.model_hash_cache,
     )
 
 
@@ -38,7 +38,7 @@ def captioner_from_settings(settings: Settings) -> Captioner | None:
         max_tokens=settings.caption_max_tokens,
         beams=settings.caption_beams,
         device=resolve_device(settings.device),
-        cache_file=settings.data_dir / "model-hashes.json",
+        cache_file=settings.model_hash_cache,
     )
 
 

@@ -19,5 +19,5 @@ def scorer_from_settings(settings: Settings) -> Scorer | None:
         head_path=head,
         device=device,
         dtype=default_dtype(device),
-        cache_file=settings.data_dir / "model-hashes.json",
+        cache_file=settings.model_hash_cache,
     )

@@ -20,7 +20,7 @@ from sqlalchemy import func, null, select, update
 from sqlalchemy.orm import Session
 
 from db.models import CatalogueItem, Decision, Image, ImageReview, Job, JobStatus
-from db.ranking import KeeperModel, KeeperPrediction
+from db.ranking import KeeperPrediction, latest_keeper_model
 from pixelmill.keeper import Candidate, KeeperModelError, KeeperPredictor
 from worker import metrics
 from worker.claim import ClaimedJob
@@ -101,18 +101,6 @@ def likely_keepers(session: Session, run_id: int, item_id: int, probability: flo
         )
     )
     return int(count or 0)
-
-
-def latest_keeper_model(session: Session, source: str, scorer: str) -> KeeperModel | None:
-    """The source's newest keeper model trained on ``scorer``'s embeddings (an older model
-    of this scorer still reads them; a newer one of another scorer cannot)."""
-    statement = (
-        select(KeeperModel)
-        .where(KeeperModel.source == source, KeeperModel.scorer == scorer)
-        .order_by(KeeperModel.version.desc())
-        .limit(1)
-    )
-    return session.scalars(statement).first()
 
 
 def job_keepers(
