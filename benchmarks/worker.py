@@ -37,20 +37,19 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.worker_system import fresh_database, moto_s3, system_seconds  # noqa: E402
 
 TEMPLATES = """\
 key: sku
@@ -63,8 +62,12 @@ defaults:
 templates:
   studio:
     prompt: "product photo of a {{{{ colour }}}} {{{{ title }}}}, white background"
-    negative_prompt: "lowres, blurry, watermark"
+    negative_prompt: "{negative}"
 """
+
+# Each family's tiny random model (worker.tiny_model.build_tiny's arch) on a CPU machine.
+FAMILIES = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+NEGATIVE = "lowres, blurry, watermark"
 
 TITLES = ["canvas sneaker", "leather tote", "desk lamp", "ceramic mug", "wool scarf", "armchair"]
 COLOURS = ["red", "navy", "sage green", "cognac", "matte black", "ivory", "mustard"]
@@ -79,66 +82,16 @@ class Pair:
     seeds: list[int]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from db.migrate import upgrade
-
-    name = f"pixelmill_bench_worker_{os.getpid()}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextlib.contextmanager
-def moto_s3() -> Iterator[dict[str, str]]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    bucket = "pixelmill-bench"
-    boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=bucket)
-    try:
-        yield {
-            "storage": "s3",
-            "s3_bucket": bucket,
-            "s3_endpoint_url": endpoint,
-            "s3_region": "us-east-1",
-            "s3_access_key_id": "testing",
-            "s3_secret_access_key": "testing",
-        }
-    finally:
-        server.stop()
-
-
-def produce_run(database_url: str, work: Path, name: str, model: str, args: Any, jobs: int) -> int:
+def produce_run(
+    database_url: str,
+    work: Path,
+    name: str,
+    model: str,
+    args: Any,
+    jobs: int,
+    *,
+    negative: str = "",
+) -> int:
     """Write a catalogue of ``jobs`` items and produce them as run ``name``; its id."""
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
@@ -151,8 +104,10 @@ def produce_run(database_url: str, work: Path, name: str, model: str, args: Any,
     for i in range(jobs):
         lines.append(f"{name}-{i:04d},{TITLES[i % len(TITLES)]},{COLOURS[i % len(COLOURS)]}")
     catalogue.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    templates = work / "templates.yaml"
-    templates.write_text(TEMPLATES.format(model=model, steps=args.steps, size=args.size))
+    templates = work / f"{name}-templates.yaml"
+    templates.write_text(
+        TEMPLATES.format(model=model, steps=args.steps, size=args.size, negative=negative)
+    )
     engine = create_engine(database_url)
     with Session(engine) as session:
         report = produce(
@@ -209,21 +164,46 @@ def render_seconds(database_url: str, run_id: int) -> float:
 # --- bare ----------------------------------------------------------------------------------
 
 
-def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> float:
-    """The same pairs through a plain loop of pipeline calls in this process."""
+def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> list[float]:
+    """The same pairs through a plain loop of pipeline calls in this process: images/s with the
+    plain defaults, then with the worker's fast path (NaN where this tree has none). The model
+    is loaded by the worker's own function (worker.loading.load_pipeline: its dtype per device
+    and family, and the from_pretrained keyword this diffusers takes for it), so both loops
+    render in the precision the system renders in."""
     import torch
-    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-    from worker.loading import default_dtype
+    from worker.loading import load_pipeline
 
     device = torch.device(args.device)
-    kwargs: dict[str, Any] = {"dtype": default_dtype(device), "local_files_only": True}
-    if not args.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe: Any = DiffusionPipeline.from_pretrained(model_dir, **kwargs).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe: Any = load_pipeline(model_dir, device=device, safety_checker=args.safety_checker)
+    default = _bare_loop(pipe, pairs, args, device)
+    fast_path = _worker_fast_path(model_dir, device)
+    if fast_path is None:
+        return [default, float("nan")]
+    from worker.fast_path import applied_fast_path
 
-    def call(pipe: Any, pair: Pair) -> list[Any]:
+    with applied_fast_path(pipe, fast_path):
+        fast = _bare_loop(pipe, pairs, args, device)
+    return [default, fast]
+
+
+def _worker_fast_path(model_dir: str, device: Any) -> Any:
+    """The fast path the system's worker renders a plain job of ``model_dir`` with (its
+    settings come through the environment), or None without worker.fast_path."""
+    try:
+        from worker.fast_path import job_fast_path
+    except ImportError:
+        return None
+    from db.job_options import JobOptions
+    from pixelmill.settings import get_settings
+
+    return job_fast_path(get_settings(), model_dir, JobOptions(), device)
+
+
+def _bare_loop(pipe: Any, pairs: list[Pair], args: Any, device: Any) -> float:
+    import torch
+
+    def call(pair: Pair) -> list[Any]:
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in pair.seeds]
         count = len(pair.seeds)
         images: list[Any] = pipe(
@@ -238,15 +218,14 @@ def bare_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> floa
         ).images
         return images
 
-    # First-call costs (allocations, kernel and algorithm choices per batch shape) are not
-    # the loop's: warm up with a full batch, as the system's warm-up job does.
-    call(pipe, Pair("warm-up", pairs[0].negative_prompt, [0] * len(pairs[0].seeds)))
+    # First-call costs (allocations, kernel and algorithm choices per batch shape, a
+    # compile) are not the loop's: warm up with a full batch, as the system's warm-up job does.
+    call(Pair("warm-up", pairs[0].negative_prompt, [0] * len(pairs[0].seeds)))
     synchronize(device)
     started = time.perf_counter()
-    rendered = sum(len(call(pipe, pair)) for pair in pairs)
+    rendered = sum(len(call(pair)) for pair in pairs)
     synchronize(device)
     seconds = time.perf_counter() - started
-    del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rendered / seconds
@@ -289,7 +268,14 @@ def scored_images_per_second(model_dir: str, pairs: list[Pair], args: Any) -> li
     return [images / rendering, images / (rendering + sum(score for _, score in times))]
 
 
-def in_child(mode: str, model_dir: str, pairs: list[Pair], args: Any, work: Path) -> list[float]:
+def in_child(
+    mode: str,
+    model_dir: str,
+    pairs: list[Pair],
+    args: Any,
+    work: Path,
+    settings: dict[str, str] | None = None,
+) -> list[float]:
     """:func:`bare_images_per_second` (``--bare-child``) or :func:`scored_images_per_second`
     (``--score-child``) in a fresh process of its own, as the worker's child is: measured in
     this process the loop was 5-10% slower (on a 2-core machine) than in a clean one, which
@@ -303,7 +289,10 @@ def in_child(mode: str, model_dir: str, pairs: list[Pair], args: Any, work: Path
         "--data-dir", str(work / "data"),
         "--safety-checker" if args.safety_checker else "--no-safety-checker",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # The worker's settings (its fast path) through the environment, as the worker gets them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
+    env.update({f"PIXELMILL_{key.upper()}": value for key, value in (settings or {}).items()})
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{done.stdout}\n{done.stderr[-4000:]}")
     return [float(value) for value in done.stdout.split()[-1].split(",")]
@@ -319,104 +308,18 @@ def synchronize(device: Any) -> None:
 # --- system --------------------------------------------------------------------------------
 
 
-class System:
-    """A Celery worker subprocess against Postgres, the broker and moto S3."""
-
-    def __init__(self, values: dict[str, str], args: Any, log_path: Path) -> None:
-        from pixelmill.settings import get_settings
-        from worker.launch import CELERY_APP, worker_argv
-
-        self.settings = get_settings(**values)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
-        env.update({f"PIXELMILL_{key.upper()}": value for key, value in values.items()})
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        queue = self.settings.render_queue
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                CELERY_APP,
-                *worker_argv(queue=queue, hostname=f"bench-{uuid.uuid4().hex[:6]}@%h"),
-            ],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def run(self, run_id: int, *, timeout: float) -> float:
-        """Dispatch the run's jobs (topping up the window, as ``dispatch --watch`` does) and
-        wait until every one is done; the seconds from the first dispatch to the last job's
-        ``finished_at``. (Polling is slow, as the real dispatcher's is: on a small machine its
-        queries would take CPU from the render; the end time comes from the rows.)"""
-        from datetime import UTC, datetime
-
-        from sqlalchemy import create_engine, func, select
-        from sqlalchemy.orm import Session
-
-        from db.models import Job, JobStatus
-        from pixelmill.tasks import publisher_app
-        from producer.dispatch import celery_publisher, dispatch
-
-        app = publisher_app(self.settings)
-        publish = celery_publisher(app, self.settings.render_queue)
-        engine = create_engine(self.settings.resolved_database_url)
-        requeue_after = timedelta(seconds=self.settings.requeue_after_seconds)
-        by_status = select(Job.status, func.count()).where(Job.run_id == run_id)
-        started_at = datetime.now(UTC)
-        started = time.perf_counter()
-        try:
-            while True:
-                with Session(engine) as session:
-                    dispatch(
-                        session,
-                        publish,
-                        requeue_after=requeue_after,
-                        run_id=run_id,
-                        window=self.settings.dispatch_window,
-                    )
-                    counts = dict(session.execute(by_status.group_by(Job.status)).all())
-                    if set(counts) == {JobStatus.DONE}:
-                        finished_at = session.scalar(
-                            select(func.max(Job.finished_at)).where(Job.run_id == run_id)
-                        )
-                        assert finished_at is not None
-                        if finished_at.tzinfo is None:  # SQLite keeps no time zone
-                            finished_at = finished_at.replace(tzinfo=UTC)
-                        return (finished_at - started_at).total_seconds()
-                ended_badly = {s: n for s, n in counts.items() if s in ("failed", "dead")}
-                if ended_badly:
-                    raise SystemExit(f"jobs ended badly: {ended_badly}; see {self.log_path}")
-                if self.process.poll() is not None:
-                    raise SystemExit(f"the worker exited; see {self.log_path}")
-                if time.perf_counter() - started > timeout:
-                    raise SystemExit(f"not done after {timeout} s ({counts}); see {self.log_path}")
-                time.sleep(1.0)
-        finally:
-            engine.dispose()
-            app.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="diffusers folder (default: the tiny random model)")
-    parser.add_argument("--null", action="store_true", help="PIXELMILL_MODEL=null: job overhead")
-    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--model", help="diffusers folder (default: each family's tiny model)")
+    parser.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help="families to render, comma-separated (with --model: the one it belongs to)",
+    )
+    parser.add_argument("--null", action="store_true", help="only the job overhead (null model)")
+    parser.add_argument("--null-jobs", type=int, default=64, help="jobs of the overhead run")
+    parser.add_argument("--no-null", action="store_true", help="skip the overhead run")
+    parser.add_argument("--jobs", type=int, default=8, help="jobs per run (with --null: its)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per job")
     # The tiny model at 128x128, 20 steps: rendering dominates on a CPU, as it does for a real
     # model on a GPU (at 64x64, 8 steps a 2-core machine's PNG encoding and services compete
@@ -456,14 +359,12 @@ class Services:
     label: str
 
 
-def the_model(args: Any, work: Path) -> str:
-    if args.null:
-        return "null"
+def the_model(args: Any, work: Path, family: str) -> str:
     if args.model:
         return str(Path(args.model).resolve())
-    from worker.tiny_model import build_tiny_pipeline
+    from worker.tiny_model import build_tiny
 
-    return str(build_tiny_pipeline(work / "tiny-model"))
+    return str(build_tiny(work / f"tiny-{family}", arch=FAMILIES[family]))
 
 
 def start_services(stack: contextlib.ExitStack, args: Any, work: Path) -> Services:
@@ -493,72 +394,176 @@ def worker_settings(args: Any, model: str, services: Services, work: Path) -> di
         "device": args.device,
         "data_dir": str(work / "data"),
         "render_batch_size": str(args.batch_size),
+        # The bare loops render --batch-size batches: so does the system (no memory probe).
+        "render_batch_probe": "false",
         "safety_checker": str(args.safety_checker).lower(),
         **services.storage,
     }
 
 
-def benchmark(args: Any, work: Path, model: str, services: Services) -> None:
-    """The bare loop, the system (without, then with scoring), the bare loop again (unless
-    --null), the scoring loop; prints the figures."""
-    database_url = services.database_url
-    warm_up = produce_run(database_url, work, "warm-up", model, args, jobs=1)
-    run_id = produce_run(database_url, work, "bench", model, args, jobs=args.jobs)
-    scored_warm_up = produce_run(database_url, work, "warm-up-scored", model, args, jobs=1)
-    scored_run = produce_run(database_url, work, "scored", model, args, jobs=args.jobs)
-    images = args.jobs * args.seeds
+@dataclass(frozen=True)
+class FamilyRates:
+    """One family's images/s: through the system, and the bare loops (means of before and
+    after the system's run)."""
+
+    system: float
+    bare_default: float
+    bare_fast: float  # NaN: no fast path in this tree
+
+
+def benchmark(args: Any, work: Path, services: Services) -> None:
+    """Each family (bare loops, the system, the bare loops again; scoring for the first),
+    then the null model's overhead; then the goals."""
     print(
-        f"{args.jobs} jobs x {args.seeds} seeds = {images} images, model {model}, "
-        f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
-        f"device {args.device}, threads {args.threads or 'default'}, "
-        f"services {services.label}",
+        f"{args.jobs} jobs x {args.seeds} seeds = {args.jobs * args.seeds} images per family, "
+        f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, device "
+        f"{args.device} ({device_name(args.device)}), threads {args.threads or 'default'}, "
+        f"{os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f}), services {services.label}",
         flush=True,
     )
-    bare: list[float] = []
-    pairs = pairs_of(database_url, run_id, args.batch_size)
-    if not args.null:
-        bare.append(in_child("--bare-child", model, pairs, args, work)[0])
-        print(f"bare diffusers loop: {bare[-1]:8.3f} images/s", flush=True)
+    rates: dict[str, FamilyRates] = {}
+    families = [] if args.null else [f.strip() for f in args.families.split(",") if f.strip()]
+    for index, family in enumerate(families):
+        model = the_model(args, work, family)
+        rates[family] = benchmark_family(args, work, family, model, services, score=index == 0)
+    overhead = None if args.no_null else null_overhead(args, work, services)
+    print_goals(args, rates, overhead)
+
+
+def benchmark_family(
+    args: Any, work: Path, family: str, model: str, services: Services, *, score: bool
+) -> FamilyRates:
+    database_url = services.database_url
+    negative = "" if family == "flux" else NEGATIVE  # FLUX.1 takes no negative prompt
+    runs = [
+        produce_run(database_url, work, f"{family}-{name}", model, args, jobs, negative=negative)
+        for name, jobs in (("warm-up", 1), ("bench", args.jobs))
+    ]
+    pairs = pairs_of(database_url, runs[1], args.batch_size)
     settings = worker_settings(args, model, services, work)
-    seconds = system_seconds(settings, args, work, warm_up, run_id)
-    rate = images / seconds
-    print(f"system:              {rate:8.3f} images/s ({seconds:.2f} s)", flush=True)
-    rendering = render_seconds(database_url, run_id)
-    print(f"  of which the pipeline calls: {rendering:.2f} s (the worker's render_seconds)")
-    if args.null:
-        print(f"job overhead:        {seconds / args.jobs * 1000:8.1f} ms per job")
-        return
-    scored = {**settings, "scorer": args.scorer}
-    scored_rate = images / system_seconds(scored, args, work, scored_warm_up, scored_run)
+    bare = [in_child("--bare-child", model, pairs, args, work, settings)]
     print(
-        f"system, scoring:     {scored_rate:8.3f} images/s ({args.scorer} scorer: "
+        f"[{family}] bare loop:   {bare[0][0]:8.3f} images/s default, {bare[0][1]:8.3f} fast path",
+        flush=True,
+    )
+    seconds, _ = system_seconds(settings, args, work, runs[0], runs[1])
+    rate = args.jobs * args.seeds / seconds
+    rendering = render_seconds(database_url, runs[1])
+    print(
+        f"[{family}] system:      {rate:8.3f} images/s ({seconds:.2f} s, of which the "
+        f"pipeline calls {rendering:.2f} s)",
+        flush=True,
+    )
+    # Again after: on a shared machine the load drifts, and the mean of a run before and
+    # one after the system's cancels a steady drift.
+    bare.append(in_child("--bare-child", model, pairs, args, work, settings))
+    print(
+        f"[{family}] bare again:  {bare[1][0]:8.3f} images/s default, {bare[1][1]:8.3f} fast path",
+        flush=True,
+    )
+    default = (bare[0][0] + bare[1][0]) / 2
+    fast = (bare[0][1] + bare[1][1]) / 2
+    print(
+        f"[{family}] ratio system/bare-fast {rate / fast:.3f}, system/bare-default "
+        f"{rate / default:.3f}, fast/default {fast / default:.3f} (bare: mean of both)"
+    )
+    if score:
+        scoring_figures(args, work, family, model, services, settings, pairs, rate)
+    return FamilyRates(rate, default, fast)
+
+
+def scoring_figures(
+    args: Any,
+    work: Path,
+    family: str,
+    model: str,
+    services: Services,
+    settings: dict[str, str],
+    pairs: list[Pair],
+    rate: float,
+) -> None:
+    """The system with the scorer (one run) and the paired render loop with and without it."""
+    url = services.database_url
+    warm_up = produce_run(url, work, f"{family}-warm-up-scored", model, args, 1, negative=NEGATIVE)
+    run = produce_run(url, work, f"{family}-scored", model, args, args.jobs, negative=NEGATIVE)
+    seconds, _ = system_seconds({**settings, "scorer": args.scorer}, args, work, warm_up, run)
+    scored_rate = args.jobs * args.seeds / seconds
+    print(
+        f"[{family}] system, scoring: {scored_rate:8.3f} images/s ({args.scorer} scorer: "
         f"{scored_rate / rate - 1:+.1%} images/s in one run of each; the paired loop below "
         "measures scoring without the run-to-run noise)"
     )
-    # The bare loop again, after: on a shared machine the load drifts during a run, and
-    # the mean of a run before and one after the system's cancels a steady drift.
-    bare.append(in_child("--bare-child", model, pairs, args, work)[0])
-    print(f"bare diffusers loop: {bare[-1]:8.3f} images/s (again, after)", flush=True)
-    mean = sum(bare) / len(bare)
-    print(f"ratio system/bare:   {rate / mean:8.3f}  (target >= 0.95; bare = mean of both)")
     plain, with_scores = in_child("--score-child", model, pairs, args, work)
     slower = 1 - with_scores / plain
     print(f"render loop: {plain:.3f} images/s unscored, {with_scores:.3f} scored (same batches)")
     verdict = "met" if slower <= 0.03 else "NOT met"
     print(f"scoring ({args.scorer}, {args.device}): {slower:.2%} slower (goal <= 3%): {verdict}")
-    print("scoring (ViT-L/14, GPU): not measured here (no GPU; on one: --device cuda --scorer "
-          "openai/clip-vit-large-patch14 with a real model)")  # fmt: skip
+    print(
+        "scoring (ViT-L/14, GPU): not measured here (no GPU; on one: --device cuda --scorer "
+        "openai/clip-vit-large-patch14 with a real model)"
+    )
 
 
-def system_seconds(values: dict[str, str], args: Any, work: Path, warm_up: int, run: int) -> float:
-    """A worker subprocess renders the warm-up run (model loaded, first job rendered), then
-    ``run``: the seconds of the latter."""
-    system = System(values, args, work / f"worker-{run}.log")
-    try:
-        system.run(warm_up, timeout=args.timeout)
-        return system.run(run, timeout=args.timeout)
-    finally:
-        system.stop()
+def null_overhead(args: Any, work: Path, services: Services) -> float:
+    """The system's own cost per job: the null model renders flat images without compute, so
+    the time is the claim, heartbeat, PNG encoding, uploads, rows and done. Milliseconds per
+    job, wall clock (everything on this machine's cores: the services too)."""
+    jobs = args.jobs if args.null else args.null_jobs
+    url = services.database_url
+    warm_up = produce_run(url, work, "null-warm-up", "null", args, 1, negative=NEGATIVE)
+    run = produce_run(url, work, "null-bench", "null", args, jobs, negative=NEGATIVE)
+    settings = worker_settings(args, "null", services, work)
+    seconds, cpu = system_seconds(settings, args, work, warm_up, run)
+    per_job = seconds / jobs * 1000
+    print(
+        f"null model: {jobs} jobs x {args.seeds} seeds, {jobs * args.seeds / seconds:.1f} "
+        f"images/s; of its pipeline calls {render_seconds(url, run):.2f} s"
+    )
+    print(f"job overhead:        {per_job:8.1f} ms per job (wall clock)", flush=True)
+    if cpu is not None:
+        print(
+            f"  the worker's processes used {cpu / jobs * 1000:.1f} ms CPU per job; the rest "
+            "of the machine's time went to the services on the same cores (Postgres, "
+            "Redis, and moto S3 in this process)"
+        )
+    return per_job
+
+
+def device_name(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "CPU"
+    import torch
+
+    return str(torch.cuda.get_device_name(torch.device(device)))
+
+
+def print_goals(args: Any, rates: dict[str, FamilyRates], overhead: float | None) -> None:
+    print("goals:")
+    card = device_name(args.device)
+    for family, size, steps, target in (("sd15", 512, 25, 8.0), ("sdxl", 1024, 30, 1.2)):
+        label = f"  {family} {size}x{size} {steps} steps >= {target} images/s per H100:"
+        found = rates.get(family)
+        if found is None or "H100" not in card or not args.model:
+            needs = "this family not run" if args.model else "needs a full-size model: --model"
+            print(f"{label} not measured here ({card}; {needs})")
+        elif (args.size, args.steps) != (size, steps):
+            print(f"{label} not measured here (ran {args.size}x{args.size}, {args.steps} steps)")
+        else:
+            verdict = "met" if found.system >= target else "NOT met"
+            print(f"{label} {found.system:.2f} on {card}: {verdict}")
+    ratios = {f: r.system / r.bare_fast for f, r in rates.items() if r.bare_fast == r.bare_fast}
+    label = "  system/bare-fast >= 0.97:"
+    if not ratios:
+        print(f"{label} not measured here (no family run, or no fast path in this tree)")
+    else:
+        listed = ", ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items())
+        verdict = "met" if min(ratios.values()) >= 0.97 else "NOT met"
+        print(f"{label} {listed} ({card}{', tiny models' if not args.model else ''}): {verdict}")
+    label = "  null overhead <= 10 ms per job (CPU machine):"
+    if overhead is None:
+        print(f"{label} not measured here (--no-null)")
+    else:
+        print(f"{label} {overhead:.1f} ms: {'met' if overhead <= 10 else 'NOT met'}")
 
 
 def main() -> int:
@@ -571,7 +576,7 @@ def main() -> int:
         pairs_path = Path(args.bare_child or args.score_child)
         pairs = [Pair(**pair) for pair in json.loads(pairs_path.read_text())]
         if args.bare_child:
-            print(bare_images_per_second(args.model, pairs, args))
+            print(",".join(str(rate) for rate in bare_images_per_second(args.model, pairs, args)))
         else:
             print(",".join(str(rate) for rate in scored_images_per_second(args.model, pairs, args)))
         return 0
@@ -583,8 +588,7 @@ def main() -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pixelmill-bench-")))
-        model = the_model(args, work)
-        benchmark(args, work, model, start_services(stack, args, work))
+        benchmark(args, work, start_services(stack, args, work))
     return 0
 
 

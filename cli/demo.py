@@ -114,10 +114,11 @@ def _quiet_libraries() -> None:
 
 
 def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    """One Celery worker process on the render queue, with this process's environment; it
+    """One Celery worker process on the render and finishing queues, as `pixelmill worker`
+    starts them, with this process's environment; it
     scores with the built-in tiny scorer unless a scorer is configured (PIXELMILL_SCORER set,
     even empty), so a first run's review grid is ranked."""
-    from worker.launch import CELERY_APP, worker_argv
+    from worker.launch import CELERY_APP, served_queues, worker_argv
 
     env = os.environ.copy()
     if not settings.scorer and "PIXELMILL_SCORER" not in env:
@@ -132,7 +133,11 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
                 "celery",
                 "-A",
                 CELERY_APP,
-                *worker_argv(queue=settings.render_queue, hostname="demo@%h", loglevel="WARNING"),
+                *worker_argv(
+                    queue=served_queues(settings.render_queue, settings.finishing_queue),
+                    hostname="demo@%h",
+                    loglevel="WARNING",
+                ),
             ],
             env=env,
             stdout=log,

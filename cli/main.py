@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, model, rank, runs
+from cli import db, model, rank, runs, webhooks
 from cli.common import Commands
 from cli.demo import demo
 from cli.dispatch import dispatch
 from cli.finish import finish
 from cli.monitoring import exporter
 from cli.produce import produce
+from cli.reproduce import reproduce
 from cli.review import export, review, reviewer_app
 from cli.score import score
 from cli.status import status
@@ -26,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 for command in (
-    produce, dispatch, worker, status, runs.runs, demo, review, export, exporter, score, finish
+    produce, dispatch, worker, status, runs.runs, demo, review, export, exporter, score, finish,
+    reproduce,
 ):  # fmt: skip
     app.command()(command)
 app.add_typer(db.app, name="db")
@@ -34,6 +36,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(runs.app, name="run")
 app.add_typer(reviewer_app, name="reviewer")
 app.add_typer(rank.app, name="rank")
+app.add_typer(webhooks.app, name="webhooks")
 
 
 def main() -> None:

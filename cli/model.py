@@ -15,32 +15,58 @@ app = typer.Typer(help="Models.", no_args_is_help=True)
 @app.command("tiny")
 def model_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
-    arch: Annotated[str, typer.Option("--arch", help="Architecture: sd or sdxl.")] = "sd",
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch", help="Architecture: sd, sdxl, sd3, flux (FLUX.1-dev) or flux-schnell."
+        ),
+    ] = "sd",
 ) -> None:
-    """Write a tiny random Stable Diffusion (or SDXL) pipeline (for tests and the demo)."""
+    """Write a tiny random SD, SDXL, SD3 or FLUX.1 pipeline (for tests and the demo)."""
     from worker.tiny_model import ARCHITECTURES, build_tiny
 
     if arch not in ARCHITECTURES:
-        fail(f"--arch: unknown architecture {arch!r}; known: sd, sdxl", EXIT_BAD_INPUT)
+        fail(
+            f"--arch: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}",
+            EXIT_BAD_INPUT,
+        )
     path = build_tiny(out, arch=arch)
     console.print(f"tiny {arch} model written to {path}")
 
 
 @app.command("synthetic")
 def model_synthetic(
-    arch: Annotated[str, typer.Option("--arch", help="Architecture: sd15 or sdxl.")],
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch",
+            help="Architecture: sd15, sdxl, sd35 (SD3.5 Large), sd35-medium, flux-dev or "
+            "flux-schnell.",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="Weights: fp16, bf16 or fp32.")] = "fp16",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weights: fp16, bf16 or fp32 (SD3.5 and FLUX: bf16).")
+    ] = "",
     seed: Annotated[
         int, typer.Option(min=0, max=2**32 - 1, help="Seed of the random weights.")
     ] = 0,
 ) -> None:
-    """Write a full-size SD 1.5 or SDXL pipeline with random weights (for GPU benchmarks)."""
-    from worker.synthetic_model import ARCHES, build_synthetic_pipeline, parse_dtype
+    """Write a full-size pipeline with random weights (for GPU benchmarks without a download):
+    the released architectures of SD 1.5, SDXL, SD3.5 (Large, Medium) and FLUX.1 (dev,
+    schnell), text encoders included."""
+    from worker.synthetic_model import (
+        ARCHES,
+        FAMILY_ARCHES,
+        build_synthetic_pipeline,
+        parse_dtype,
+    )
 
     known = next((name for name in ARCHES if name == arch), None)
     if known is None:
-        fail(f"--arch: unknown architecture {arch!r}; known: sd15, sdxl", EXIT_BAD_INPUT)
+        fail(f"--arch: unknown architecture {arch!r}; known: {', '.join(ARCHES)}", EXIT_BAD_INPUT)
+    # The released precision: fp16 for SD 1.5/SDXL, bf16 for SD3.5 and FLUX.1.
+    dtype = dtype or ("bf16" if known in FAMILY_ARCHES else "fp16")
     try:
         path = build_synthetic_pipeline(out, arch=known, dtype=parse_dtype(dtype), seed=seed)
     except (ValueError, OSError) as exc:

@@ -4,6 +4,7 @@ from db.finishing import CatalogueFill, ImageCaption, UpscaledImage
 from db.models import Base, CatalogueItem, Image, Job, JobStatus, Run, RunStatus, SafetyStatus
 from db.ranking import AutoReject, ImageScore, KeeperModel, KeeperPrediction
 from db.review_sessions import ReviewSession
+from db.webhooks import WebhookDelivery, WebhookEvent, WebhookEventType
 
 __all__ = [
     "AutoReject",
@@ -22,4 +23,7 @@ __all__ = [
     "RunStatus",
     "SafetyStatus",
     "UpscaledImage",
+    "WebhookDelivery",
+    "WebhookEvent",
+    "WebhookEventType",
 ]

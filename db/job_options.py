@@ -72,12 +72,46 @@ class ControlNetSpec(_Frozen):
     high_threshold: int = Field(default=200, ge=0, le=255)
 
 
+FewStepMethod = Literal["lcm", "tcd", "lightning", "hyper_sd", "turbo"]
+# torch.compile's modes; "off" leaves the module uncompiled.
+CompileMode = Literal[
+    "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+]
+
+
+class SamplingSpec(_Frozen):
+    """A few-step (distilled) model's sampling: its scheduler, steps and guidance are the
+    job's own columns, set by the producer from the method's rule
+    (pixelmill.schedulers.FEW_STEP_RULES); ``eta`` is TCD's gamma (None: no TCD)."""
+
+    method: FewStepMethod
+    eta: float | None = Field(default=None, ge=0, le=1)
+
+
+# The fast-path options that render the same pixels within rounding (worker.fast_path states
+# the tolerance): they are left out of the dedupe key, so turning them on re-renders nothing.
+EXACT_FAST_PATH_OPTIONS = frozenset({"channels_last", "fuse_qkv", "compile"})
+
+
+class FastPathSpec(_Frozen):
+    """A template's fast-path choices (None: the worker's settings decide). ``fp8`` and
+    ``deepcache_interval`` change pixels (the dedupe key covers them); the others do not."""
+
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
+    compile: CompileMode | None = None
+    fp8: bool = False  # FP8 dynamic quantisation of the denoiser's linear layers (Hopper)
+    deepcache_interval: int | None = Field(default=None, ge=2, le=10)  # DeepCache: approximate
+
+
 class JobOptions(_Frozen):
     strength: float | None = Field(default=None, gt=0, le=1)  # img2img (and inpaint)
     mask: MaskSpec | None = None  # inpaint
     controlnet: ControlNetSpec | None = None  # controlnet
     loras: tuple[LoraRef, ...] = ()
     embeddings: tuple[EmbeddingRef, ...] = ()
+    sampling: SamplingSpec | None = None  # a few-step model's sampling
+    fast_path: FastPathSpec | None = None
 
     def is_empty(self) -> bool:
         return self == JobOptions()
@@ -89,10 +123,17 @@ class JobOptions(_Frozen):
         return self.model_dump(mode="json", exclude_defaults=True)
 
     def canonical(self) -> str:
-        """Sorted-key JSON of :meth:`to_json` ("" when empty): what the dedupe key covers."""
+        """Sorted-key JSON of :meth:`to_json` ("" when empty), less the fast-path choices
+        that do not change pixels: what the dedupe key covers."""
         value = self.to_json()
         if value is None:
             return ""
+        fast_path = value.pop("fast_path", None) or {}
+        pixels = {k: v for k, v in fast_path.items() if k not in EXACT_FAST_PATH_OPTIONS}
+        if pixels:
+            value["fast_path"] = pixels
+        if not value:
+            return ""  # only exact fast-path choices: the plain job's key
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     @classmethod

@@ -270,6 +270,10 @@ class Image(Base):
     # library versions that rendered it, so an image can be reproduced or explained later.
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     versions: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    # The seeds rendered in the same pipeline call, in batch order (this image's among them):
+    # batched kernels round differently from a lone render, so reproducing an image exactly
+    # means rendering its batch again. None for images rendered before this was recorded.
+    batch_seeds: Mapped[list[int] | None] = mapped_column(JSONType)
     render_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

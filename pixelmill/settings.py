@@ -6,12 +6,14 @@ tests and subcommands can build their own.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The built-in tiny random model: built on first use into the data folder, never downloaded.
 TINY_MODEL = "tiny"
@@ -65,6 +67,32 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(default=256, ge=32, le=2048)
     # Compile the UNet with torch.compile (slow first job per shape, faster after).
     torch_compile: bool = False
+    # The fast path (worker.fast_path), for every model; a template's fast_path wins, and
+    # fast_path_models overrides these per model. channels_last and fused QKV render the same
+    # pixels within rounding (the README states the measured tolerance), so they are on.
+    fast_path_channels_last: bool = True
+    fast_path_fuse_qkv: bool = True
+    # "auto": fast_path_compile_mode on CUDA, not compiled on CPU (minutes of compiling per
+    # shape for little gain); "off"; or a torch.compile mode for every device.
+    fast_path_compile: Literal[
+        "auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "auto"
+    fast_path_compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "max-autotune-no-cudagraphs"
+    # The VAE decoder is compiled with the denoiser (same mode; never with CUDA graphs).
+    fast_path_compile_vae: bool = True
+    # Per model (its name as jobs give it, or "default" for the configured one): JSON such as
+    # {"/models/sdxl": {"compile": "reduce-overhead", "fuse_qkv": false}}; only the exact
+    # options (channels_last, fuse_qkv, compile) — those that change pixels are per template.
+    fast_path_models: dict[str, dict[str, bool | str]] = Field(default_factory=dict)
+    # Where compiled kernels are kept across worker restarts (default data_dir/compile-cache).
+    compile_cache_dir: Path | None = None
+    # CUDA: find the largest batch that fits (with this share of GPU memory left free), up to
+    # render_batch_max, once per model and image size; CPU: render_batch_size.
+    render_batch_probe: bool = True
+    render_batch_max: int = Field(default=16, ge=1, le=256)
+    render_batch_headroom: float = Field(default=0.15, ge=0, lt=1)
     # Pipelines a worker keeps loaded at once (least recently used is evicted).
     max_loaded_models: int = Field(default=2, ge=1)
 
@@ -98,6 +126,16 @@ class Settings(BaseSettings):
     # Run the model's safety checker on every image (False: load pipelines without it and
     # record images as `unchecked`).
     safety_checker: bool = True
+    # For models without a safety checker of their own (SD3, FLUX): a StableDiffusionSafety-
+    # Checker folder (config.json and preprocessor_config.json, or an SD model folder) or hub
+    # id, run after decoding. Empty: only a checker shipped in the model's folder.
+    safety_checker_model: str = ""
+    # SD3/FLUX's T5 text encoder: "auto" runs it in the pipeline's dtype (bfloat16 on CUDA),
+    # "fp8" stores its weights in float8 (about 40% less memory, slightly other pixels).
+    t5_precision: Literal["auto", "fp8"] = "auto"
+    # Keep models in CPU memory and move them to the GPU as they run: "model" (one model at a
+    # time), "sequential" (layer by layer: least memory, slowest), "none". CUDA only.
+    model_offload: Literal["none", "model", "sequential"] = "none"
     # What happens to an image the safety checker flags: "quarantine" stores it under the
     # `quarantine/` key prefix, "drop" stores nothing (the row has an empty storage_key).
     # Either way its row says `flagged`.
@@ -218,6 +256,23 @@ class Settings(BaseSettings):
     )
     c2pa_timestamp_url: str = ""
 
+    # Webhooks (`pixelmill webhooks deliver`): each event (a run rendered, a run reviewed, an
+    # export written) is posted as JSON to every URL here (a JSON list, or URLs separated by
+    # commas or spaces; empty: none), signed with HMAC-SHA256 under the secret (required with
+    # URLs, at least 16 characters). A receiver that does not answer 2xx within the timeout
+    # is tried again after backoff_seconds, doubling up to max_backoff_seconds, until
+    # max_attempts; the deliverer looks for new events every poll_seconds.
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    webhook_backoff_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_backoff_seconds: float = Field(default=3600.0, gt=0)
+    webhook_max_attempts: int = Field(default=30, ge=1)
+    webhook_poll_seconds: float = Field(default=10.0, gt=0)
+    # Runs created longer ago than this are not announced as rendered or reviewed (turning
+    # webhooks on does not announce every run of the past).
+    webhook_lookback_days: float = Field(default=30.0, gt=0)
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -226,12 +281,62 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return level
 
+    @field_validator("fast_path_models")
+    @classmethod
+    def _check_fast_path_models(
+        cls, value: dict[str, dict[str, bool | str]]
+    ) -> dict[str, dict[str, bool | str]]:
+        modes = {"off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+        for model, options in value.items():
+            for name, option in options.items():
+                if name in ("channels_last", "fuse_qkv") and isinstance(option, bool):
+                    continue
+                if name == "compile" and option in modes:
+                    continue
+                raise ValueError(
+                    f"{model}: {name}={option!r}: per-model options are channels_last and "
+                    f"fuse_qkv (true/false) and compile ({', '.join(sorted(modes))})"
+                )
+        return value
+
     @field_validator("upscale_scale")
     @classmethod
     def _check_upscale_scale(cls, value: int) -> int:
         if value not in (2, 4):
             raise ValueError("must be 2 or 4")
         return value
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _split_webhook_urls(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [url for url in re.split(r"[\s,]+", value) if url]
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _check_webhook_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook_secret(self) -> Settings:
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if self.webhook_urls and not secret:
+            raise ValueError("PIXELMILL_WEBHOOK_SECRET is required with PIXELMILL_WEBHOOK_URLS")
+        return self
 
     @model_validator(mode="after")
     def _check_s3(self) -> Settings:
@@ -266,6 +371,10 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         # kombu's SQLAlchemy transport: a real broker in a file, no server needed.
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_compile_cache_dir(self) -> Path:
+        return (self.compile_cache_dir or self.data_dir / "compile-cache").resolve()
 
     @property
     def resolved_storage_dir(self) -> Path:

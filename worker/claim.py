@@ -13,20 +13,85 @@ dispatcher publishes it again.
 
 Ending or giving back a job locks its run's row after the job's (see db.run_locks for the
 lock order).
+
+Each round trip to the database is a few hundred microseconds of the render thread's time per
+job (and a pool pre-ping per transaction), so a claim reads back in its one statement what the
+render needs besides the job's parameters (:class:`JobDetails`), and finishing a job records
+its last images in the transaction that marks it ``done``. The claim and the fenced updates
+run as Core statements on the session's connection: the worker keeps no Job objects in its
+sessions, and the ORM's bookkeeping for them cost more than the statements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import functools
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, cast, func, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Update,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobStatus, Run, RunStatus, utcnow
+from db.models import CatalogueItem, Image, Job, JobStatus, Run, RunStatus, utcnow
 from db.run_locks import finish_run_if_complete, lock_run
 from pixelmill.outages import RetryBackoff
+
+
+@dataclass(frozen=True)
+class JobDetails:
+    """What a render reads of its job besides the parameters: the names its images' metadata
+    and keys carry, its kind and options (raw JSON, checked by the render), its staged images,
+    and how many of its seeds already have an image (a retry, a re-roll)."""
+
+    run_name: str
+    item_key: str
+    template: str
+    variant: str
+    kind: str
+    options: Any  # the options column as stored (db.job_options.JobOptions.from_json)
+    input_image: str | None
+    mask_image: str | None
+    images: int
+
+
+# Scalar subqueries: the claim's UPDATE ... RETURNING reads them in the same round trip
+# (Postgres and SQLite both allow them there).
+def _detail_columns() -> tuple[Any, ...]:
+    return (
+        select(Run.name).where(Run.id == Job.run_id).scalar_subquery(),
+        select(CatalogueItem.external_key).where(CatalogueItem.id == Job.item_id).scalar_subquery(),
+        Job.template,
+        Job.variant,
+        Job.kind,
+        Job.options,
+        Job.input_image,
+        Job.mask_image,
+        select(func.count()).select_from(Image).where(Image.job_id == Job.id).scalar_subquery(),
+    )
+
+
+def _details(row: Any, start: int) -> JobDetails:
+    values = tuple(row[start:])
+    return JobDetails(*values[:-1], images=int(values[-1]))  # type: ignore[misc]
+
+
+def read_details(session: Session, job_id: int) -> JobDetails:
+    """The details :func:`claim_job` reads back, for a job claimed some other way."""
+    row = session.execute(select(*_detail_columns()).where(Job.id == job_id)).one()
+    return _details(row, 0)
 
 
 @dataclass(frozen=True)
@@ -45,6 +110,8 @@ class ClaimedJob:
     seeds: list[int]
     # Earlier attempts that ended on an outage (not counted against max_attempts).
     outages: int = 0
+    # Read back by the claim (None for a job made some other way: see read_details).
+    details: JobDetails | None = None
 
     @property
     def counted_attempts(self) -> int:
@@ -56,7 +123,7 @@ def _counted_attempts() -> ColumnElement[int]:
     return Job.attempts - Job.outages
 
 
-def _claimable(now: datetime) -> ColumnElement[bool]:
+def _claimable(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
     return or_(
         Job.status == JobStatus.QUEUED,
         # A pending job waiting out its retry backoff is not taken by a stray message (a
@@ -96,23 +163,20 @@ def claim_job(
     or (with ``max_attempts``) if it has already been attempted that often: see
     :func:`bury_exhausted`."""
     now = utcnow()
-    conditions = [Job.id == job_id, _claimable(now), _active_run()]
+    values: dict[str, Any] = {
+        "claim_job_id": job_id,
+        "claim_now": now,
+        "claim_until": now + lease,
+        "claim_worker": worker,
+    }
     if max_attempts is not None:
-        conditions.append(_counted_attempts() < max_attempts)
-    row = session.execute(
-        update(Job)
-        .where(*conditions)
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            lease_expires_at=now + lease,
-            worker=worker,
-            error=None,
-            retry_at=None,
-        )
-        .returning(*_CLAIMED_COLUMNS)
-    ).one_or_none()
+        values["claim_max_attempts"] = max_attempts
+    # Core, not the ORM's bulk update: the worker keeps no Job objects to synchronise.
+    row = (
+        session.connection()
+        .execute(_claim_statement(with_max_attempts=max_attempts is not None), values)
+        .one_or_none()
+    )
     session.commit()
     if row is None:
         return None
@@ -130,6 +194,31 @@ def claim_job(
         height=row.height,
         seeds=[int(s) for s in row.seeds],
         outages=row.outages,
+        details=_details(row, len(_CLAIMED_COLUMNS)),
+    )
+
+
+@functools.cache
+def _claim_statement(*, with_max_attempts: bool) -> Update:
+    """The claim's UPDATE ... RETURNING, built once (its bound values are parameters): building
+    and hashing the statement for every job cost more than running it."""
+    now = bindparam("claim_now", type_=Job.started_at.type)
+    conditions = [Job.id == bindparam("claim_job_id"), _claimable(now), _active_run()]
+    if with_max_attempts:
+        conditions.append(_counted_attempts() < bindparam("claim_max_attempts"))
+    return (
+        update(Job)
+        .where(*conditions)
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_expires_at=bindparam("claim_until", type_=Job.lease_expires_at.type),
+            worker=bindparam("claim_worker"),
+            error=None,
+            retry_at=None,
+        )
+        .returning(*_CLAIMED_COLUMNS, *_detail_columns())
     )
 
 
@@ -263,35 +352,43 @@ def _fenced(job: ClaimedJob) -> list[ColumnElement[bool]]:
     return [Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempts == job.attempt]
 
 
+def _fenced_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
+    """Update the job's row if the job is still ours (Core: no ORM synchronisation); whether
+    it was."""
+    result = session.connection().execute(update(Job).where(*_fenced(job)).values(**values))
+    return bool(result.rowcount)
+
+
 def extend_lease(session: Session, job: ClaimedJob, lease: timedelta) -> bool:
     """Heartbeat: push the lease forward. False if the job is no longer ours."""
-    result = session.execute(
-        update(Job).where(*_fenced(job)).values(lease_expires_at=utcnow() + lease)
-    )
+    ours = _fenced_update(session, job, lease_expires_at=utcnow() + lease)
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return ours
 
 
 def hold_lease(session: Session, job: ClaimedJob, lease: timedelta) -> bool:
     """Push the lease forward inside the caller's transaction, which then holds the job's row
     lock until it commits: writes made in that transaction (image rows) are recorded only if
     the job is still ours. False (nothing changed) if it is not."""
-    result = session.execute(
-        update(Job).where(*_fenced(job)).values(lease_expires_at=utcnow() + lease)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return _fenced_update(session, job, lease_expires_at=utcnow() + lease)
 
 
-def finish_job(session: Session, job: ClaimedJob) -> bool:
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(*_fenced(job))
-        .values(status=JobStatus.DONE, finished_at=now, lease_expires_at=None)
-    )
+def finish_job(
+    session: Session, job: ClaimedJob, *, record: Callable[[], None] | None = None
+) -> bool:
+    """Mark the job ``done``. ``record`` first writes, in the same transaction, what must be
+    durable with it (its last images' rows): committed together with ``done``, or, when the
+    job is no longer ours, rolled back with it (False)."""
+    if record is not None:
+        record()
+    if not _fenced_update(
+        session, job, status=JobStatus.DONE, finished_at=utcnow(), lease_expires_at=None
+    ):
+        session.rollback()
+        return False
     finish_run_if_complete(session, job.run_id)
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return True
 
 
 def _cancel_if_run_cancelled(session: Session, run_id: int, job_ids: Collection[int]) -> list[int]:
@@ -317,14 +414,12 @@ def fail_job(
     is no longer ours."""
     if status not in (JobStatus.FAILED, JobStatus.DEAD, JobStatus.BLOCKED):
         raise ValueError(f"fail_job cannot end a job as {status!r}")
-    result = session.execute(
-        update(Job)
-        .where(*_fenced(job))
-        .values(status=status, error=error[:4000], finished_at=utcnow(), lease_expires_at=None)
+    ours = _fenced_update(
+        session, job, status=status, error=error[:4000], finished_at=utcnow(), lease_expires_at=None
     )
     finish_run_if_complete(session, job.run_id)
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return ours
 
 
 def release_job(
@@ -340,19 +435,16 @@ def release_job(
     unreachable) this attempt is not counted against max_attempts. Images already recorded
     stay: the next attempt renders the rest. If its run was cancelled meanwhile, the job is
     ``cancelled`` instead. False if the job is no longer ours."""
-    result = session.execute(
-        update(Job)
-        .where(*_fenced(job))
-        .values(
-            status=JobStatus.PENDING,
-            error=error[:4000],
-            lease_expires_at=None,
-            queued_at=None,
-            retry_at=None if retry_in is None else utcnow() + retry_in,
-            outages=Job.outages + 1 if outage else Job.outages,
-        )
+    ours = _fenced_update(
+        session,
+        job,
+        status=JobStatus.PENDING,
+        error=error[:4000],
+        lease_expires_at=None,
+        queued_at=None,
+        retry_at=None if retry_in is None else utcnow() + retry_in,
+        outages=Job.outages + 1 if outage else Job.outages,
     )
-    ours = bool(result.rowcount)  # type: ignore[attr-defined]
     if ours:
         _cancel_if_run_cancelled(session, job.run_id, [job.id])
     session.commit()

@@ -242,7 +242,10 @@ def check_controlnet(pipe: Any, controlnet: Any) -> None:
     ControlNet on an SDXL model, say), instead of a shape error deep inside the render."""
     unet = getattr(pipe, "unet", None)
     if unet is None:
-        raise ConditioningError(f"controlnet: {type(pipe).__name__} has no UNet to control")
+        raise ConditioningError(
+            f"controlnet: {type(pipe).__name__} has no UNet to control: ControlNet jobs work "
+            "with SD 1.x/2.x and SDXL models only"
+        )
     for key in ("cross_attention_dim", "addition_embed_type"):
         expected, actual = unet.config.get(key), controlnet.config.get(key)
         if expected != actual:
@@ -256,14 +259,17 @@ def kind_pipeline(pipe: Any, kind: str, controlnet: Any = None) -> Any:
     """The pipeline rendering ``kind`` from the base (text-to-image) ``pipe``: the same
     models, device and dtype (diffusers' ``from_pipe`` shares them; nothing is copied).
 
-    The auto pipelines pick the SD 1.x/2.x or SDXL class from ``pipe``'s class and, unlike
-    ``DiffusionPipeline.from_pipe``, do not cast the shared models to another dtype.
+    The auto pipelines pick the SD 1.x/2.x, SDXL, SD3 or FLUX class from ``pipe``'s class
+    and, unlike ``DiffusionPipeline.from_pipe``, do not cast the shared models to another
+    dtype. The derived pipeline runs the base one's separate safety step (worker.safety).
     """
     from diffusers import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
         AutoPipelineForText2Image,
     )
+
+    from worker import safety
 
     if kind == TXT2IMG:
         return pipe
@@ -281,17 +287,23 @@ def kind_pipeline(pipe: Any, kind: str, controlnet: Any = None) -> Any:
     else:
         raise ConditioningError(f"kind: unknown job kind {kind!r}; expected {', '.join(KINDS)}")
     derived.set_progress_bar_config(disable=True)
+    safety.share(derived, pipe)
     return derived
 
 
-def kind_kwargs(kind: str, params: Any) -> dict[str, Any]:
-    """The pipeline call's arguments for ``kind`` (``params``: a RenderParams)."""
+def kind_kwargs(kind: str, params: Any, pipe: Any = None) -> dict[str, Any]:
+    """The pipeline call's arguments for ``kind`` (``params``: a RenderParams) on ``pipe``
+    (the kind's pipeline: its family decides what image-to-image needs)."""
+    from worker.families import FLOW_FAMILIES, family_of
+
     size = {"width": params.width, "height": params.height}
     if kind == TXT2IMG:
         return size
     if kind == IMG2IMG:
-        # The image-to-image pipelines take their size from the (already fitted) image.
-        return {"image": params.init_image, "strength": params.strength}
+        image = {"image": params.init_image, "strength": params.strength}
+        # SD's image-to-image pipelines take their size from the (already fitted) image;
+        # SD3's and FLUX's default to the model's native size (1024) and resize to it.
+        return {**size, **image} if family_of(pipe) in FLOW_FAMILIES else image
     if kind == INPAINT:
         return {
             **size,

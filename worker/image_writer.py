@@ -14,9 +14,13 @@ import logging
 import pathlib
 import re
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import pydantic
 from sqlalchemy.orm import Session
 
 import pixelmill
@@ -27,7 +31,8 @@ from db.upsert import insert_ignoring_conflicts, insert_ignoring_conflicts_stmt
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
 from worker import metrics
-from worker.claim import ClaimedJob
+from worker.claim import ClaimedJob, JobDetails, hold_lease
+from worker.errors import JobInputError, LeaseLostError
 
 if TYPE_CHECKING:
     from worker.loading import LoadedModel
@@ -48,6 +53,10 @@ class JobContext:
     item_key: str
     template: str
     variant: str
+
+    @classmethod
+    def of(cls, details: JobDetails) -> JobContext:
+        return cls(details.run_name, details.item_key, details.template, details.variant)
 
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -84,6 +93,15 @@ class JobInputs:
     input_image: str | None  # sha256 of the staged input image
     mask_image: str | None  # sha256 of the staged mask image (inpaint with a mask column)
 
+    @classmethod
+    def of(cls, details: JobDetails) -> JobInputs:
+        """The job's inputs as claimed; options that do not validate are a JobInputError."""
+        try:
+            options = JobOptions.from_json(details.options)
+        except pydantic.ValidationError as exc:
+            raise JobInputError(f"options: {exc}") from exc
+        return cls(details.kind, options, details.input_image, details.mask_image)
+
 
 @dataclass(frozen=True)
 class StoredImage:
@@ -100,6 +118,8 @@ class StoredImage:
     render_seconds: float
     # Its scores and keep probability (None: not scored), recorded with its row.
     scored: ScoredImage | None = None
+    # The seeds of the pipeline call that rendered it, in batch order (Image.batch_seeds).
+    batch_seeds: tuple[int, ...] = ()
 
 
 def _safety(rendered: RenderedImage) -> SafetyStatus:
@@ -134,14 +154,25 @@ class ImageWriter:
         self.strength = strength  # the effective one (the kind's default when not given)
         self.versions = library_versions()
 
-    def store(self, rendered: RenderedImage, scored: ScoredImage | None = None) -> StoredImage:
+    def store(
+        self,
+        rendered: RenderedImage,
+        scored: ScoredImage | None = None,
+        batch: Sequence[int] = (),
+    ) -> StoredImage:
+        """Encode and store one image; ``batch`` is the seeds rendered with it, in order."""
         from worker.png import THUMBNAIL_CONTENT_TYPE, encode_png, encode_thumbnail
 
         safety = _safety(rendered)
+        batch_seeds = tuple(batch) or (rendered.seed,)
         png = encode_png(
             rendered.image,
             parameters=self._parameters(rendered.seed),
-            pixelmill=self._pixelmill(rendered.seed, safety),
+            pixelmill={
+                **self._pixelmill(rendered.seed, safety),
+                **rendered.metadata,
+                "batch_seeds": list(batch_seeds),
+            },
         )
         sha256 = hashlib.sha256(png).hexdigest()
         key = image_key(self.job, self.context.item_key, rendered.seed, sha256)
@@ -170,6 +201,7 @@ class ImageWriter:
             safety=safety,
             render_seconds=rendered.seconds,
             scored=scored,
+            batch_seeds=batch_seeds,
         )
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
@@ -236,6 +268,7 @@ class ImageWriter:
             "seed": seed,
             "model": job.model,
             "model_sha256": self.model.sha256,
+            "family": self.model.family_metadata(),
             "scheduler": job.scheduler,
             "safety": {"status": safety.value, "score": None},
             "versions": self.versions,
@@ -264,38 +297,52 @@ class ImageWriter:
 
 
 def insert_images(
-    session: Session, job: ClaimedJob, model: LoadedModel, stored: list[StoredImage]
+    session: Session,
+    job: ClaimedJob,
+    model: LoadedModel,
+    stored: list[StoredImage],
+    *,
+    commit: bool = True,
 ) -> None:
-    """Record the rows of stored images, with their scores and predictions, and commit; a
-    seed that already has a row keeps it (and whatever scores it has)."""
+    """Record the rows of stored images, with their scores and predictions, in one statement
+    (and one per score table), and commit; a seed that already has a row keeps it (and
+    whatever scores it has). With ``commit=False`` the caller commits, and then counts them
+    (:func:`count_images`)."""
     from worker.identity import library_versions
 
     if not stored:
         return
     versions = library_versions()
-    inserted = session.execute(
-        insert_ignoring_conflicts_stmt(session, Image).returning(Image.id, Image.seed),
-        [
-            {
-                "job_id": job.id,
-                "seed": image.seed,
-                "storage_key": image.key,
-                "thumbnail_key": image.thumbnail_key,
-                "sha256": image.sha256,
-                "width": image.width,
-                "height": image.height,
-                "bytes": image.bytes,
-                "safety": image.safety.value,
-                "model_sha256": model.sha256,
-                "versions": versions,
-                "render_seconds": image.render_seconds,
-            }
-            for image in stored
-        ],
-    ).all()
+    rows = [
+        {
+            "job_id": job.id,
+            "seed": image.seed,
+            "storage_key": image.key,
+            "thumbnail_key": image.thumbnail_key,
+            "sha256": image.sha256,
+            "width": image.width,
+            "height": image.height,
+            "bytes": image.bytes,
+            "safety": image.safety.value,
+            "model_sha256": model.sha256,
+            "versions": versions,
+            "batch_seeds": list(image.batch_seeds) or None,
+            "render_seconds": image.render_seconds,
+        }
+        for image in stored
+    ]
+    # On the session's connection: one Core executemany, without the ORM's bulk-insert layer.
+    statement = insert_ignoring_conflicts_stmt(session, Image).returning(Image.id, Image.seed)
+    inserted = session.connection().execute(statement, rows).all()
     ids = {int(seed): int(image_id) for image_id, seed in inserted}
     _insert_scores(session, [(ids[s.seed], s.scored) for s in stored if s.seed in ids and s.scored])
-    session.commit()
+    if commit:
+        session.commit()
+        count_images(stored)
+
+
+def count_images(stored: list[StoredImage]) -> None:
+    """Count recorded images by safety status (worker.metrics), once their rows committed."""
     for image in stored:
         metrics.IMAGES.labels(image.safety.value).inc()
 
@@ -325,3 +372,47 @@ def _insert_scores(session: Session, scored: list[tuple[int, ScoredImage]]) -> N
             if score.model_id is not None and score.probability is not None
         ],
     )
+
+
+def record_batch(
+    session: Session,
+    job: ClaimedJob,
+    model: LoadedModel,
+    storing: list[Future[StoredImage]],
+    lease: timedelta,
+) -> None:
+    """Wait for a batch's uploads, then record their rows and extend the lease in one fenced
+    transaction: a worker that lost the job records nothing more."""
+    if not storing:
+        return
+    stored = [future.result() for future in storing]  # re-raises an upload's error
+    if not hold_lease(session, job, lease):
+        session.rollback()
+        raise LeaseLostError("lost the job's lease to another worker")
+    insert_images(session, job, model, stored)
+
+
+def record_stored(
+    session: Session,
+    job: ClaimedJob,
+    model: LoadedModel,
+    storing: list[Future[StoredImage]],
+    lease: timedelta,
+) -> None:
+    """After an error: record what was stored anyway (a retry renders only the rest)."""
+    stored = []
+    for future in storing:
+        try:
+            stored.append(future.result())
+        except Exception:
+            metrics.IMAGES.labels("failed").inc()
+    if not stored:
+        return
+    try:
+        session.rollback()
+        if hold_lease(session, job, lease):
+            insert_images(session, job, model, stored)
+        else:
+            session.rollback()
+    except Exception:
+        log.exception("job %s: could not record %d stored images", job.id, len(stored))

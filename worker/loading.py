@@ -29,8 +29,9 @@ from diffusers.utils import is_accelerate_available
 from packaging.version import Version
 
 from pixelmill.settings import is_hub_id
-from worker import metrics
+from worker import families, metrics, safety
 from worker.errors import JobInputError
+from worker.families import FamilyInfo, FamilyOptions
 from worker.schedulers import default_scheduler
 
 # The built-in null model: flat images, no compute. It measures what the system itself costs
@@ -185,24 +186,33 @@ def load_pipeline(
     safety_checker: bool = True,
     config: str | None = None,
     compile_unet: bool = False,
+    family_options: FamilyOptions | None = None,
 ) -> DiffusionPipeline:
-    """Load ``model`` onto ``device`` in ``dtype`` (default: float16 on CUDA, else float32).
+    """Load ``model`` onto ``device`` in ``dtype`` (default: float16 on CUDA, bfloat16 for
+    SD3 and FLUX there, float32 elsewhere).
 
     ``model`` is a local diffusers folder or a Hub id (through diffusers' text-to-image auto
-    pipeline, which picks SD 1.x/2.x or SDXL from the folder's model_index.json), a single
+    pipeline, which picks SD 1.x/2.x, SDXL, SD3 or FLUX.1 from the folder's
+    model_index.json, text encoders included: see :mod:`worker.families`), a single
     ``.safetensors`` checkpoint in the original layout (with ``config``, a diffusers folder or
     Hub id describing its architecture), or :data:`NULL_MODEL`.
 
     Local models are loaded with ``local_files_only=True`` so a worker never reaches the
     network for a model it was told is on disk. The safety checker is kept when present
     (it flags images without blacking them out, see :func:`keep_flagged_pixels`), unless
-    ``safety_checker`` is False: then it is not loaded and images come out unchecked.
+    ``safety_checker`` is False: then it is not loaded and images come out unchecked. A
+    pipeline without a checker of its own (SD3, FLUX) gets a separate safety step when its
+    folder or ``family_options`` provide a checker (:mod:`worker.safety`).
     Attention uses PyTorch's scaled_dot_product_attention (diffusers' default processor on
-    torch 2); ``compile_unet`` compiles the UNet with torch.compile.
+    torch 2); ``compile_unet`` compiles the denoiser (UNet or transformer) with torch.compile.
     """
     if model == NULL_MODEL:
         return NullPipeline()  # type: ignore[return-value]
-    dtype = default_dtype(device) if dtype is None else dtype
+    options = family_options or FamilyOptions()
+    options.check_device(device)
+    if dtype is None:
+        family = families.family_of_class(_pipeline_class_name(model) or "")
+        dtype = families.compute_dtype(family, device, default_dtype(device))
     kwargs: dict[str, Any] = {
         _DTYPE_KWARG: dtype,
         # Stated explicitly so diffusers doesn't log an "install accelerate" warning.
@@ -212,15 +222,47 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     # dtype was applied while loading; casting again with .to() would make diffusers warn
     # (and could undo modules it deliberately keeps in float32).
-    pipe.to(device)
+    families.place(pipe, device, options)
     default_scheduler(pipe)  # remember the model's own scheduler before any job swaps it
     if safety_checker:
         keep_flagged_pixels(pipe)
+        if getattr(pipe, "safety_checker", None) is None:
+            _attach_safety_step(pipe, model, options, device)
     if compile_unet:
         # In place, so the pipeline's components stay what diffusers expects. The first
         # render of each new shape compiles (minutes on big models); later ones are faster.
-        getattr(pipe, "unet").compile()  # noqa: B009
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")  # noqa: B009
+        denoiser.compile()
     return pipe
+
+
+def _attach_safety_step(
+    pipe: DiffusionPipeline, model: str, options: FamilyOptions, device: torch.device
+) -> None:
+    """A checker for a pipeline without one, run after decoding (worker.safety), if the model's
+    folder or the settings provide one."""
+    step = safety.load_safety_step(
+        model, configured=options.safety_checker_model, device=device, dtype=default_dtype(device)
+    )
+    safety.attach(pipe, step)
+
+
+def _pipeline_class_name(model: str) -> str | None:
+    """The pipeline class a diffusers folder or Hub id names (None: a single file, or no
+    readable model_index.json; loading then reports what is wrong)."""
+    path = pathlib.Path(model).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        elif not path.exists() and is_hub_id(model):
+            # What from_pretrained reads first anyway (network or the HF cache).
+            index = DiffusionPipeline.load_config(model)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _from_source(
@@ -280,6 +322,11 @@ class LoadedModel:
     pipe: DiffusionPipeline
     sha256: str | None  # of the weight files (worker.identity); None for hub ids, "null"
     load_seconds: float
+    family: FamilyInfo | None = None  # None: not described (a model loaded by other code)
+
+    def family_metadata(self) -> dict[str, Any] | None:
+        """The family, variant and precisions the image's metadata records."""
+        return None if self.family is None else self.family.metadata()
 
 
 class PipelineCache:
@@ -296,11 +343,17 @@ class PipelineCache:
         compile_unet: bool = False,
         hash_cache: pathlib.Path | None = None,
         max_controlnets: int = 2,
+        family_options: FamilyOptions | None = None,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
         self.device = device
         self.safety_checker = safety_checker
+        # Offloading on a CPU worker is a setting mistake: refused at start, not per job.
+        self.family_options = family_options or FamilyOptions()
+        self.family_options.check_device(device)
+        # None: each model's own default (bfloat16 for SD3/FLUX on CUDA, see load_pipeline).
+        self.requested_dtype = dtype
         self.dtype = default_dtype(device) if dtype is None else dtype
         self.max_models = max_models
         self.config = config
@@ -350,16 +403,21 @@ class PipelineCache:
         pipe = load_pipeline(
             model,
             device=self.device,
-            dtype=self.dtype,
+            dtype=self.requested_dtype,
             safety_checker=self.safety_checker,
             config=self.config,
             compile_unet=self.compile_unet,
+            family_options=self.family_options,
         )
         load_seconds = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.observe(load_seconds)
         # Hashed after a successful load: a model that cannot load is not hashed at all.
         sha256 = None if model == NULL_MODEL else model_sha256(model, cache_file=self.hash_cache)
-        return LoadedModel(pipe=pipe, sha256=sha256, load_seconds=load_seconds)
+        step = safety.step_of(pipe)
+        family = families.describe(
+            pipe, self.family_options, safety=None if step is None else step.source
+        )
+        return LoadedModel(pipe=pipe, sha256=sha256, load_seconds=load_seconds, family=family)
 
     def discard(self, model: str) -> None:
         """Forget ``model`` (e.g. a pipeline left in an unknown state): the next job loads it

@@ -10,6 +10,7 @@ rounding step in a few places: see tests/worker/test_pipeline.py.)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -24,11 +25,13 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from db.job_options import EmbeddingRef, LoraRef
-from pixelmill.schedulers import canonical_scheduler
+from db.job_options import EmbeddingRef, LoraRef, SamplingSpec
+from pixelmill.schedulers import canonical_scheduler, uses_guidance
 from worker import conditioning
 from worker.adapters import applied_adapters
 from worker.errors import JobInputError
+from worker.families import check_family_inputs
+from worker.fast_path import PLAIN, FastPath, applied_fast_path, denoiser_of
 from worker.loading import NullPipeline, keep_flagged_pixels
 from worker.prompt_weights import (
     encode_prompts,
@@ -36,6 +39,7 @@ from worker.prompt_weights import (
     parse_prompt_attention,
     plain_text,
 )
+from worker.safety import separate_safety_flags
 from worker.schedulers import apply_scheduler, share_default_scheduler
 
 
@@ -64,6 +68,10 @@ class RenderParams:
     controlnet_scale: float = 1.0
     loras: tuple[LoraRef, ...] = ()
     embeddings: tuple[EmbeddingRef, ...] = ()
+    # A few-step model's sampling (its scheduler, steps and guidance are the fields above).
+    sampling: SamplingSpec | None = None
+    # How the denoiser and VAE run (worker.fast_path.job_fast_path); None: plain.
+    fast_path: FastPath | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,9 @@ class RenderedImage:
     # reads, with no round trip through PIL. None for a flagged image whose checker left it
     # un-normalised (it is not scored).
     pixels: torch.Tensor | None = None
+    # How it was rendered beyond the job's columns (fast path, few-step sampling, guidance),
+    # for the image's "pixelmill" PNG chunk.
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -183,9 +194,15 @@ def render_batch(
         raise ValueError("seeds must not be empty")
     if isinstance(pipe, NullPipeline):
         return _keep_masked(params, _render_null(params, seeds))
+    check_family_inputs(pipe, params)  # what SD3 and FLUX do not take, named
     if params.kind == conditioning.CONTROLNET and params.controlnet is None:
         raise ValueError("controlnet: a controlnet job needs a loaded ControlNet model")
-    with applied_adapters(pipe, params.loras, params.embeddings):
+    fast = params.fast_path or PLAIN
+    # The fast path first: the adapters' snapshot then sees the modules as the job has them.
+    with (
+        applied_fast_path(pipe, fast) as fast_record,
+        applied_adapters(pipe, params.loras, params.embeddings),
+    ):
         kind_pipe = _kind_pipeline(pipe, params)
         apply_scheduler(kind_pipe, params.scheduler)
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
@@ -195,7 +212,8 @@ def render_batch(
         started = time.perf_counter()
         output = run(
             **_prompt_kwargs(kind_pipe, params, count),
-            **conditioning.kind_kwargs(params.kind, params),
+            **conditioning.kind_kwargs(params.kind, params, kind_pipe),
+            **_sampling_kwargs(kind_pipe, params),
             num_inference_steps=params.steps,
             guidance_scale=params.guidance,
             num_images_per_prompt=1,
@@ -206,7 +224,10 @@ def render_batch(
         )
         images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(output.images))
         seconds = (time.perf_counter() - started) / count
+    metadata = _render_metadata(pipe, params, fast_record)
     flags = getattr(output, "nsfw_content_detected", None)
+    if flags is None:  # no checker inside the pipeline (SD3, FLUX): the separate step's
+        flags = separate_safety_flags(kind_pipe, output.images)
     rendered = [
         RenderedImage(
             image=image,
@@ -215,6 +236,7 @@ def render_batch(
             seconds=seconds,
             # diffusers leaves a flagged image un-normalised (in [-1, 1]): nothing to score.
             pixels=None if flags is not None and flags[i] else output.images[i],
+            metadata=metadata,
         )
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True))
     ]
@@ -233,15 +255,50 @@ def _kind_pipeline(pipe: DiffusionPipeline, params: RenderParams) -> Any:
 
 def _prompt_kwargs(pipe: Any, params: RenderParams, count: int) -> dict[str, Any]:
     """Plain prompts go to the pipeline as text, exactly as before prompt weights existed;
-    weighted or over-long ones as compel embeddings (see worker.prompt_weights)."""
-    if needs_weighting(pipe, params.prompt, params.negative_prompt):
-        return encode_prompts(pipe, params.prompt, params.negative_prompt).pipeline_kwargs(count)
+    weighted or over-long ones as compel embeddings (see worker.prompt_weights). Without
+    classifier-free guidance nothing reads the negative prompt: it is not encoded."""
+    negative_prompt = params.negative_prompt if classifier_free_guidance(pipe, params) else ""
+    if needs_weighting(pipe, params.prompt, negative_prompt):
+        return encode_prompts(pipe, params.prompt, negative_prompt).pipeline_kwargs(count)
     prompt = plain_text(parse_prompt_attention(params.prompt))
-    negative = plain_text(parse_prompt_attention(params.negative_prompt))
+    negative = plain_text(parse_prompt_attention(negative_prompt))
     return {
         "prompt": [prompt] * count,
         "negative_prompt": [negative] * count if negative else None,
     }
+
+
+def classifier_free_guidance(pipe: Any, params: RenderParams) -> bool:
+    """Whether the render runs an unconditional pass per step, as diffusers decides: guidance
+    above 1 and a denoiser that does not take the guidance as an input (an LCM-distilled UNet
+    embeds it: ``time_cond_proj_dim``)."""
+    config = getattr(denoiser_of(pipe), "config", None)
+    embedded = getattr(config, "time_cond_proj_dim", None)
+    return uses_guidance(params.guidance) and embedded is None
+
+
+def _sampling_kwargs(pipe: Any, params: RenderParams) -> dict[str, Any]:
+    """TCD's gamma (``eta``) where the job's sampling sets it: diffusers' pipelines pass their
+    own ``eta`` (0.0) to the scheduler's step otherwise."""
+    sampling = params.sampling
+    if sampling is None or sampling.eta is None or canonical_scheduler(params.scheduler) != "tcd":
+        return {}
+    if "eta" not in inspect.signature(type(pipe).__call__).parameters:
+        return {}
+    return {"eta": sampling.eta}
+
+
+def _render_metadata(
+    pipe: Any, params: RenderParams, fast_record: dict[str, Any]
+) -> dict[str, Any]:
+    """What the image's metadata records beyond the job's columns (worker.png)."""
+    from worker.png import render_record
+
+    return render_record(
+        fast_path=fast_record,
+        sampling=None if params.sampling is None else params.sampling.model_dump(mode="json"),
+        classifier_free_guidance=classifier_free_guidance(pipe, params),
+    )
 
 
 def _keep_masked(params: RenderParams, rendered: list[RenderedImage]) -> list[RenderedImage]:

@@ -91,6 +91,7 @@ _A1111_SAMPLERS = {
     "DPMSolverSDEScheduler": "DPM++ SDE",
     "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM",
+    "TCDScheduler": "TCD",  # Forge's name (A1111 itself has no TCD sampler)
 }
 # DPMSolverMultistepScheduler, by (algorithm_type, solver_order).
 _DPM_MULTISTEP: dict[tuple[object, object], str] = {
@@ -134,12 +135,36 @@ def a1111_sampler(scheduler: Any) -> A1111Sampler:
     if name == kind:
         return A1111Sampler(kind, None)
     plain = "Uniform" if name in _AUTOMATIC_IS_NOT_PLAIN else "Automatic"
+    if config.get("timestep_spacing") == "trailing":
+        # Timesteps from the last training step down, evenly spaced: A1111's "SGM Uniform",
+        # the schedule distilled models (Turbo, Lightning, Hyper-SD) are sampled with.
+        plain = "SGM Uniform"
     schedule = next(
         (label for option, label in _SCHEDULE_TYPES.items() if config.get(option)), plain
     )
     if schedule == "Karras" and name in _KARRAS_NAMED:
         name = f"{name} Karras"
     return A1111Sampler(name, schedule)
+
+
+def render_record(
+    *,
+    fast_path: dict[str, Any],
+    sampling: dict[str, Any] | None,
+    classifier_free_guidance: bool,
+) -> dict[str, Any]:
+    """The "pixelmill" chunk's record of how an image was rendered beyond the job's columns:
+    the fast path that ran (worker.fast_path.FastPath.record), the few-step sampling (method
+    and TCD's eta) and whether an unconditional pass ran. ``approximate`` is true when an
+    option changed pixels beyond rounding (FP8, DeepCache)."""
+    record: dict[str, Any] = {
+        "fast_path": fast_path,
+        "classifier_free_guidance": classifier_free_guidance,
+        "approximate": bool(fast_path.get("approximate")),
+    }
+    if sampling is not None:
+        record["sampling"] = {key: value for key, value in sampling.items() if value is not None}
+    return record
 
 
 def _quote(value: str) -> str:

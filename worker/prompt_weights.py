@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from pixelmill.errors import BadInputError
+from worker.families import FLOW_FAMILIES, LABELS, family_of
+
 # One lexical unit of the A1111 syntax: an escape, a bracket, a ":number)" closing a
 # weighted group, or a run of plain text.
 _TOKEN_RE = re.compile(
@@ -40,6 +43,10 @@ _TOKEN_RE = re.compile(
 
 UP = 1.1
 DOWN = 1 / 1.1
+
+
+class PromptWeightsError(BadInputError):
+    """Prompt weights given to a model whose text encoders compel cannot weight."""
 
 
 @dataclasses.dataclass
@@ -161,8 +168,32 @@ def _token_count(pipe: Any, text: str) -> int:
     return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
 
+def supports_weighting(pipe: Any) -> bool:
+    """Whether compel can encode weighted prompts for ``pipe``: SD 1.x/2.x and SDXL (CLIP
+    encoders only), not SD3 or FLUX, whose T5 encoder compel knows nothing of."""
+    return family_of(pipe) not in FLOW_FAMILIES
+
+
+def check_unweighted(pipe: Any, prompt: str, negative_prompt: str) -> None:
+    """Raise PromptWeightsError, naming the field, if either prompt carries weights."""
+    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if is_weighted(parse_prompt_attention(text)):
+            label = LABELS.get(family_of(pipe), type(pipe).__name__)
+            raise PromptWeightsError(
+                f"{field}: prompt weights such as (word:1.3) work with SD 1.x/2.x and SDXL "
+                f"models only; {label} reads plain text: remove them (write literal brackets "
+                "as \\( \\) and \\[ \\])"
+            )
+
+
 def needs_weighting(pipe: Any, prompt: str, negative_prompt: str) -> bool:
-    """True when either prompt has weights or does not fit the text encoder's window."""
+    """True when either prompt has weights or does not fit the text encoder's window.
+
+    A pipeline compel cannot weight always takes the plain text (its own encoders handle
+    the length: T5 reads 256 or 512 tokens); weights for one raise PromptWeightsError."""
+    if not supports_weighting(pipe):
+        check_unweighted(pipe, prompt, negative_prompt)
+        return False
     parsed = [parse_prompt_attention(prompt), parse_prompt_attention(negative_prompt)]
     if any(is_weighted(fragments) for fragments in parsed):
         return True
@@ -220,6 +251,8 @@ def _pad(embeds: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor
 def encode_prompts(pipe: Any, prompt: str, negative_prompt: str) -> PromptEmbeds:
     """Weighted, untruncated embeddings of ``prompt`` and ``negative_prompt`` for ``pipe``
     (an SD 1.x/2.x or SDXL pipeline, any of their kinds)."""
+    if not supports_weighting(pipe):
+        raise PromptWeightsError(f"{type(pipe).__name__}: compel cannot weight its prompts")
     providers = _providers(pipe)
     positive = parse_prompt_attention(prompt)
     negative = parse_prompt_attention(negative_prompt)

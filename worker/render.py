@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import pydantic
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.job_options import JobOptions
-from db.models import CatalogueItem, Image, InputImage, Job, JobStatus, Run
+from db.models import Image, InputImage, JobStatus
 from pixelmill.blocklist import Blocklist, BlockMatch, load_blocklist
 from pixelmill.errors import BadInputError
 from pixelmill.outages import RetryBackoff, infrastructure_error
@@ -38,16 +37,26 @@ from pixelmill.storage import Storage, StorageError
 from worker import metrics
 from worker.claim import (
     ClaimedJob,
+    JobDetails,
     bury_exhausted,
     claim_job,
     fail_job,
     finish_job,
-    hold_lease,
+    read_details,
     release_job,
 )
 from worker.errors import JobInputError, LeaseLostError
 from worker.heartbeat import Heartbeat
-from worker.image_writer import ImageWriter, JobContext, JobInputs, StoredImage, insert_images
+from worker.image_writer import (
+    ImageWriter,
+    JobContext,
+    JobInputs,
+    StoredImage,
+    count_images,
+    insert_images,
+    record_batch,
+    record_stored,
+)
 from worker.models import resolve_controlnet, resolve_model
 from worker.tail import JobTails
 
@@ -56,6 +65,7 @@ if TYPE_CHECKING:
 
     from worker.loading import LoadedModel, PipelineCache
     from worker.pipeline import RenderedImage, RenderParams
+    from worker.png import A1111Sampler
     from worker.scoring.keepers import JobKeepers
     from worker.scoring.render_time import JobScoring
     from worker.scoring.scorer import Scorer
@@ -81,6 +91,22 @@ class WorkerRuntime:
     # Encodes and uploads images for every job of this process (upload_workers threads); one
     # pool, so a job's first batch can upload while the previous job's tail still does.
     _uploads: ThreadPoolExecutor | None = field(default=None, repr=False)
+    # Each pipeline's A1111 sampler per job scheduler name: naming it meant building the
+    # scheduler from its config, the largest cost of a job's preparation after the database.
+    _samplers: weakref.WeakKeyDictionary[Any, dict[str | None, A1111Sampler]] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
+
+    def sampler(self, pipe: Any, scheduler: str | None) -> A1111Sampler:
+        """How A1111 names the scheduler a job asking for ``scheduler`` renders with on
+        ``pipe`` (the same for every job: it derives from the model's own scheduler)."""
+        from worker.pipeline import job_scheduler
+        from worker.png import a1111_sampler
+
+        known = self._samplers.setdefault(pipe, {})
+        if scheduler not in known:
+            known[scheduler] = a1111_sampler(job_scheduler(pipe, scheduler))
+        return known[scheduler]
 
     def uploads(self) -> ThreadPoolExecutor:
         if self._uploads is None:
@@ -90,14 +116,9 @@ class WorkerRuntime:
         return self._uploads
 
 
-def _job_context(session: Session, job: ClaimedJob) -> JobContext:
-    row = session.execute(
-        select(Run.name, CatalogueItem.external_key, Job.template, Job.variant)
-        .join(Job, Job.run_id == Run.id)
-        .join(CatalogueItem, CatalogueItem.id == Job.item_id)
-        .where(Job.id == job.id)
-    ).one()
-    return JobContext(run_name=row[0], item_key=row[1], template=row[2], variant=row[3])
+def _details(session: Session, job: ClaimedJob) -> JobDetails:
+    """What the claim read back (one round trip), or read now for a job claimed otherwise."""
+    return job.details if job.details is not None else read_details(session, job.id)
 
 
 def _describe(exc: BaseException) -> str:
@@ -112,19 +133,6 @@ def _item_error(item_key: str, exc: Exception) -> JobInputError:
     error = JobInputError(f"item {item_key!r}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _job_inputs(session: Session, job: ClaimedJob) -> JobInputs:
-    row = session.execute(
-        select(Job.kind, Job.options, Job.input_image, Job.mask_image).where(Job.id == job.id)
-    ).one()
-    try:
-        options = JobOptions.from_json(row.options)
-    except pydantic.ValidationError as exc:
-        raise JobInputError(f"options: {exc}") from exc
-    return JobInputs(
-        kind=row.kind, options=options, input_image=row.input_image, mask_image=row.mask_image
-    )
 
 
 def _staged_image(
@@ -260,21 +268,18 @@ def _finish_tail(
     lease: timedelta,
     heartbeat: Heartbeat,
 ) -> str:
-    """Record the last batch, then mark the job done (or end it by the error)."""
+    """Record the last batch and mark the job done in one fenced transaction (the rows and
+    ``done`` are durable together, or neither is), or end it by the error."""
     try:
         try:
-            if tail.model is not None:
-                try:
-                    _record(session, job, tail.model, tail.storing, lease)
-                except BaseException:
-                    _record_finished(session, job, tail.model, tail.storing, lease)
-                    raise
-            saved_per_seed = _record_skipped(runtime, session, job, tail.skipped)
+            stored = _stored_tail(session, job, tail, lease)
+            ours, saved_per_seed = _finish_recorded(runtime, session, job, tail, stored)
         except Exception as exc:
             return _end_with_error(runtime, session, job, exc)
-        if not finish_job(session, job):
+        if not ours:
             log.warning("job %s was taken over by another worker before it finished", job.id)
             return "skipped"
+        count_images(stored)
         if tail.skipped:
             from worker.scoring.keepers import report_early_stop
 
@@ -282,6 +287,41 @@ def _finish_tail(
         return "done"
     finally:
         heartbeat.stop()
+
+
+def _stored_tail(
+    session: Session, job: ClaimedJob, tail: _Tail, lease: timedelta
+) -> list[StoredImage]:
+    """The last batch, once uploaded. After a failed upload what was stored is recorded (a
+    retry renders only the rest) and the upload's error raised."""
+    if tail.model is None:
+        return []
+    try:
+        return [future.result() for future in tail.storing]
+    except BaseException:
+        record_stored(session, job, tail.model, tail.storing, lease)
+        raise
+
+
+def _finish_recorded(
+    runtime: WorkerRuntime,
+    session: Session,
+    job: ClaimedJob,
+    tail: _Tail,
+    stored: list[StoredImage],
+) -> tuple[bool, float | None]:
+    """Mark the job done with its last rows and skipped seeds in the same transaction: whether
+    it was still ours, and (early stop) the mean seconds per image the skipped seeds saved."""
+    saved_per_seed: float | None = None
+
+    def record() -> None:
+        nonlocal saved_per_seed
+        if tail.model is not None:
+            insert_images(session, job, tail.model, stored, commit=False)
+        saved_per_seed = _record_skipped(runtime, session, job, tail.skipped)
+
+    ours = finish_job(session, job, record=record)
+    return ours, saved_per_seed
 
 
 def _record_skipped(
@@ -358,7 +398,13 @@ def _render_claimed(
 ) -> _Tail:
     """Render the seeds that have no image yet; every batch but the last is recorded here,
     the last one (still uploading) is returned for :func:`_finish_tail`."""
-    done = set(session.scalars(select(Image.seed).where(Image.job_id == job.id)))
+    details = _details(session, job)
+    # The claim counted the job's images: most jobs have none, and need no query for them.
+    done = (
+        set(session.scalars(select(Image.seed).where(Image.job_id == job.id)))
+        if details.images
+        else set()
+    )
     todo = [seed for seed in job.seeds if seed not in done]
     if not todo:
         return _Tail(model=None, storing=[])
@@ -394,16 +440,16 @@ def _prepare(
     """The job's inputs checked, then its model loaded. Every problem with the job's own
     inputs is a BadInputError; one that names an input of its item names the item too."""
     from worker.conditioning import check_controlnet
-    from worker.pipeline import check_inputs, job_scheduler
-    from worker.png import a1111_sampler
+    from worker.pipeline import check_inputs
 
-    context = _job_context(session, job)
-    inputs = _job_inputs(session, job)
+    details = _details(session, job)
+    context = JobContext.of(details)
+    inputs = JobInputs.of(details)
     model_name = resolve_model(job.model, runtime.settings)
     # Inputs first (images, adapter files, ControlNet), then the model: a bad input fails
     # the job without loading a model for nothing.
     try:
-        params, photo = _render_params(runtime, session, job, inputs, model_name)
+        params, photo = job_render_params(runtime, session, job, inputs, model_name)
     except BadInputError as exc:
         raise _item_error(context.item_key, exc) from exc
     check_inputs(params)
@@ -419,7 +465,7 @@ def _prepare(
         job,
         context,
         model,
-        a1111_sampler(job_scheduler(model.pipe, job.scheduler)),
+        runtime.sampler(model.pipe, job.scheduler),
         inputs,
         params.strength,
     )
@@ -443,6 +489,7 @@ def _render_batches(
 ) -> _Tail:
     """Render ``todo`` in batches, each stored while the next renders."""
     from worker.adapters import AdapterLeakError
+    from worker.batch_probe import batch_size
     from worker.pipeline import render_batch
     from worker.scoring.render_time import score_batch, without_pixels
 
@@ -452,7 +499,7 @@ def _render_batches(
     storing: list[Future[StoredImage]] = []
     rendered_count = 0
     try:
-        for seeds in _batches(todo, runtime.settings.render_batch_size):
+        for seeds in _batches(todo, batch_size(model.pipe, prepared.params, runtime.settings)):
             if lost():
                 raise LeaseLostError("lost the job's lease to another worker (heartbeat)")
             started = time.perf_counter()
@@ -466,9 +513,9 @@ def _render_batches(
                 raise
             _observe_batch(time.perf_counter() - started, rendered)
             scored = score_batch(prepared.scoring, rendered)
-            _record(session, job, model, storing, lease)
+            record_batch(session, job, model, storing, lease)
             storing = [
-                pool.submit(prepared.writer.store, without_pixels(image), score)
+                pool.submit(prepared.writer.store, without_pixels(image), score, seeds)
                 for image, score in zip(rendered, scored, strict=True)
             ]
             rendered_count += len(seeds)
@@ -477,12 +524,12 @@ def _render_batches(
     except BaseException:
         # Keep what is already stored (a retry then renders only the rest) unless the job is
         # no longer ours; a failure here must not hide the original error.
-        _record_finished(session, job, model, storing, lease)
+        record_stored(session, job, model, storing, lease)
         raise
     return _Tail(model=model, storing=storing, skipped=tuple(todo[rendered_count:]))
 
 
-def _render_params(
+def job_render_params(
     runtime: WorkerRuntime,
     session: Session,
     job: ClaimedJob,
@@ -497,6 +544,7 @@ def _render_params(
     """
     from worker.adapters import check_adapter_files
     from worker.conditioning import CONTROLNET, ConditioningError, prepare_inputs
+    from worker.fast_path import job_fast_path
     from worker.loading import NULL_MODEL
     from worker.pipeline import RenderParams
 
@@ -536,6 +584,8 @@ def _render_params(
         controlnet_scale=options.controlnet.scale if options.controlnet is not None else 1.0,
         loras=options.loras,
         embeddings=options.embeddings,
+        sampling=options.sampling,
+        fast_path=job_fast_path(runtime.settings, model_name, options, runtime.pipelines.device),
     )
     return params, image
 
@@ -544,47 +594,3 @@ def _observe_batch(seconds: float, rendered: list[RenderedImage]) -> None:
     metrics.BATCH_RENDER_SECONDS.observe(seconds)
     for image in rendered:
         metrics.RENDER_SECONDS.observe(image.seconds)
-
-
-def _record(
-    session: Session,
-    job: ClaimedJob,
-    model: LoadedModel,
-    storing: list[Future[StoredImage]],
-    lease: timedelta,
-) -> None:
-    """Wait for a batch's uploads, then record their rows and extend the lease in one fenced
-    transaction: a worker that lost the job records nothing more."""
-    if not storing:
-        return
-    stored = [future.result() for future in storing]  # re-raises an upload's error
-    if not hold_lease(session, job, lease):
-        session.rollback()
-        raise LeaseLostError("lost the job's lease to another worker")
-    insert_images(session, job, model, stored)
-
-
-def _record_finished(
-    session: Session,
-    job: ClaimedJob,
-    model: LoadedModel,
-    storing: list[Future[StoredImage]],
-    lease: timedelta,
-) -> None:
-    """After an error: record what was stored anyway (a retry renders only the rest)."""
-    stored = []
-    for future in storing:
-        try:
-            stored.append(future.result())
-        except Exception:
-            metrics.IMAGES.labels("failed").inc()
-    if not stored:
-        return
-    try:
-        session.rollback()
-        if hold_lease(session, job, lease):
-            insert_images(session, job, model, stored)
-        else:
-            session.rollback()
-    except Exception:
-        log.exception("job %s: could not record %d stored images", job.id, len(stored))

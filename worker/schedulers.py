@@ -16,14 +16,20 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
+    TCDScheduler,
 )
 
 # Imported from its module: under mypy, `from diffusers import DiffusionPipeline` resolves
 # to diffusers' dummy placeholder class.
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from pixelmill.schedulers import SCHEDULER_LABELS, canonical_scheduler
+from pixelmill.schedulers import (
+    FEW_STEP_SCHEDULER_LABELS,
+    SCHEDULER_LABELS,
+    canonical_scheduler,
+)
 
 
 def _dpmpp_2m(config: Any, *, karras: bool) -> Any:
@@ -43,6 +49,18 @@ _SCHEDULER_FACTORIES: dict[str, Callable[[Any], Any]] = {
     "dpmpp_2m": lambda c: _dpmpp_2m(c, karras=False),
     "dpmpp_2m_karras": lambda c: _dpmpp_2m(c, karras=True),
     "pndm": PNDMScheduler.from_config,
+}
+
+# The few-step samplers (pixelmill.schedulers.FEW_STEP_SCHEDULER_LABELS), each as the
+# distilled models' recipes build it from the model's own config.
+_FEW_STEP_FACTORIES: dict[str, Callable[[Any], Any]] = {
+    "lcm": LCMScheduler.from_config,
+    "tcd": TCDScheduler.from_config,
+    "euler_trailing": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
+    "euler_a_trailing": lambda c: EulerAncestralDiscreteScheduler.from_config(
+        c, timestep_spacing="trailing"
+    ),
+    "ddim_trailing": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing"),
 }
 
 
@@ -72,7 +90,8 @@ def apply_scheduler(pipe: DiffusionPipeline, name: str | None) -> None:
     if canonical is None:
         scheduler = type(default).from_config(default.config)
     else:
-        scheduler = _SCHEDULER_FACTORIES[canonical](default.config)
+        factory = _SCHEDULER_FACTORIES.get(canonical) or _FEW_STEP_FACTORIES[canonical]
+        scheduler = factory(default.config)
     # setattr: `scheduler` is not declared on the DiffusionPipeline base class (see above).
     setattr(pipe, "scheduler", scheduler)  # noqa: B010
 
@@ -85,7 +104,7 @@ def scheduler_label(name: str | None, *, pipe: DiffusionPipeline | None = None) 
     """
     canonical = canonical_scheduler(name)
     if canonical is not None:
-        return SCHEDULER_LABELS[canonical]
+        return SCHEDULER_LABELS.get(canonical) or FEW_STEP_SCHEDULER_LABELS[canonical]
     if pipe is None:
         return "default"
     return type(default_scheduler(pipe)).__name__

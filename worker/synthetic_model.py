@@ -1,4 +1,5 @@
-"""Full-size Stable Diffusion pipelines (SD 1.5, SDXL) with random weights, built offline.
+"""Full-size Stable Diffusion pipelines (SD 1.5, SDXL; SD3.5 and FLUX.1 in
+:mod:`worker.synthetic_families`) with random weights, built offline.
 
 The architecture is exactly that of the released checkpoints (the configs below are the
 ones published with runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-
@@ -29,8 +30,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from worker.tiny_model import MODEL_MAX_LENGTH, build_tokenizer
 
-Arch = Literal["sd15", "sdxl"]
-ARCHES: tuple[Arch, ...] = ("sd15", "sdxl")
+Arch = Literal["sd15", "sdxl", "sd35", "sd35-medium", "flux-dev", "flux-schnell"]
+ARCHES: tuple[Arch, ...] = ("sd15", "sdxl", "sd35", "sd35-medium", "flux-dev", "flux-schnell")
+# Built by worker.synthetic_families.
+FAMILY_ARCHES: tuple[Arch, ...] = ("sd35", "sd35-medium", "flux-dev", "flux-schnell")
 
 DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
@@ -184,6 +187,12 @@ def text_config(base: dict[str, Any], tokenizer: CLIPTokenizer | None) -> CLIPTe
 def build_models(arch: Arch, tokenizer: CLIPTokenizer | None = None) -> dict[str, Any]:
     """The pipeline's neural networks for ``arch``, built on the current default device and
     dtype (use ``with torch.device("meta"):`` to count parameters without memory)."""
+    if arch in FAMILY_ARCHES:
+        from worker.synthetic_families import family_arch, model_builders
+
+        return {
+            name: build() for name, build in model_builders(family_arch(arch), tokenizer).items()
+        }
     if arch == "sd15":
         return {
             "unet": UNet2DConditionModel(**SD15_UNET),
@@ -202,6 +211,10 @@ def build_models(arch: Arch, tokenizer: CLIPTokenizer | None = None) -> dict[str
 
 def parameter_counts(arch: Arch) -> dict[str, int]:
     """Parameters per model of ``arch``, counted on the meta device (no memory, no time)."""
+    if arch in FAMILY_ARCHES:
+        from worker.synthetic_families import family_parameter_counts
+
+        return family_parameter_counts(arch)
     with torch.device("meta"):
         models = build_models(arch)
     return {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -252,6 +265,10 @@ def build_synthetic_pipeline(
     out_dir = pathlib.Path(out_dir)
     itemsize = torch.empty((), dtype=dtype).element_size()
     check_output_folder(out_dir, needed_bytes=sum(parameter_counts(arch).values()) * itemsize)
+    if arch in FAMILY_ARCHES:
+        from worker.synthetic_families import build_family_pipeline, family_arch
+
+        return build_family_pipeline(out_dir, spec=family_arch(arch), dtype=dtype, seed=seed)
 
     with tempfile.TemporaryDirectory(prefix="pixelmill-tokenizer-") as tmp:
         tokenizer = build_tokenizer(pathlib.Path(tmp))

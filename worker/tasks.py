@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Reject
 from celery.signals import (
@@ -26,20 +26,26 @@ from worker import metrics_hooks
 from worker.main import app
 from worker.render import WorkerRuntime, render_job
 
+if TYPE_CHECKING:
+    from pixelmill.settings import Settings
+
 log = logging.getLogger(__name__)
 
 _runtime: WorkerRuntime | None = None
 
 
-def build_runtime() -> WorkerRuntime:
+def build_runtime(settings: Settings | None = None, *, scoring: bool = True) -> WorkerRuntime:
+    """The worker's runtime from ``settings`` (default: the environment's); ``scoring=False``
+    leaves the scorer out (a command that renders without recording, such as reproduce)."""
     from db.session import make_engine, make_sessionmaker
     from pixelmill.blocklist import load_blocklist
     from pixelmill.settings import get_settings
     from pixelmill.storage import storage_from_settings
+    from worker.families import FamilyOptions
     from worker.loading import PipelineCache, resolve_device
     from worker.scoring.configured import scorer_from_settings
 
-    settings = get_settings()
+    settings = settings or get_settings()
     _quiet_libraries()
     device = resolve_device(settings.device)
     return WorkerRuntime(
@@ -53,13 +59,14 @@ def build_runtime() -> WorkerRuntime:
             config=settings.model_config_dir,
             compile_unet=settings.torch_compile,
             hash_cache=settings.model_hash_cache,
+            family_options=FamilyOptions.from_settings(settings),
         ),
         name=f"{socket.gethostname()}:{os.getpid()}:{device}",
         # Read at start: a bad blocklist file stops the worker instead of failing every job.
         blocklist=load_blocklist(settings.blocklist_path),
         # Loaded once per process, like the blocklist (a scorer that cannot load stops the
         # worker); None when no scorer is configured.
-        scorer=scorer_from_settings(settings),
+        scorer=scorer_from_settings(settings) if scoring else None,
     )
 
 

@@ -42,7 +42,8 @@ try:
 except ImportError:  # transformers 4.x
     from transformers import CLIPImageProcessor  # type: ignore[assignment]
 
-ARCHITECTURES = ("sd", "sdxl")
+# SD3 and FLUX.1 (dev, and schnell) are built by worker.tiny_families.
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "flux-schnell")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -329,21 +330,29 @@ def build_tiny_sdxl_pipeline(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib
 
 
 def build_tiny(out_dir: pathlib.Path, *, arch: str = "sd", seed: int = 0) -> pathlib.Path:
-    """Build the tiny pipeline of architecture ``arch`` ("sd" or "sdxl") at ``out_dir``."""
+    """Build the tiny pipeline of architecture ``arch`` (one of :data:`ARCHITECTURES`) at
+    ``out_dir``."""
     if arch == "sd":
         return build_tiny_pipeline(out_dir, seed=seed)
     if arch == "sdxl":
         return build_tiny_sdxl_pipeline(out_dir, seed=seed)
+    if arch in ARCHITECTURES:
+        from worker.tiny_families import build_tiny_family
+
+        return build_tiny_family(out_dir, arch=arch, seed=seed)
     raise ValueError(
         f"arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m worker.tiny_model OUT_DIR [--arch sd|sdxl] [--seed N]`` for smoke runs."""
+    """``python -m worker.tiny_model OUT_DIR [--arch sd|sdxl|sd3|flux|flux-schnell] [--seed N]``
+    for smoke runs."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build a tiny random SD 1.x or SDXL pipeline.")
+    parser = argparse.ArgumentParser(
+        description="Build a tiny random SD 1.x, SDXL, SD3 or FLUX.1 pipeline."
+    )
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="sd")
     parser.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,9 @@ File format::
         prompt: "{{ title }} on an oak table"
 
 Job kinds, the catalogue image, masks, ControlNet and LoRA/embedding adapters are described
-in producer.conditioning; they may be set in ``defaults`` too.
+in producer.conditioning; few-step sampling (``sampling: lcm``, ``turbo``, ...) and the fast
+path (``fast_path: {compile: ..., deepcache: 3}``) in producer.templates.few_step; all may be
+set in ``defaults`` too.
 
 Final prompt = before, prompt, after (joined with ", ", empty parts skipped); final
 negative = preset negative_prompt, template negative_prompt.  Variant syntax ({a|b},

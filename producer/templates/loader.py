@@ -7,6 +7,7 @@ in :mod:`producer.templates`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pixelmill.errors import InputError
 from pixelmill.schedulers import KNOWN_SCHEDULERS, canonical_scheduler
 from producer import bounds
 from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
+from producer.templates.few_step import FEW_STEP_KEYS, FewStepReader
 from producer.templates.model import Template, TemplateFile
 from producer.templates.sandbox import SANDBOX, NotAllowed
 from producer.variants import VariantError
@@ -42,7 +44,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 
 _TOP_KEYS = frozenset({"key", "defaults", "presets", "templates"})
 _SETTING_KEYS = frozenset(BUILTIN_DEFAULTS)
-_DEFAULT_KEYS = _SETTING_KEYS | CONDITIONING_KEYS
+_DEFAULT_KEYS = _SETTING_KEYS | CONDITIONING_KEYS | FEW_STEP_KEYS
 _TEMPLATE_KEYS = _DEFAULT_KEYS | {"prompt"}
 _PRESET_KEYS = frozenset({"before", "after", "negative_prompt"})
 
@@ -123,6 +125,7 @@ class _Loader:
         self.default_entries: dict[str, Entry] = {}
         # Adapter files are hashed once per load, however many templates use them.
         self.conditioning = ConditioningReader(self, path.parent, FileHasher())
+        self.few_step = FewStepReader(self)
 
     def error(self, node: yaml.Node | None, field: str | None, reason: str) -> TemplateError:
         return TemplateError(self.path, None if node is None else _line(node), field, reason)
@@ -268,6 +271,8 @@ class _Loader:
         )
         prompt_node, prompt = self._prompt(where)
         values = {**BUILTIN_DEFAULTS, **defaults, **self.settings(where.entries, prefix)}
+        few_step = self.few_step.read(where.entries, self.default_entries, values, prefix=prefix)
+        values = few_step.values
         # Where each expandable part's text came from: (dotted field, value node).
         sources: dict[str, tuple[str, yaml.Node]] = {
             "prompt": (f"{prefix}.prompt", prompt_node),
@@ -287,6 +292,11 @@ class _Loader:
             width=values["width"],
             height=values["height"],
         )
+        if few_step.sampling is not None or few_step.fast_path is not None:
+            options = conditioning.options.model_copy(
+                update={"sampling": few_step.sampling, "fast_path": few_step.fast_path}
+            )
+            conditioning = dataclasses.replace(conditioning, options=options)
         return self._make_template(where, texts, sources, conditioning, values)
 
     def _check_template_name(self, name: str, key_node: yaml.Node, prefix: str) -> None:

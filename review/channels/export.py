@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, Run
+from db.webhooks import record_export_written
 from pixelmill.storage import Storage
 from review.channels.marking import C2paSigner, c2pa_manifest, has_c2pa, xmp_packet
 from review.channels.presets import Preset
@@ -287,4 +288,23 @@ def export_channels(
         sink.abort()
         raise
     sink.commit()
+    # Told to the webhooks' receivers (db.webhooks): recorded once the manifest is written.
+    record_export_written(session, run.id, export_event_data(result))
+    session.commit()
     return result
+
+
+def export_event_data(result: ChannelExport) -> dict[str, Any]:
+    """What the ``export.written`` webhook event says about an export."""
+    return {
+        "location": result.location,
+        "manifests": result.manifests,
+        "files": result.files,
+        "written": sum(counts.written for counts in result.channels.values()),
+        "already_there": sum(counts.already_there for counts in result.channels.values()),
+        "failures": len(result.failures),
+        "channels": {
+            name: {"written": counts.written, "already_there": counts.already_there}
+            for name, counts in result.channels.items()
+        },
+    }

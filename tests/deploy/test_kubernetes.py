@@ -137,12 +137,16 @@ def test_gpu_worker_has_a_gpu_and_outlives_its_longest_job() -> None:
     assert env["PROMETHEUS_MULTIPROC_DIR"] in mounts  # an emptyDir: clean at every start
 
 
-def test_scaled_object_scales_the_worker_on_the_render_queue() -> None:
+def test_scaled_object_scales_the_worker_on_the_render_and_finishing_queues() -> None:
     scaled = by_kind("ScaledObject")["pixelmill-worker"]
     assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind("Deployment")
-    (trigger,) = scaled["spec"]["triggers"]
+    trigger, finishing = scaled["spec"]["triggers"]
     config = by_kind("ConfigMap")["pixelmill-config"]["data"]
     assert trigger["metadata"]["queueName"] == config["PIXELMILL_RENDER_QUEUE"]
+    # Keepers waiting to be finished start a worker too (they serve both queues).
+    assert finishing["metadata"]["queueName"] == config["PIXELMILL_FINISHING_QUEUE"]
+    assert finishing["metadata"]["mode"] == "QueueLength"
+    assert finishing["authenticationRef"] == trigger["authenticationRef"]
     assert trigger["metadata"]["mode"] == "QueueLength"
     # The queue holds at most the dispatch window: KEDA can reach maxReplicaCount only if the
     # window holds `value` messages per replica.

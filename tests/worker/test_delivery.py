@@ -449,6 +449,7 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
 ) -> None:
     """A job renders longer than its lease thanks to the heartbeat; when another worker takes
     it over anyway, the render stops before its next batch and records nothing more."""
+    import worker.image_writer as image_writer_module
     import worker.render as render_module
 
     # One seed per batch, so "the next batch" is the next seed.
@@ -466,7 +467,7 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
         job = make_render_job(session, model=str(tiny_model_dir), seeds=[1, 2, 3, 4])
 
     taken_over = {"done": False}
-    real_extend = render_module.hold_lease
+    real_extend = image_writer_module.hold_lease
 
     class FastHeartbeat(Heartbeat):
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -504,7 +505,8 @@ def test_render_stops_at_the_next_seed_once_the_heartbeat_lost_the_lease(
         return beat
 
     monkeypatch.setattr(render_module, "Heartbeat", make_heartbeat)
-    monkeypatch.setattr(render_module, "hold_lease", extend_after_takeover)
+    # Each batch's rows are recorded under the lease by worker.image_writer.record_batch.
+    monkeypatch.setattr(image_writer_module, "hold_lease", extend_after_takeover)
 
     assert render_job(runtime, job.id) == "skipped"
 

@@ -137,7 +137,7 @@ def test_renders_every_seed(
         assert (root / image.storage_key).is_file()
 
 
-def test_same_seed_alone_or_in_a_sweep_is_pixel_identical(
+def test_same_seed_alone_or_in_a_sweep_is_within_one_level(
     runtime: WorkerRuntime, db_session: Session, tiny_model_dir: pathlib.Path
 ) -> None:
     a, b, c = 101, 202, 303

@@ -134,7 +134,10 @@ def check_scores(
         # The render's own tensor was scored; the stored PNG is it rounded to 8 bits.
         again = rescored(storage, scorer, image, photo)
         assert score.clip_score == pytest.approx(again.clip_score, abs=0.02)
-        assert score.aesthetic_score == pytest.approx(again.aesthetic_score, rel=1e-3)
+        assert float(embedding @ embedding_from_bytes(again.embedding)) > 0.999
+        # The random head magnifies the rounding (its scores spread over hundreds between
+        # images), so its scores agree to a few percent where the embeddings agree to 0.1%.
+        assert score.aesthetic_score == pytest.approx(again.aesthetic_score, rel=0.1)
         if photo is None:
             assert score.image_similarity is None
         else:

@@ -105,3 +105,33 @@ def test_missing_scorer_and_head_are_bad_input(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     with pytest.raises(AestheticHeadError, match="not a readable state dict"):
         load_aesthetic_head(tmp_path / "junk.pth", embedding_size=8)
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
+def test_tiny_scorer_tells_distinct_tiny_renders_apart_and_groups_near_copies(
+    tiny_scorer_dir: Path, tiny_model_dir: Path
+) -> None:
+    # What the demo's grid groups: renders of the tiny model, which all look like noise of
+    # the same colour, must not be near-duplicates of one another, while an image and a
+    # copy of it one 8-bit level off must be.
+    from pixelmill.settings import Settings
+    from worker.loading import load_pipeline
+    from worker.pipeline import RenderParams, render_batch
+
+    threshold = Settings().duplicate_similarity
+    pipe = load_pipeline(str(tiny_model_dir), device=torch.device("cpu"))
+    params = RenderParams(
+        prompt="a brass lamp", negative_prompt="", steps=3, guidance=7.0, width=64, height=64
+    )
+    renders = render_batch(pipe, params, [1, 2, 3, 4])
+    pixels = torch.stack([render.pixels for render in renders if render.pixels is not None])
+    scorer = load_scorer(str(tiny_scorer_dir))
+
+    embeddings = scorer.image_embeddings(pixels)
+    similarity = embeddings @ embeddings.T
+    distinct = similarity[torch.triu(torch.ones_like(similarity), diagonal=1).bool()]
+    assert len(distinct) == 6 and float(distinct.max()) < threshold
+
+    one_level = torch.randint(-1, 2, pixels.shape, generator=torch.Generator().manual_seed(0))
+    near_copies = scorer.image_embeddings((pixels + one_level / 255).clamp(0, 1))
+    assert float((embeddings * near_copies).sum(dim=-1).min()) > threshold

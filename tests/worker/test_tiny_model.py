@@ -131,12 +131,12 @@ def test_cli_refuses_an_unknown_architecture(tmp_path: pathlib.Path) -> None:
     from cli.main import app
 
     out = tmp_path / "model"
-    result = CliRunner().invoke(app, ["model", "tiny", "--out", str(out), "--arch", "sd3"])
+    result = CliRunner().invoke(app, ["model", "tiny", "--out", str(out), "--arch", "sd4"])
     assert result.exit_code == 2
-    assert "--arch" in result.output and "'sd3'" in result.output
+    assert "--arch" in result.output and "'sd4'" in result.output
     assert not out.exists()
 
 
 def test_build_tiny_refuses_an_unknown_architecture(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ValueError, match="arch: unknown architecture 'flux'"):
-        build_tiny(tmp_path / "model", arch="flux")
+    with pytest.raises(ValueError, match="arch: unknown architecture 'flux2'"):
+        build_tiny(tmp_path / "model", arch="flux2")
