@@ -261,7 +261,9 @@ def test_batched_seeds_start_from_the_same_noise_as_single_ones(pipe: Any) -> No
 
 @ignore_numpy_copy_warning
 @pytest.mark.parametrize("scheduler", [None, "euler_a", "dpmpp_2m_karras"])
-def test_batched_render_is_within_one_level_of_single_renders(pipe: Any, scheduler: str | None) -> None:
+def test_batched_render_is_within_one_level_of_single_renders(
+    pipe: Any, scheduler: str | None
+) -> None:
     params = dataclasses.replace(PARAMS, scheduler=scheduler)
     seeds = [11, 12, 13, 14]
     batch = render_batch(pipe, params, seeds)
