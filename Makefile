@@ -51,11 +51,11 @@ migrations-check: install
 bench: install
 	$(BIN)/python benchmarks/producer.py
 
-## Worker throughput: the whole system (Postgres, Redis, a Celery worker, moto S3) against a
-## bare diffusers loop on the same 32 images, then the system's overhead per job (null model).
+## Worker throughput per model family: the whole system (Postgres, Redis, a Celery worker, moto
+## S3) against bare diffusers loops (plain and fast path) on the same 32 images, then the
+## system's overhead per job (null model, 64 jobs), then the goals.
 bench-worker: install
 	$(BIN)/python benchmarks/worker.py
-	$(BIN)/python benchmarks/worker.py --null --jobs 64
 
 ## Serve the review app on the embedded defaults (add an account: pixelmill reviewer add NAME).
 review: install

@@ -1,29 +1,36 @@
-"""Worker benchmark: the whole system against a bare diffusers loop, same images, same run.
+"""Worker benchmark: the whole system against bare diffusers loops, same images, same run.
 
-Renders the same (prompt, seed) pairs (default 8 jobs x 4 seeds = 32) twice:
+For each model family (``--families``, default sd15, sdxl, sd3, flux: their tiny random
+models; with ``--model DIR`` the one family that model is), the same (prompt, seed) pairs
+(default 8 jobs x 4 seeds = 32) render:
 
-- ``bare``: one fresh process (a child of the benchmark, which also hosts the moto server and
-  has the heap of the services' clients), the model loaded with
-  ``DiffusionPipeline.from_pretrained``, a plain loop of pipeline calls (the worker's batch
-  size, one generator per seed), PIL images out; once before and once after the system's run
+- ``bare``: in one fresh process (a child of the benchmark, which also hosts the moto server
+  and has the heap of the services' clients), the model loaded by the worker's own
+  ``worker.loading.load_pipeline`` (its dtype and from_pretrained keyword), a plain loop of
+  pipeline calls (the worker's batch size, one generator per seed), PIL images out: first
+  with the plain defaults, then with the fast path the worker would use for the model
+  (``worker.fast_path``, from the same settings); once before and once after the system's run
   (their mean is the baseline, so a steady drift in a shared machine's load cancels out).
 - ``system``: Postgres (a fresh database), the broker, a real Celery worker subprocess, a moto
   S3 server: the jobs are produced, dispatched, rendered, encoded, uploaded and recorded. The
   clock runs from the first dispatch to the last job ``done`` (the worker has already loaded
   its model and rendered a warm-up job, as the bare loop has).
 
-It prints images/s for both and the ratio system/bare (target >= 0.95 where rendering
-dominates). Scoring (``--scorer``, default the built-in tiny one): the system runs once more
-with the scorer, and a fresh process renders the pairs through the worker's pipeline code and
-scores each batch on the render device as the worker does, timing both per batch, so images/s
-with and without scoring come from the same batches (goal: at most 3% slower). With
-``--null`` the worker renders with ``PIXELMILL_MODEL=null`` (blank images, no
-compute) and it prints the system's own overhead in ms per job instead.
+It prints images/s for each and the ratios system/bare-fast (the system's cost) and
+fast/default (the fast path's gain). Scoring (``--scorer``, default the built-in tiny one),
+for the first family: the system runs once more with the scorer, and a fresh process renders
+the pairs through the worker's pipeline code and scores each batch as the worker does, so
+images/s with and without scoring come from the same batches (goal: at most 3% slower).
+Then the null model (``PIXELMILL_MODEL=null``: blank images, no compute, ``--null-jobs``)
+gives the system's own overhead in ms per job (wall clock, and the CPU its worker processes
+used). ``--null`` runs only that; ``--no-null`` skips it. Last, the goals, each line ending
+``met``, ``NOT met`` or ``not measured here``.
 
-    .venv/bin/python benchmarks/worker.py                      # tiny model, CPU, 128x128
-    .venv/bin/python benchmarks/worker.py --null --jobs 64     # job overhead
+    .venv/bin/python benchmarks/worker.py                      # tiny models, CPU, 128x128
+    .venv/bin/python benchmarks/worker.py --null --jobs 64     # job overhead only
     pixelmill model synthetic --arch sd15 --out /tmp/sd15
-    .venv/bin/python benchmarks/worker.py --model /tmp/sd15 --size 512 --steps 25 --device cuda
+    .venv/bin/python benchmarks/worker.py --model /tmp/sd15 --families sd15 --size 512 \
+        --steps 25 --device cuda
 
 ``--embedded`` swaps the services for the embedded defaults (a SQLite database, kombu's
 SQLAlchemy transport on SQLite, a local storage folder): for a GPU host that has no Postgres,
@@ -35,13 +42,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,28 +54,21 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.worker_system import fresh_database, moto_s3, system_seconds  # noqa: E402
-
-TEMPLATES = """\
-key: sku
-defaults:
-  model: {model}
-  steps: {steps}
-  width: {size}
-  height: {size}
-  guidance: 7.0
-templates:
-  studio:
-    prompt: "product photo of a {{{{ colour }}}} {{{{ title }}}}, white background"
-    negative_prompt: "{negative}"
-"""
+from benchmarks.worker_overhead import (  # noqa: E402
+    Overhead,
+    null_overheads,
+    print_overhead_goals,
+)
+from benchmarks.worker_runs import (  # noqa: E402
+    NEGATIVE,
+    produce_run,
+    render_seconds,
+    worker_settings,
+)
+from benchmarks.worker_system import Services, start_services, system_seconds  # noqa: E402
 
 # Each family's tiny random model (worker.tiny_model.build_tiny's arch) on a CPU machine.
 FAMILIES = {"sd15": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
-NEGATIVE = "lowres, blurry, watermark"
-
-TITLES = ["canvas sneaker", "leather tote", "desk lamp", "ceramic mug", "wool scarf", "armchair"]
-COLOURS = ["red", "navy", "sage green", "cognac", "matte black", "ivory", "mustard"]
 
 
 @dataclass(frozen=True)
@@ -80,50 +78,6 @@ class Pair:
     prompt: str
     negative_prompt: str
     seeds: list[int]
-
-
-def produce_run(
-    database_url: str,
-    work: Path,
-    name: str,
-    model: str,
-    args: Any,
-    jobs: int,
-    *,
-    negative: str = "",
-) -> int:
-    """Write a catalogue of ``jobs`` items and produce them as run ``name``; its id."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import Session
-
-    from db.models import Run
-    from producer.produce import produce
-
-    catalogue = work / f"{name}.csv"
-    lines = ["sku,title,colour"]
-    for i in range(jobs):
-        lines.append(f"{name}-{i:04d},{TITLES[i % len(TITLES)]},{COLOURS[i % len(COLOURS)]}")
-    catalogue.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    templates = work / f"{name}-templates.yaml"
-    templates.write_text(
-        TEMPLATES.format(model=model, steps=args.steps, size=args.size, negative=negative)
-    )
-    engine = create_engine(database_url)
-    with Session(engine) as session:
-        report = produce(
-            session,
-            catalogue_path=catalogue,
-            templates_path=templates,
-            seeds=args.seeds,
-            default_model=model,
-            run_name=name,
-        )
-        if report.jobs_new != jobs:
-            raise SystemExit(f"produce wrote {report.jobs_new} jobs, expected {jobs}")
-        run = session.query(Run).filter_by(name=name).one()
-        run_id = run.id
-    engine.dispose()
-    return run_id
 
 
 def pairs_of(database_url: str, run_id: int, batch_size: int) -> list[Pair]:
@@ -142,23 +96,6 @@ def pairs_of(database_url: str, run_id: int, batch_size: int) -> list[Pair]:
         ]
     engine.dispose()
     return pairs
-
-
-def render_seconds(database_url: str, run_id: int) -> float:
-    """The time the worker spent inside pipeline calls for the run (from its image rows)."""
-    from sqlalchemy import create_engine, func, select
-
-    from db.models import Image, Job
-
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        total = conn.scalar(
-            select(func.sum(Image.render_seconds))
-            .join(Job, Job.id == Image.job_id)
-            .where(Job.run_id == run_id)
-        )
-    engine.dispose()
-    return float(total or 0.0)
 
 
 # --- bare ----------------------------------------------------------------------------------
@@ -349,56 +286,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@dataclass(frozen=True)
-class Services:
-    """Where the system's run keeps its rows, its messages and its images."""
-
-    database_url: str
-    broker: str
-    storage: dict[str, str]  # the storage settings
-    label: str
-
-
 def the_model(args: Any, work: Path, family: str) -> str:
     if args.model:
         return str(Path(args.model).resolve())
     from worker.tiny_model import build_tiny
 
     return str(build_tiny(work / f"tiny-{family}", arch=FAMILIES[family]))
-
-
-def start_services(stack: contextlib.ExitStack, args: Any, work: Path) -> Services:
-    if args.embedded:
-        from db.migrate import upgrade
-
-        database_url = f"sqlite:///{work / 'bench.db'}"
-        upgrade(database_url)
-        return Services(
-            database_url,
-            f"sqla+sqlite:///{work / 'broker.db'}",
-            {"storage": "local", "storage_dir": str(work / "images")},
-            "embedded (SQLite, sqla broker, local folder)",
-        )
-    database_url = stack.enter_context(fresh_database(args.postgres))
-    return Services(
-        database_url, args.broker, stack.enter_context(moto_s3()), "Postgres, broker, moto S3"
-    )
-
-
-def worker_settings(args: Any, model: str, services: Services, work: Path) -> dict[str, str]:
-    return {
-        "database_url": services.database_url,
-        "broker_url": services.broker,
-        "render_queue": f"bench-{uuid.uuid4().hex[:8]}",
-        "model": model,
-        "device": args.device,
-        "data_dir": str(work / "data"),
-        "render_batch_size": str(args.batch_size),
-        # The bare loops render --batch-size batches: so does the system (no memory probe).
-        "render_batch_probe": "false",
-        "safety_checker": str(args.safety_checker).lower(),
-        **services.storage,
-    }
 
 
 @dataclass(frozen=True)
@@ -414,10 +307,11 @@ class FamilyRates:
 def benchmark(args: Any, work: Path, services: Services) -> None:
     """Each family (bare loops, the system, the bare loops again; scoring for the first),
     then the null model's overhead; then the goals."""
+    runs = "the null model only" if args.null else f"{args.jobs * args.seeds} images per family"
     print(
-        f"{args.jobs} jobs x {args.seeds} seeds = {args.jobs * args.seeds} images per family, "
-        f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, device "
-        f"{args.device} ({device_name(args.device)}), threads {args.threads or 'default'}, "
+        f"{args.jobs} jobs x {args.seeds} seeds ({runs}), {args.size}x{args.size}, "
+        f"{args.steps} steps, batch {args.batch_size}, device {args.device} "
+        f"({device_name(args.device)}), threads {args.threads or 'default'}, "
         f"{os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f}), services {services.label}",
         flush=True,
     )
@@ -426,8 +320,8 @@ def benchmark(args: Any, work: Path, services: Services) -> None:
     for index, family in enumerate(families):
         model = the_model(args, work, family)
         rates[family] = benchmark_family(args, work, family, model, services, score=index == 0)
-    overhead = None if args.no_null else null_overhead(args, work, services)
-    print_goals(args, rates, overhead)
+    overheads = [] if args.no_null else null_overheads(args, work, services)
+    print_goals(args, rates, overheads)
 
 
 def benchmark_family(
@@ -504,31 +398,6 @@ def scoring_figures(
     )
 
 
-def null_overhead(args: Any, work: Path, services: Services) -> float:
-    """The system's own cost per job: the null model renders flat images without compute, so
-    the time is the claim, heartbeat, PNG encoding, uploads, rows and done. Milliseconds per
-    job, wall clock (everything on this machine's cores: the services too)."""
-    jobs = args.jobs if args.null else args.null_jobs
-    url = services.database_url
-    warm_up = produce_run(url, work, "null-warm-up", "null", args, 1, negative=NEGATIVE)
-    run = produce_run(url, work, "null-bench", "null", args, jobs, negative=NEGATIVE)
-    settings = worker_settings(args, "null", services, work)
-    seconds, cpu = system_seconds(settings, args, work, warm_up, run)
-    per_job = seconds / jobs * 1000
-    print(
-        f"null model: {jobs} jobs x {args.seeds} seeds, {jobs * args.seeds / seconds:.1f} "
-        f"images/s; of its pipeline calls {render_seconds(url, run):.2f} s"
-    )
-    print(f"job overhead:        {per_job:8.1f} ms per job (wall clock)", flush=True)
-    if cpu is not None:
-        print(
-            f"  the worker's processes used {cpu / jobs * 1000:.1f} ms CPU per job; the rest "
-            "of the machine's time went to the services on the same cores (Postgres, "
-            "Redis, and moto S3 in this process)"
-        )
-    return per_job
-
-
 def device_name(device: str) -> str:
     if not device.startswith("cuda"):
         return "CPU"
@@ -537,7 +406,7 @@ def device_name(device: str) -> str:
     return str(torch.cuda.get_device_name(torch.device(device)))
 
 
-def print_goals(args: Any, rates: dict[str, FamilyRates], overhead: float | None) -> None:
+def print_goals(args: Any, rates: dict[str, FamilyRates], overheads: list[Overhead]) -> None:
     print("goals:")
     card = device_name(args.device)
     for family, size, steps, target in (("sd15", 512, 25, 8.0), ("sdxl", 1024, 30, 1.2)):
@@ -559,11 +428,7 @@ def print_goals(args: Any, rates: dict[str, FamilyRates], overhead: float | None
         listed = ", ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items())
         verdict = "met" if min(ratios.values()) >= 0.97 else "NOT met"
         print(f"{label} {listed} ({card}{', tiny models' if not args.model else ''}): {verdict}")
-    label = "  null overhead <= 10 ms per job (CPU machine):"
-    if overhead is None:
-        print(f"{label} not measured here (--no-null)")
-    else:
-        print(f"{label} {overhead:.1f} ms: {'met' if overhead <= 10 else 'NOT met'}")
+    print_overhead_goals(overheads)
 
 
 def main() -> int:
@@ -584,8 +449,6 @@ def main() -> int:
     from pixelmill.logs import configure_logging
 
     configure_logging("WARNING")
-    # moto's server logs every request through werkzeug.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pixelmill-bench-")))
         benchmark(args, work, start_services(stack, args, work))

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -49,22 +50,28 @@ def fresh_database(admin_url: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def moto_s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server in a process of its own, as a real S3 endpoint is: in this one its
+    requests would take the benchmark's interpreter lock and slow what it times."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     bucket = "pixelmill-bench"
-    boto3.session.Session().client(
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-    ).create_bucket(Bucket=bucket)
+    )
     try:
+        _wait_for_port(port, server)
+        client.create_bucket(Bucket=bucket)
         yield {
             "storage": "s3",
             "s3_bucket": bucket,
@@ -74,7 +81,20 @@ def moto_s3() -> Iterator[dict[str, str]]:
             "s3_secret_access_key": "testing",
         }
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the moto server exited ({process.returncode})")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"the moto server did not listen on port {port} within 60 s")
 
 
 class System:
@@ -210,3 +230,31 @@ def system_seconds(
         return seconds, cpu
     finally:
         system.stop()
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the system's run keeps its rows, its messages and its images."""
+
+    database_url: str
+    broker: str
+    storage: dict[str, str]  # the storage settings
+    label: str
+
+
+def start_services(stack: contextlib.ExitStack, args: Any, work: Path) -> Services:
+    if args.embedded:
+        from db.migrate import upgrade
+
+        database_url = f"sqlite:///{work / 'bench.db'}"
+        upgrade(database_url)
+        return Services(
+            database_url,
+            f"sqla+sqlite:///{work / 'broker.db'}",
+            {"storage": "local", "storage_dir": str(work / "images")},
+            "embedded (SQLite, sqla broker, local folder)",
+        )
+    database_url = stack.enter_context(fresh_database(args.postgres))
+    return Services(
+        database_url, args.broker, stack.enter_context(moto_s3()), "Postgres, broker, moto S3"
+    )

@@ -6,6 +6,7 @@ Commands import their heavy dependencies inside their bodies, so `pixelmill --he
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -118,7 +119,10 @@ def _known_failure(exc: Exception) -> tuple[str, int] | None:
 
 
 def settings_problem(exc: Exception) -> str:
-    """A pydantic validation error as one line: each variable and what is wrong with it."""
+    """A pydantic validation error as one line: each variable and what is wrong with it.
+    The value given is echoed only where it is safe to print: never a secret's (a key,
+    password or token), never the whole environment (a rule across fields has no single
+    input), and a URL's password is hidden."""
     from pydantic import ValidationError
 
     if not isinstance(exc, ValidationError):
@@ -127,8 +131,24 @@ def settings_problem(exc: Exception) -> str:
     for error in exc.errors():
         names = [str(part) for part in error["loc"]]
         where = "PIXELMILL_" + "_".join(names).upper() if names else "settings"
-        problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        problems.append(f"{where}: {error['msg']}{_echoed_input(names, error.get('input'))}")
     return "; ".join(problems)
+
+
+_SECRET_NAME = re.compile(r"secret|password|token|access_key|(^|_)key$", re.IGNORECASE)
+
+
+def _echoed_input(names: list[str], value: object) -> str:
+    if isinstance(value, dict) or not names:
+        return ""
+    if any(_SECRET_NAME.search(name) for name in names):
+        return " (value hidden)"
+    if isinstance(value, str) and "://" in value and "@" in value:
+        try:
+            value = safe_url(value)
+        except Exception:  # not a URL SQLAlchemy can parse: hide it rather than leak it
+            return " (value hidden)"
+    return f" (got {value!r})"
 
 
 def load_settings() -> Settings:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli import common
 from cli.common import EXIT_FAILED, console, fail
+from cli.demo_finish import export_channels_checked, finish_and_export, tiny_finishing
 from cli.dispatch import dispatch_once
 from cli.produce import ProduceArguments, print_run, run_producer
 from cli.status import status
@@ -36,13 +38,17 @@ def demo(
     ] = 600,
 ) -> None:
     """Run the nightly job end to end on the embedded defaults (SQLite, local folder, a Celery
-    worker on a file-based transport, the tiny model)."""
+    worker on a file-based transport, the tiny model): render, keep each item's top-ranked
+    image as the reviewer 'demo', finish the keepers (tiny upscaler and captioner) and export
+    them for the sales channels under the data folder."""
     _quiet_libraries()
     from db.migrate import upgrade
     from worker.models import resolve_model
 
     catalogue, templates = _example_files(examples)
-    settings = common.settings()
+    # The presets and any signing credentials, checked before anything is written.
+    channels = export_channels_checked(common.load_settings())
+    settings = tiny_finishing(common.settings())
     # A fresh database's migrations, one log line each, are not what the demo is about.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     upgrade(settings.resolved_database_url)
@@ -50,8 +56,17 @@ def demo(
     run_name = default_demo_run(examples, catalogue, templates)
     _produce_demo_run(settings, catalogue, templates, run_name)
     worker_process = _start_worker(settings)
+
+    def check_worker() -> None:
+        _check_worker(settings, worker_process)
+
     try:
-        report = _wait_for_render(settings, run_name, worker_process, timeout)
+        report = _wait_for_render(settings, run_name, check_worker, timeout)
+        # Keepers are finished on the worker's finishing queue: it stays up until then.
+        if not report.failures:
+            finish_and_export(
+                settings, run_name, channels, check_worker, timeout, worker_log(settings)
+            )
     finally:
         worker_process.send_signal(signal.SIGTERM)
         worker_process.wait(timeout=60)
@@ -151,11 +166,18 @@ def worker_log(settings: Settings) -> Path:
     return (settings.data_dir / "demo-worker.log").resolve()
 
 
+def _check_worker(settings: Settings, worker_process: subprocess.Popen[bytes]) -> None:
+    """The worker having exited ends the command with exit status 1."""
+    if worker_process.poll() is not None:
+        fail(f"the worker exited ({worker_process.returncode}); its log: {worker_log(settings)}")
+
+
 def _wait_for_render(
-    settings: Settings, run_name: str, worker_process: subprocess.Popen[bytes], timeout: float
+    settings: Settings, run_name: str, check_worker: Callable[[], None], timeout: float
 ) -> RunStatusReport:
-    """A progress bar of run ``run_name`` until it is finished; the worker exiting, or the
-    run not finishing within ``timeout`` seconds, ends the command with exit status 1."""
+    """A progress bar of run ``run_name`` until it is finished; the worker exiting
+    (``check_worker``), or the run not finishing within ``timeout`` seconds, ends the
+    command with exit status 1."""
     from db.runs import find_run
     from monitoring.status import run_status
 
@@ -180,11 +202,7 @@ def _wait_for_render(
                 return report
             # The dispatcher keeps a small window on the broker: top it up as jobs finish.
             dispatch_once(settings, quiet=True)
-            if worker_process.poll() is not None:
-                fail(
-                    f"the worker exited ({worker_process.returncode}); its log: "
-                    f"{worker_log(settings)}"
-                )
+            check_worker()
             if time.monotonic() > deadline:
                 fail(f"not finished after {timeout:.0f} s")
             time.sleep(0.5)

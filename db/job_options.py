@@ -112,6 +112,9 @@ class JobOptions(_Frozen):
     embeddings: tuple[EmbeddingRef, ...] = ()
     sampling: SamplingSpec | None = None  # a few-step model's sampling
     fast_path: FastPathSpec | None = None
+    # FLUX.1's true CFG scale (diffusers' true_cfg_scale): an unconditional pass on the
+    # negative prompt per step; None: none. Other families refuse it (pixelmill.families).
+    true_cfg: float | None = Field(default=None, gt=1, le=50)
 
     def is_empty(self) -> bool:
         return self == JobOptions()
@@ -121,6 +124,12 @@ class JobOptions(_Frozen):
         if self.is_empty():
             return None
         return self.model_dump(mode="json", exclude_defaults=True)
+
+    def stored(self) -> str:
+        """Sorted-key JSON of :meth:`to_json` ("" when empty): the job's options column, every
+        choice included (the worker renders with them, exact fast-path ones too)."""
+        value = self.to_json()
+        return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     def canonical(self) -> str:
         """Sorted-key JSON of :meth:`to_json` ("" when empty), less the fast-path choices

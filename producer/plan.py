@@ -91,7 +91,8 @@ class VariantPlan:
         token_counter: TokenCounter,
     ) -> None:
         self.template = template
-        options = template.conditioning.options.canonical()
+        # The row keeps every choice; only the dedupe key leaves out the exact ones.
+        options = template.conditioning.options.stored()
         self.shape = JobShape(
             template=template.name,
             variant=variant,

@@ -187,7 +187,7 @@ class JobShape:
     width: int
     height: int
     kind: str = "txt2img"
-    options: str | None = None  # JobOptions.canonical() (JSON text); None for no options
+    options: str | None = None  # JobOptions.stored() (JSON text); None for no options
     input_image: str | None = None  # sha256 of the staged input image
     mask_image: str | None = None
     values: tuple[Any, ...] = field(init=False, repr=False, compare=False)

@@ -11,11 +11,15 @@ What differs from the UNet families, and is handled here:
   metadata records).
 - **Offload.** ``PIXELMILL_MODEL_OFFLOAD=model`` (one model at a time on the GPU) or
   ``sequential`` (layer by layer: least memory, slowest), off by default; CUDA only.
-- **Inputs.** Flow-matching models render with their own scheduler only; prompt weights
-  (compel) exist for CLIP-only models, not for T5-conditioned ones; FLUX.1 is guidance-
-  distilled: dev takes its guidance as an input (``guidance`` is that value, 3.5 typical),
-  schnell takes none (``guidance`` must be 0), and neither takes a negative prompt (true CFG
-  is not offered). ControlNets, LoRAs and Textual Inversion are SD/SDXL only here.
+- **Inputs.** The rules are the ground's (pixelmill.families), which the producer applies
+  too, to templates whose model is a local folder; the worker applies them to every job with
+  the family of the pipeline it loaded (the last line of defence). Flow-matching models
+  render with their own scheduler only; prompt weights (compel) exist for CLIP-only models,
+  not for T5-conditioned ones; FLUX.1 is guidance-distilled: dev takes its guidance as an
+  input (``guidance`` is that value, 3.5 typical), schnell takes none (``guidance`` must be
+  0), and both read a negative prompt only with true CFG (``true_cfg`` above 1: diffusers'
+  ``true_cfg_scale``, an unconditional pass per step). ControlNets, LoRAs and Textual
+  Inversion are SD/SDXL only here.
 """
 
 from __future__ import annotations
@@ -26,20 +30,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from pixelmill.errors import BadInputError
+from pixelmill.families import (
+    FLOW_FAMILIES,
+    FLUX,
+    NULL,
+    SD3,
+    FamilyInputs,
+    ModelFamily,
+    family_of_class,
+    flow_variant,
+)
+from pixelmill.families import LABELS as LABELS  # worker.prompt_weights reads it from here
+from pixelmill.families import check_family_inputs as check_family_rules
 
 if TYPE_CHECKING:
     from pixelmill.settings import Settings
-
-SD = "sd"
-SDXL = "sdxl"
-SD3 = "sd3"
-FLUX = "flux"
-NULL = "null"
-OTHER = "other"
-# The families whose denoiser is a flow-matching transformer conditioned on T5.
-FLOW_FAMILIES = (SD3, FLUX)
-LABELS = {SD: "SD 1.x/2.x", SDXL: "SDXL", SD3: "SD3", FLUX: "FLUX.1"}
 
 # The pipeline component holding each family's T5 encoder.
 T5_COMPONENTS = {SD3: "text_encoder_3", FLUX: "text_encoder_2"}
@@ -48,28 +53,6 @@ T5Precision = Literal["auto", "fp8"]
 Offload = Literal["none", "model", "sequential"]
 T5_PRECISIONS: tuple[T5Precision, ...] = ("auto", "fp8")
 OFFLOADS: tuple[Offload, ...] = ("none", "model", "sequential")
-
-# Class-name prefixes, most specific first (FLUX.2 is another architecture: not FLUX.1).
-_CLASS_PREFIXES = (
-    ("Flux2", OTHER),
-    ("StableDiffusion3", SD3),
-    ("Flux", FLUX),
-    ("StableDiffusionXL", SDXL),
-    ("StableDiffusion", SD),
-)
-
-
-class FamilyInputError(BadInputError):
-    """A job asks a model family for something it cannot do (a message naming the field)."""
-
-
-def family_of_class(class_name: str) -> str:
-    """The family of a diffusers pipeline class name, e.g. "FluxImg2ImgPipeline" -> "flux"."""
-    if class_name == "NullPipeline":
-        return NULL
-    return next(
-        (family for prefix, family in _CLASS_PREFIXES if class_name.startswith(prefix)), OTHER
-    )
 
 
 def family_of(pipe: Any) -> str:
@@ -85,12 +68,7 @@ def variant_of(pipe: Any) -> str | None:
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or family not in FLOW_FAMILIES:
         return None
-    config = transformer.config
-    if family == FLUX:
-        return "dev" if config.get("guidance_embeds") else "schnell"
-    if config.get("dual_attention_layers"):
-        return "3.5-medium"
-    return "3.5-large" if config.get("qk_norm") else "3-medium"
+    return flow_variant(family, transformer.config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,57 +213,35 @@ def size_multiple(pipe: Any) -> int:
     return int(getattr(pipe, "vae_scale_factor", 8)) * 2
 
 
+def model_family(pipe: Any) -> ModelFamily:
+    """What the family rules need to know of a loaded pipeline."""
+    family = family_of(pipe)
+    multiple = size_multiple(pipe) if family in FLOW_FAMILIES else None
+    return ModelFamily(family, variant_of(pipe), multiple, type(pipe).__name__)
+
+
 def check_family_inputs(pipe: Any, params: Any) -> None:
-    """Raise FamilyInputError, naming the field, if ``params`` (a RenderParams) asks
-    ``pipe``'s family for something it does not do. SD and SDXL accept everything here."""
-    from pixelmill.schedulers import canonical_scheduler
-    from worker import conditioning
+    """Raise FamilyInputError (or PromptWeightsError), naming the field, if ``params`` (a
+    RenderParams) asks ``pipe``'s family for something it does not do: the rules of
+    pixelmill.families, which the producer applies to a template whose model it can read,
+    checked again here for every job. SD and SDXL accept everything but true CFG."""
     from worker.prompt_weights import check_unweighted
 
-    family = family_of(pipe)
-    if family not in FLOW_FAMILIES:
-        return
-    label = LABELS[family]
-    if canonical_scheduler(params.scheduler) is not None:
-        raise FamilyInputError(
-            f"scheduler: {label} renders with its own flow-matching scheduler; "
-            f"{params.scheduler!r} is for SD 1.x/2.x and SDXL models: use 'default'"
-        )
-    check_unweighted(pipe, params.prompt, params.negative_prompt)
-    if family == FLUX:
-        _check_flux(pipe, params)
-    multiple = size_multiple(pipe)
-    for field in ("width", "height"):
-        if getattr(params, field) % multiple:
-            raise FamilyInputError(
-                f"{field}: {label} renders sizes that are multiples of {multiple}, got "
-                f"{getattr(params, field)}"
-            )
-    if params.kind == conditioning.CONTROLNET:
-        raise FamilyInputError(
-            f"kind: controlnet jobs work with SD 1.x/2.x and SDXL models only, not {label}"
-        )
-    if getattr(params, "sampling", None) is not None:
-        raise FamilyInputError(
-            f"sampling: the few-step samplings (LCM, TCD, Lightning, Hyper-SD, Turbo) are for "
-            f"SD 1.x/2.x and SDXL models, not {label}"
-        )
-    if params.loras or params.embeddings:
-        field = "loras" if params.loras else "embeddings"
-        raise FamilyInputError(
-            f"{field}: LoRAs and Textual Inversion embeddings work with SD 1.x/2.x and SDXL "
-            f"models only, not {label}"
-        )
-
-
-def _check_flux(pipe: Any, params: Any) -> None:
-    if params.negative_prompt.strip():
-        raise FamilyInputError(
-            "negative_prompt: FLUX.1 takes no negative prompt (its guidance is distilled into "
-            "the model, and true CFG is not offered): leave it empty"
-        )
-    if variant_of(pipe) == "schnell" and params.guidance != 0:
-        raise FamilyInputError(
-            f"guidance: FLUX.1-schnell takes no guidance (the model has no guidance input), got "
-            f"{params.guidance}: set it to 0"
-        )
+    model = model_family(pipe)
+    if model.name in FLOW_FAMILIES:
+        check_unweighted(pipe, params.prompt, params.negative_prompt)
+    check_family_rules(
+        model,
+        FamilyInputs(
+            negative_prompt=params.negative_prompt,
+            guidance=params.guidance,
+            width=params.width,
+            height=params.height,
+            true_cfg=params.true_cfg,
+            scheduler=params.scheduler,
+            kind=params.kind,
+            sampling=getattr(params, "sampling", None) is not None,
+            loras=bool(params.loras),
+            embeddings=bool(params.embeddings),
+        ),
+    )

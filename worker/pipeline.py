@@ -10,6 +10,7 @@ rounding step in a few places: see tests/worker/test_pipeline.py.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import time
@@ -26,11 +27,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from db.job_options import EmbeddingRef, LoraRef, SamplingSpec
+from pixelmill.families import FLUX, true_cfg_runs
 from pixelmill.schedulers import canonical_scheduler, uses_guidance
 from worker import conditioning
 from worker.adapters import applied_adapters
 from worker.errors import JobInputError
-from worker.families import check_family_inputs
+from worker.families import check_family_inputs, family_of
 from worker.fast_path import PLAIN, FastPath, applied_fast_path, denoiser_of
 from worker.loading import NullPipeline, keep_flagged_pixels
 from worker.prompt_weights import (
@@ -72,6 +74,9 @@ class RenderParams:
     sampling: SamplingSpec | None = None
     # How the denoiser and VAE run (worker.fast_path.job_fast_path); None: plain.
     fast_path: FastPath | None = None
+    # FLUX.1's true CFG scale (diffusers' true_cfg_scale): above 1, an unconditional pass on
+    # the negative prompt per step; None: none (FLUX then reads no negative prompt).
+    true_cfg: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,14 @@ def _check_params(params: RenderParams) -> None:
         or guidance < 0
     ):
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    true_cfg = params.true_cfg
+    if true_cfg is not None and (
+        isinstance(true_cfg, bool)
+        or not isinstance(true_cfg, int | float)
+        or not math.isfinite(true_cfg)
+        or true_cfg <= 1
+    ):
+        raise ValueError(f"true_cfg must be a finite number above 1 (or none), got {true_cfg!r}")
     if not isinstance(params.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(params.prompt).__name__}")
     if not isinstance(params.negative_prompt, str):
@@ -215,7 +228,7 @@ def render_batch(
             **conditioning.kind_kwargs(params.kind, params, kind_pipe),
             **_sampling_kwargs(kind_pipe, params),
             num_inference_steps=params.steps,
-            guidance_scale=params.guidance,
+            **_guidance_kwargs(params),
             num_images_per_prompt=1,
             generator=generators,
             # Tensors on the device, for the scorer; the PNGs' PIL images are made from them
@@ -225,10 +238,23 @@ def render_batch(
         images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(output.images))
         seconds = (time.perf_counter() - started) / count
     metadata = _render_metadata(pipe, params, fast_record)
+    return _keep_masked(params, _rendered(kind_pipe, output, images, seeds, seconds, metadata))
+
+
+def _rendered(
+    kind_pipe: Any,
+    output: Any,
+    images: list[PIL.Image.Image],
+    seeds: list[int],
+    seconds: float,
+    metadata: dict[str, Any],
+) -> list[RenderedImage]:
+    """The batch's images with their safety flags: the pipeline's own checker's, else (SD3,
+    FLUX: no checker inside the pipeline) the separate step's."""
     flags = getattr(output, "nsfw_content_detected", None)
-    if flags is None:  # no checker inside the pipeline (SD3, FLUX): the separate step's
+    if flags is None:
         flags = separate_safety_flags(kind_pipe, output.images)
-    rendered = [
+    return [
         RenderedImage(
             image=image,
             seed=seed,
@@ -240,7 +266,6 @@ def render_batch(
         )
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True))
     ]
-    return _keep_masked(params, rendered)
 
 
 def _kind_pipeline(pipe: DiffusionPipeline, params: RenderParams) -> Any:
@@ -262,16 +287,32 @@ def _prompt_kwargs(pipe: Any, params: RenderParams, count: int) -> dict[str, Any
         return encode_prompts(pipe, params.prompt, negative_prompt).pipeline_kwargs(count)
     prompt = plain_text(parse_prompt_attention(params.prompt))
     negative = plain_text(parse_prompt_attention(negative_prompt))
+    # FLUX runs true CFG only when given a negative prompt: an empty one is the unconditional
+    # pass the job asked for, as in the other families' classifier-free guidance.
+    true_cfg = family_of(pipe) == FLUX and true_cfg_runs(params.true_cfg)
     return {
         "prompt": [prompt] * count,
-        "negative_prompt": [negative] * count if negative else None,
+        "negative_prompt": [negative] * count if negative or true_cfg else None,
     }
 
 
+def _guidance_kwargs(params: RenderParams) -> dict[str, Any]:
+    """The guidance scale, and FLUX's true CFG scale where the job sets one (the family
+    rules refuse it for the others' pipelines, which take no such argument)."""
+    if params.true_cfg is None:
+        return {"guidance_scale": params.guidance}
+    return {"guidance_scale": params.guidance, "true_cfg_scale": params.true_cfg}
+
+
 def classifier_free_guidance(pipe: Any, params: RenderParams) -> bool:
-    """Whether the render runs an unconditional pass per step, as diffusers decides: guidance
-    above 1 and a denoiser that does not take the guidance as an input (an LCM-distilled UNet
-    embeds it: ``time_cond_proj_dim``)."""
+    """Whether the render runs an unconditional pass per step (the denoiser twice per step),
+    as diffusers decides. FLUX.1 only with true CFG (``true_cfg`` above 1): its guidance is
+    an input of the model (dev, ``guidance_embeds``) or absent (schnell), never a second
+    pass. The others at guidance above 1 with a denoiser that does not take the guidance as
+    an input (an LCM-distilled UNet embeds it: ``time_cond_proj_dim``); SD3 has no such input.
+    """
+    if family_of(pipe) == FLUX:
+        return true_cfg_runs(params.true_cfg)
     config = getattr(denoiser_of(pipe), "config", None)
     embedded = getattr(config, "time_cond_proj_dim", None)
     return uses_guidance(params.guidance) and embedded is None
@@ -294,11 +335,14 @@ def _render_metadata(
     """What the image's metadata records beyond the job's columns (worker.png)."""
     from worker.png import render_record
 
-    return render_record(
+    record = render_record(
         fast_path=fast_record,
         sampling=None if params.sampling is None else params.sampling.model_dump(mode="json"),
         classifier_free_guidance=classifier_free_guidance(pipe, params),
     )
+    if params.true_cfg is not None:
+        record["true_cfg"] = params.true_cfg  # FLUX.1's true CFG scale (it changes pixels)
+    return record
 
 
 def _keep_masked(params: RenderParams, rendered: list[RenderedImage]) -> list[RenderedImage]:
@@ -348,10 +392,17 @@ def render_seed(pipe: DiffusionPipeline, params: RenderParams, seed: int) -> Ren
     return render_batch(pipe, params, [seed])[0]
 
 
+@functools.lru_cache(maxsize=8)
+def _grey(height: int, width: int) -> torch.Tensor:
+    """The null model's pixels, made once per size: the null model measures the system's own
+    cost per job, and allocating a tensor per batch is not part of it. Never written to."""
+    return torch.full((3, height, width), 128 / 255)
+
+
 def _render_null(params: RenderParams, seeds: list[int]) -> list[RenderedImage]:
     started = time.perf_counter()
     images = [PIL.Image.new("RGB", (params.width, params.height), (128, 128, 128)) for _ in seeds]
-    grey = torch.full((3, params.height, params.width), 128 / 255)
+    grey = _grey(params.height, params.width)
     seconds = (time.perf_counter() - started) / len(seeds)
     return [
         RenderedImage(image=image, seed=seed, nsfw=None, seconds=seconds, pixels=grey)

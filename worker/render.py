@@ -1,10 +1,12 @@
 """Render one job: claim it, render its seeds in batches, store the PNGs, record the images.
 
 The GPU does not wait on I/O: while batch k+1 renders, a small thread pool encodes batch k's
-PNGs and thumbnails and uploads them; the main thread then records their rows (one commit per
-batch) and extends the lease. An image's object is stored before its row is written, so a row
-never points to a missing object, and a job interrupted half-way resumes where it stopped and
-never records a seed twice. The job is ``done`` only once every upload and row is durable.
+PNGs and thumbnails and uploads them; the main thread then records their rows (one statement
+and one commit per batch) and extends the lease; the last batch's rows are written in the
+transaction that marks the job ``done`` (worker.claim.finish_job), off the render thread
+(worker.tail). An image's object is stored before its row is written, so a row never points
+to a missing object, and a job interrupted half-way resumes where it stopped and never
+records a seed twice. The job is ``done`` only once every upload and row is durable.
 
 Outcomes: a prompt the blocklist refuses ends ``blocked`` without rendering; a BadInputError
 (the job's own inputs: bad parameters, a missing model folder, an unreadable input image)
@@ -28,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Image, InputImage, JobStatus
+from db.models import Image, JobStatus
 from pixelmill.blocklist import Blocklist, BlockMatch, load_blocklist
 from pixelmill.errors import BadInputError
 from pixelmill.outages import RetryBackoff, infrastructure_error
 from pixelmill.settings import Settings
-from pixelmill.storage import Storage, StorageError
+from pixelmill.storage import Storage
 from worker import metrics
 from worker.claim import (
     ClaimedJob,
@@ -57,12 +59,11 @@ from worker.image_writer import (
     record_batch,
     record_stored,
 )
-from worker.models import resolve_controlnet, resolve_model
+from worker.job_params import job_render_params
+from worker.models import resolve_model
 from worker.tail import JobTails
 
 if TYPE_CHECKING:
-    import PIL.Image
-
     from worker.loading import LoadedModel, PipelineCache
     from worker.pipeline import RenderedImage, RenderParams
     from worker.png import A1111Sampler
@@ -133,24 +134,6 @@ def _item_error(item_key: str, exc: Exception) -> JobInputError:
     error = JobInputError(f"item {item_key!r}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _staged_image(
-    session: Session, storage: Storage, sha256: str | None, what: str
-) -> PIL.Image.Image | None:
-    """Decode a staged input image, read from storage by its input_images row."""
-    from worker.conditioning import ConditioningError, decode_image
-
-    if sha256 is None:
-        return None
-    key = session.scalar(select(InputImage.storage_key).where(InputImage.sha256 == sha256))
-    if key is None:
-        raise ConditioningError(f"{what} {sha256}: no such staged image")
-    try:
-        data = storage.get(key)
-    except StorageError as exc:  # no such object: the staged image is gone
-        raise ConditioningError(f"{what} {sha256}: {exc}") from exc
-    return decode_image(data, what=f"{what} {key}")
 
 
 # render_job's answer when the job's tail finishes in the background (defer_tail=True).
@@ -527,67 +510,6 @@ def _render_batches(
         record_stored(session, job, model, storing, lease)
         raise
     return _Tail(model=model, storing=storing, skipped=tuple(todo[rendered_count:]))
-
-
-def job_render_params(
-    runtime: WorkerRuntime,
-    session: Session,
-    job: ClaimedJob,
-    inputs: JobInputs,
-    model_name: str,
-) -> tuple[RenderParams, PIL.Image.Image | None]:
-    """The job's render parameters: its input images read from storage, decoded, fitted and
-    masked, its ControlNet loaded, its adapter files checked; and the input image as decoded
-    (None for txt2img), which the scorer compares the renders with.
-
-    Raises a BadInputError (ConditioningError, AdapterError) naming the input.
-    """
-    from worker.adapters import check_adapter_files
-    from worker.conditioning import CONTROLNET, ConditioningError, prepare_inputs
-    from worker.fast_path import job_fast_path
-    from worker.loading import NULL_MODEL
-    from worker.pipeline import RenderParams
-
-    options = inputs.options
-    check_adapter_files(options.loras, options.embeddings)
-    image = _staged_image(session, runtime.storage, inputs.input_image, "input image")
-    mask = _staged_image(session, runtime.storage, inputs.mask_image, "mask image")
-    prepared = prepare_inputs(
-        inputs.kind, options, image=image, mask=mask, width=job.width, height=job.height
-    )
-    controlnet = None
-    # The null model renders flat images: it needs no ControlNet weights.
-    if options.controlnet is not None and inputs.kind == CONTROLNET and model_name != NULL_MODEL:
-        try:
-            controlnet = runtime.pipelines.controlnet(
-                resolve_controlnet(options.controlnet.model, runtime.settings)
-            )
-        except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
-            raise ConditioningError(
-                f"controlnet: {options.controlnet.model}: cannot be loaded ({exc})"
-            ) from exc
-    params = RenderParams(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        steps=job.steps,
-        guidance=job.guidance,
-        width=job.width,
-        height=job.height,
-        scheduler=job.scheduler,
-        kind=inputs.kind,
-        init_image=prepared.init_image,
-        mask_image=prepared.mask_image,
-        overlay=prepared.overlay,
-        control_image=prepared.control_image,
-        strength=prepared.strength,
-        controlnet=controlnet,
-        controlnet_scale=options.controlnet.scale if options.controlnet is not None else 1.0,
-        loras=options.loras,
-        embeddings=options.embeddings,
-        sampling=options.sampling,
-        fast_path=job_fast_path(runtime.settings, model_name, options, runtime.pipelines.device),
-    )
-    return params, image
 
 
 def _observe_batch(seconds: float, rendered: list[RenderedImage]) -> None:

@@ -113,10 +113,10 @@ def reproduce_image(runtime: WorkerRuntime, session: Session, image: Image) -> R
     missing model folder, a staged photo gone from storage).
     """
     from worker.identity import library_versions
+    from worker.job_params import job_render_params
     from worker.models import resolve_model
     from worker.pipeline import render_batch
     from worker.png import read_pixelmill
-    from worker.render import job_render_params
 
     job = session.get(Job, image.job_id)
     assert job is not None  # images.job_id is a foreign key

@@ -33,8 +33,10 @@ File format::
 
 Job kinds, the catalogue image, masks, ControlNet and LoRA/embedding adapters are described
 in producer.conditioning; few-step sampling (``sampling: lcm``, ``turbo``, ...) and the fast
-path (``fast_path: {compile: ..., deepcache: 3}``) in producer.templates.few_step; all may be
-set in ``defaults`` too.
+path (``fast_path: {compile: ..., deepcache: 3}``) in producer.templates.few_step; FLUX.1's
+true CFG (``true_cfg: 4``, which lets a FLUX.1 template have a negative prompt) and the model
+families' rules (checked at load where the model is a diffusers folder on this machine) in
+producer.templates.families; all may be set in ``defaults`` too.
 
 Final prompt = before, prompt, after (joined with ", ", empty parts skipped); final
 negative = preset negative_prompt, template negative_prompt.  Variant syntax ({a|b},

@@ -19,9 +19,11 @@ import yaml
 from db.limits import string_length, unstorable
 from db.models import Job
 from pixelmill.errors import InputError
+from pixelmill.families import FamilyInputError
 from pixelmill.schedulers import KNOWN_SCHEDULERS, canonical_scheduler
 from producer import bounds
 from producer.conditioning import CONDITIONING_KEYS, Conditioning, ConditioningReader, FileHasher
+from producer.templates.families import TRUE_CFG_KEY, check_template_family, read_true_cfg
 from producer.templates.few_step import FEW_STEP_KEYS, FewStepReader
 from producer.templates.model import Template, TemplateFile
 from producer.templates.sandbox import SANDBOX, NotAllowed
@@ -44,7 +46,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 
 _TOP_KEYS = frozenset({"key", "defaults", "presets", "templates"})
 _SETTING_KEYS = frozenset(BUILTIN_DEFAULTS)
-_DEFAULT_KEYS = _SETTING_KEYS | CONDITIONING_KEYS | FEW_STEP_KEYS
+_DEFAULT_KEYS = _SETTING_KEYS | CONDITIONING_KEYS | FEW_STEP_KEYS | {TRUE_CFG_KEY}
 _TEMPLATE_KEYS = _DEFAULT_KEYS | {"prompt"}
 _PRESET_KEYS = frozenset({"before", "after", "negative_prompt"})
 
@@ -292,12 +294,34 @@ class _Loader:
             width=values["width"],
             height=values["height"],
         )
-        if few_step.sampling is not None or few_step.fast_path is not None:
+        true_cfg = read_true_cfg(self, where.entries, self.default_entries, prefix=prefix)
+        if few_step.sampling is not None or few_step.fast_path is not None or true_cfg:
             options = conditioning.options.model_copy(
-                update={"sampling": few_step.sampling, "fast_path": few_step.fast_path}
+                update={
+                    "sampling": few_step.sampling,
+                    "fast_path": few_step.fast_path,
+                    "true_cfg": true_cfg,
+                }
             )
             conditioning = dataclasses.replace(conditioning, options=options)
-        return self._make_template(where, texts, sources, conditioning, values)
+        template = self._make_template(where, texts, sources, conditioning, values)
+        self._check_family(where, template, sources)
+        return template
+
+    def _check_family(
+        self, where: _TemplateNode, template: Template, sources: dict[str, tuple[str, yaml.Node]]
+    ) -> None:
+        """The model family's rules, where the template's model is a folder to read
+        (producer.templates.families): refused here, not by every job in the workers."""
+        try:
+            check_template_family(template)
+        except FamilyInputError as exc:
+            field_name, node = self._locate(where, exc.field)
+            if exc.field == "negative_prompt" and not template.negative_prompt.strip():
+                field_name, node = sources["preset_negative_prompt"]
+            elif node is where.node:  # not set in the file: the built-in default is refused
+                field_name, node = f"{where.prefix}.{exc.field}", where.key_node
+            raise self.error(node, field_name, f"template {where.name!r}: {exc.reason}") from None
 
     def _check_template_name(self, name: str, key_node: yaml.Node, prefix: str) -> None:
         if not _NAME_RE.fullmatch(name):

@@ -185,6 +185,27 @@ def test_bad_settings_are_one_line(
         assert f"PIXELMILL_{variable}" in out
 
 
+def test_bad_settings_never_echo_a_secret(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule across fields (webhook URLs without a secret) has the whole environment as its
+    input, a too-short secret is itself the input, and a database URL holds a password: the
+    one-line error names each variable and keeps every secret out of the output."""
+    monkeypatch.setenv("PIXELMILL_S3_SECRET_ACCESS_KEY", "s3-secret-do-not-print")
+    monkeypatch.setenv("PIXELMILL_WEBHOOK_URLS", "http://127.0.0.1:9/hook")
+    code, out = invoke("status")
+    assert_one_line(["status"], code, out, 2)
+    assert "PIXELMILL_WEBHOOK_SECRET" in out or "webhook" in out.lower()
+    assert "s3-secret-do-not-print" not in out
+
+    monkeypatch.setenv("PIXELMILL_WEBHOOK_SECRET", "short-secret")
+    monkeypatch.setenv("PIXELMILL_DATABASE_URL", "postgresql://u:db-password@127.0.0.1:1/x")
+    monkeypatch.setenv("PIXELMILL_LOG_LEVEL", "LOUD")  # a second problem in the same error
+    code, out = invoke("status")
+    assert_one_line(["status"], code, out, 2)
+    assert "PIXELMILL_WEBHOOK_SECRET" in out and "(value hidden)" in out
+    for secret in ("short-secret", "s3-secret-do-not-print", "db-password"):
+        assert secret not in out
+
+
 def _leaf_commands() -> list[list[str]]:
     """Every command's path, from the registered app (so new commands are covered)."""
     from typer.main import get_command

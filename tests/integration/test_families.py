@@ -1,7 +1,7 @@
 """SD3 and FLUX.1 through the whole slice: a catalogue whose templates name a tiny SD3 and a
-tiny FLUX.1-schnell model -> jobs in Postgres -> dispatcher -> broker (Redis and RabbitMQ) ->
-a Celery worker process -> the families' diffusers pipelines and the separate safety step ->
-PNGs in S3 (moto server) -> image rows."""
+tiny FLUX.1-schnell model (with true CFG, so with a negative prompt) -> jobs in Postgres ->
+dispatcher -> broker (Redis and RabbitMQ) -> a Celery worker process -> the families'
+diffusers pipelines and the separate safety step -> PNGs in S3 (moto server) -> image rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -48,8 +49,16 @@ templates:
   flux_studio:
     model: {flux}
     prompt: "a {{{{ colour }}}} {{{{ title }}}} on a wooden table"
+    negative_prompt: "text, watermark"
+    true_cfg: 3
     guidance: 0
 """
+# What each template's PNGs record of its guidance: FLUX.1 runs an unconditional pass only
+# with true CFG (its guidance is no second pass); SD3 at guidance above 1.
+GUIDANCE: dict[str, tuple[str, dict[str, Any]]] = {
+    "sd3_studio": ("blurry", {"classifier_free_guidance": True}),
+    "flux_studio": ("text, watermark", {"classifier_free_guidance": True, "true_cfg": 3.0}),
+}
 
 
 def test_sd3_and_flux_render_through_the_broker_into_s3(
@@ -142,8 +151,16 @@ def check_stored(session: Session, s3_settings: dict[str, str]) -> None:
             families.setdefault(job.template, set()).add(
                 f"{chunk['family']['name']}/{chunk['family']['variant']}"
             )
+            negative, guidance = GUIDANCE[job.template]
+            assert {key: chunk.get(key) for key in guidance} == guidance
             parameters = read_parameters(png)
             assert parameters is not None and f"Seed: {image.seed}," in parameters
+            assert f"Negative prompt: {negative}\n" in parameters
     assert families == {"sd3_studio": {"sd3/3-medium"}, "flux_studio": {"flux/schnell"}}
+    # The true CFG scale is a job option, so in the dedupe key.
+    assert {job.template: job.options for job in jobs} == {
+        "sd3_studio": None,
+        "flux_studio": {"true_cfg": 3.0},
+    }
     # One dedupe key per job: the model (and so the family) is part of it.
     assert len({job.dedupe_key for job in jobs}) == 4

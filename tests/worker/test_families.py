@@ -1,7 +1,8 @@
 """SD3 and FLUX.1 through render_job on real Postgres: tiny random pipelines built in code,
 saved with save_pretrained and loaded by the worker's own cache, rendered into storage with
 their family in the metadata, checked by the separate safety step, image-to-image, and the
-inputs each family refuses failing the job with the field named."""
+inputs each family refuses failing the job with the field named; FLUX's true CFG reading the
+job's negative prompt."""
 
 from __future__ import annotations
 
@@ -204,6 +205,35 @@ def test_a_family_render_is_reproducible(
     assert difference.max() <= 1  # batched kernels may round one level differently
 
 
+def test_a_flux_job_with_true_cfg_renders_its_negative_prompt(
+    runtime: WorkerRuntime, db_session: Session, family_dirs: dict[str, pathlib.Path]
+) -> None:
+    """The job's options carry the true CFG scale to the pipeline: the negative prompt is
+    read (other pixels than the plain job of the same seed) and the metadata says so."""
+    model = family_dirs["flux"]
+    guided = family_job(
+        db_session,
+        model,
+        "flux",
+        negative_prompt="blurry",
+        seeds=(4,),
+        options=JobOptions(true_cfg=4.0).to_json(),
+    )
+    plain = family_job(db_session, model, "flux", seeds=(4,))
+    assert render_job(runtime, guided.id) == render_job(runtime, plain.id) == "done"
+    ((_, png),) = stored(db_session, runtime, guided)
+    ((_, plain_png),) = stored(db_session, runtime, plain)
+    assert not np.array_equal(pixels(png), pixels(plain_png))
+    chunk = read_pixelmill(png)
+    assert chunk is not None
+    assert chunk["true_cfg"] == 4.0 and chunk["classifier_free_guidance"] is True
+    plain_chunk = read_pixelmill(plain_png)
+    assert plain_chunk is not None
+    assert "true_cfg" not in plain_chunk and plain_chunk["classifier_free_guidance"] is False
+    parameters = read_parameters(png)
+    assert parameters is not None and "Negative prompt: blurry" in parameters
+
+
 # --- the separate safety step -----------------------------------------------------------------
 
 
@@ -355,7 +385,16 @@ def test_img2img_follows_the_input_image(
     [
         ("sd3", {"prompt": "a (red:1.3) sneaker"}, "prompt: prompt weights such as (word:1.3)"),
         ("flux", {"negative_prompt": "[blurry]"}, "negative_prompt: prompt weights"),
-        ("flux", {"negative_prompt": "blurry"}, "negative_prompt: FLUX.1 takes no negative prompt"),
+        (
+            "flux",
+            {"negative_prompt": "blurry"},
+            "negative_prompt: FLUX.1 reads a negative prompt only with true CFG",
+        ),
+        (
+            "sd3",
+            {"options": JobOptions(true_cfg=4.0).to_json()},
+            "true_cfg: true CFG is for FLUX.1 models only",
+        ),
         ("flux-schnell", {"guidance": 3.5}, "guidance: FLUX.1-schnell takes no guidance"),
         ("sd3", {"scheduler": "euler_a"}, "scheduler: SD3 renders with its own flow-matching"),
         ("flux", {"width": 72}, "width: FLUX.1 renders sizes that are multiples of 16, got 72"),

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from pixelmill.families import ModelFamily, read_model_family
 from worker import families
 from worker.families import FamilyOptions, family_of_class
 from worker.loading import PipelineCache, load_pipeline
@@ -133,6 +134,33 @@ def test_loads_through_the_worker_loading_path(
     assert type(loaded.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
+@pytest.mark.parametrize("arch", FAMILY_ARCHITECTURES)
+def test_the_producer_reads_the_family_the_worker_loads(
+    family_dirs: dict[str, pathlib.Path], arch: str
+) -> None:
+    """What the producer reads from a folder's files is what the worker's rules get from the
+    loaded pipeline: family, variant, size multiple."""
+    loaded = load_pipeline(str(family_dirs[arch]), device=CPU)
+    assert read_model_family(str(family_dirs[arch])) == families.model_family(loaded)
+
+
+def test_models_the_producer_cannot_read_are_left_to_the_worker(
+    tmp_path: pathlib.Path, family_dirs: dict[str, pathlib.Path]
+) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{not json")
+    for model in ("tiny", "null", "black-forest-labs/FLUX.1-dev", str(tmp_path / "nowhere")):
+        assert read_model_family(model) is None, model
+    assert read_model_family(str(tmp_path / "broken")) is None
+    # A flux folder without its transformer's config: the family, not the release.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_bytes(
+        (family_dirs["flux"] / "model_index.json").read_bytes()
+    )
+    assert read_model_family(str(partial)) == ModelFamily("flux", None, None, "FluxPipeline")
+
+
 def test_family_rules_for_dtype_and_class_names() -> None:
     cuda = torch.device("cuda")
     # bfloat16 on CUDA for the families released in it; SD keeps fp16; CPU keeps float32.
@@ -234,6 +262,110 @@ def test_flux_dev_guidance_is_an_input_of_the_model(family_dirs: dict[str, pathl
     low = render_batch(pipe, params("flux", guidance=1.0), [2])[0]
     high = render_batch(pipe, params("flux", guidance=6.0), [2])[0]
     assert not np.array_equal(np.asarray(low.image), np.asarray(high.image))
+
+
+# --- guidance and true CFG --------------------------------------------------------------------
+
+
+class DenoiserCalls:
+    """The batch size of each call of a pipeline's transformer."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.batches: list[int] = []
+
+        def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            latents = args[0] if args else kwargs["hidden_states"]
+            self.batches.append(latents.shape[0])
+
+        self._hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+
+    def __enter__(self) -> DenoiserCalls:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._hook.remove()
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "unconditional"),
+    [
+        ("sd3", {"negative_prompt": "blurry", "guidance": 3.5}, True),
+        ("sd3", {"negative_prompt": "blurry", "guidance": 1.0}, False),
+        ("flux", {"guidance": 3.5}, False),  # dev: the guidance is an input of the model
+        ("flux", {"negative_prompt": "blurry", "true_cfg": 4.0}, True),
+        ("flux", {"true_cfg": 2.0}, True),  # an empty negative prompt: the unconditional pass
+        ("flux-schnell", {}, False),
+        ("flux-schnell", {"negative_prompt": "blurry", "true_cfg": 3.0}, True),
+    ],
+)
+def test_the_classifier_free_guidance_flag_says_whether_an_unconditional_pass_ran(
+    family_dirs: dict[str, pathlib.Path], arch: str, overrides: dict[str, Any], unconditional: bool
+) -> None:
+    pipe = load_pipeline(str(family_dirs[arch]), device=CPU)
+    job = params(arch, **overrides)
+    with DenoiserCalls(pipe) as calls:
+        rendered = render_batch(pipe, job, [1, 2])
+    # The denoiser's work per step for two images: SD3 batches the unconditional half with
+    # the conditional one, FLUX's true CFG calls the transformer a second time.
+    assert sum(calls.batches) == job.steps * (4 if unconditional else 2)
+    if arch.startswith("flux"):
+        assert set(calls.batches) == {2}
+        assert len(calls.batches) == job.steps * (2 if unconditional else 1)
+    assert rendered[0].metadata["classifier_free_guidance"] is unconditional
+    assert rendered[0].metadata.get("true_cfg") == overrides.get("true_cfg")
+
+
+@pytest.mark.parametrize("arch", ["flux", "flux-schnell"])
+def test_flux_true_cfg_reads_the_negative_prompt(
+    family_dirs: dict[str, pathlib.Path], arch: str
+) -> None:
+    pipe = load_pipeline(str(family_dirs[arch]), device=CPU)
+
+    def image(**overrides: Any) -> np.ndarray:
+        return np.asarray(render_batch(pipe, params(arch, **overrides), [3])[0].image)
+
+    plain = image()
+    blurry = image(negative_prompt="blurry", true_cfg=4.0)
+    text = image(negative_prompt="text, watermark", true_cfg=4.0)
+    stronger = image(negative_prompt="blurry", true_cfg=6.0)
+    assert not np.array_equal(plain, blurry)
+    assert not np.array_equal(blurry, text)  # the negative prompt is read
+    assert not np.array_equal(blurry, stronger)  # and the scale applied
+    np.testing.assert_array_equal(blurry, image(negative_prompt="blurry", true_cfg=4.0))
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "message"),
+    [
+        (
+            "flux",
+            {"negative_prompt": "blurry"},
+            "negative_prompt: FLUX.1 reads a negative prompt only with true CFG (its guidance is "
+            "distilled into the model): set true_cfg above 1",
+        ),
+        (
+            "flux-schnell",
+            {"negative_prompt": "blurry", "true_cfg": 4.0, "guidance": 3.5},
+            "guidance: FLUX.1-schnell takes no guidance (the model has no guidance input), got "
+            "3.5: set it to 0",
+        ),
+        (
+            "sd3",
+            {"true_cfg": 4.0},
+            "true_cfg: true CFG is for FLUX.1 models only; SD3 runs classifier-free guidance "
+            "from guidance above 1",
+        ),
+        ("flux", {"true_cfg": 1.0}, "true_cfg must be a finite number above 1 (or none), got 1.0"),
+    ],
+)
+def test_what_true_cfg_refuses(
+    family_dirs: dict[str, pathlib.Path], arch: str, overrides: dict[str, Any], message: str
+) -> None:
+    pipe = load_pipeline(str(family_dirs[arch]), device=CPU)
+    with DenoiserCalls(pipe) as calls, pytest.raises(ValueError) as raised:
+        render_batch(pipe, params(arch, **overrides), [1])
+    assert message in str(raised.value)
+    assert calls.batches == []  # refused before rendering
 
 
 # --- pixelmill model --------------------------------------------------------------------------

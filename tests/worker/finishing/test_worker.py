@@ -1,10 +1,14 @@
 """End to end on real services: a reviewer submits an item in the review app, which queues
 its finishing on Redis after the commit; a real Celery worker serving the render and
-finishing queues upscales and captions the keeper into moto S3 and Postgres."""
+finishing queues upscales and captions the keeper into moto S3 and Postgres; the channel
+export then writes the keeper's marked files to S3 from the upscaled copy, read back."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,17 +16,29 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection as BrokerConnection
+from PIL import Image as PILImage
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from db.finishing import CatalogueFill, ImageCaption, UpscaledImage
-from db.models import Image
+from db.models import Image, Run
 from db.session import make_engine, make_sessionmaker
-from pixelmill.settings import get_settings
-from pixelmill.storage import storage_from_settings
+from pixelmill.settings import Settings, get_settings
+from pixelmill.storage import S3Storage, make_s3_client, storage_from_settings
 from pixelmill.tasks import FINISH_TASK
 from review.accounts import add_reviewer
 from review.app import create_app
+from review.channels.export import export_channels
+from review.channels.marking import (
+    TRAINED_ALGORITHMIC_MEDIA,
+    digital_source_type,
+    read_c2pa,
+    signer_from_settings,
+)
+from review.channels.presets import load_presets
+from review.channels.sinks import open_sink
 from tests.conftest import REDIS_URL, WorkerProcess, require_service, settings_env, wait_for
+from tests.review.c2pa_chain import make_chain
 from tests.review.conftest import PASSWORD, SECRET, log_in
 from tests.review.factory import make_run
 from tests.worker.finishing.conftest import Models, noise_png
@@ -118,3 +134,42 @@ def test_a_submitted_item_is_finished_by_a_worker(
         image = session.get(Image, keep)
         assert image is not None and upscaled.storage_key.startswith("approved/")
     assert FINISH_TASK in worker.output()
+    with sessions() as session:
+        check_s3_export(session, settings, run_id, keep, tmp_path)
+
+
+def check_s3_export(
+    session: Session, settings: Settings, run_id: int, keep: int, tmp_path: Path
+) -> None:
+    """The finished keeper exported for a built-in channel to S3, signed with a test chain:
+    made from the upscaled copy, its caption as alt text, marked in XMP and C2PA."""
+    chain = make_chain(tmp_path / "chain")
+    settings = settings.model_copy(
+        update={"c2pa_cert_path": chain.cert_path, "c2pa_key_path": chain.key_path}
+    )
+    storage = storage_from_settings(settings)
+    run = session.get(Run, run_id)
+    assert run is not None
+    preset = load_presets()["web-shop"]
+    sink = open_sink(f"s3://{settings.s3_bucket}/exports/night", settings)
+    signer = signer_from_settings(settings)
+    assert signer is not None
+    with signer:
+        export_channels(session, run, storage, [preset], sink, signer)
+    read = S3Storage(make_s3_client(settings), settings.s3_bucket, "exports/night").get
+    (record,) = [json.loads(line) for line in read("manifest.jsonl").decode().splitlines()]
+    data = read(record["file"])
+    (upscaled,) = session.scalars(select(UpscaledImage)).all()
+    caption = session.get(ImageCaption, keep)
+    assert caption is not None
+    assert record["source_image"] == storage.url(upscaled.storage_key)
+    assert record["alt_text"] == caption.alt_text and caption.alt_text
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    with PILImage.open(io.BytesIO(data)) as exported:
+        assert exported.format == "WEBP" and max(exported.size) <= preset.longer_side
+        assert exported.size == (record["width"], record["height"])
+    assert digital_source_type(data) == TRAINED_ALGORITHMIC_MEDIA
+    manifest = read_c2pa(data, "image/webp")
+    assert manifest is not None
+    actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
+    assert actions["data"]["actions"][0]["action"] == "c2pa.created"
