@@ -70,7 +70,7 @@ def moto_s3() -> Iterator[dict[str, str]]:
         aws_secret_access_key="testing",
     )
     try:
-        _wait_for_port(port, server)
+        wait_for_port(port, server)
         client.create_bucket(Bucket=bucket)
         yield {
             "storage": "s3",
@@ -85,7 +85,7 @@ def moto_s3() -> Iterator[dict[str, str]]:
         server.wait(30)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -86,11 +87,15 @@ def print_costs(costs: RunCosts) -> None:
     what each figure means)."""
     from db.keeper_costs import REVIEW_GAP_CAP_SECONDS
 
-    table = Table(title="cost per keeper")
-    table.add_column("template")
-    table.add_column("variant")
-    counts = ("images", "kept", "auto-rejected", "GPU-s/image", "GPU-s/keeper")
-    for heading in (*counts, "review-s/keeper", f"in top {costs.top_k}", "GPU-s saved"):
+    # Ten columns in a terminal of 80: light rules, headings on two lines, and names that
+    # wrap rather than end in an ellipsis.
+    table = Table(
+        title="cost per keeper", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    table.add_column("template", overflow="fold", min_width=9)
+    table.add_column("variant", overflow="fold", min_width=7)
+    headings = ("images", "kept", "auto-\nrej.", "GPU-s/\nimage", "GPU-s/\nkeeper")
+    for heading in (*headings, "rev-s/\nkeeper", f"in\ntop {costs.top_k}", "GPU-s\nsaved"):
         table.add_column(heading, justify="right")
     for template, variant in sorted(costs.variants):
         _cost_row(table, template, variant or "–", costs.variants[(template, variant)])
@@ -101,11 +106,12 @@ def print_costs(costs: RunCosts) -> None:
     console.print(table)
     total = costs.total
     console.print(
-        f"GPU-seconds: {total.gpu_seconds:.1f}, per keeper so far. Review-seconds: "
+        f"GPU-seconds: {total.gpu_seconds:.1f}, per keeper so far. Review-seconds (rev-s): "
         f"{total.reviewer_seconds:.0f} (gaps between a reviewer's actions, each capped at "
         f"{REVIEW_GAP_CAP_SECONDS / 60:.0f} min). In top {costs.top_k}: kept images the model "
-        f"ranked among their item's first {costs.top_k}. Early stop: {total.skipped_seeds} "
-        f"seeds skipped, {total.gpu_seconds_saved:.1f} GPU-seconds saved."
+        f"ranked among their item's first {costs.top_k}. Auto-rej.: rejected by the model. "
+        f"Early stop: {total.skipped_seeds} seeds skipped, {total.gpu_seconds_saved:.1f} "
+        "GPU-seconds saved."
     )
 
 

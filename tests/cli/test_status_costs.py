@@ -47,7 +47,7 @@ def test_status_prints_the_cost_per_keeper(
 
     def cells(marker: str) -> list[str]:
         line = next(line for line in lines if marker in line)
-        return [cell.strip() for cell in line.strip("│ ").split("│")]
+        return line.split()
 
     dusk = cells("dusk")
     # images, kept, auto-rejected, GPU-s/image, GPU-s/keeper, review-s/keeper, recall, saved
@@ -56,3 +56,11 @@ def test_status_prints_the_cost_per_keeper(
     assert run_row[-8:] == ["7", "3", "1", "3.14", "7.33", "140.00", "100%", "24.0"]
     assert "5 seeds skipped, 24.0 GPU-seconds saved" in result.output
     assert "capped at 5 min" in result.output
+
+    # In a terminal of 80 columns the table fits: names wrap, nothing ends in an ellipsis.
+    monkeypatch.setattr(common.console, "width", 80)
+    narrow = CliRunner().invoke(app, ["status", "costed"])
+    assert narrow.exit_code == 0, narrow.output
+    table = narrow.output[narrow.output.index("cost per keeper") : narrow.output.index("GPU-sec")]
+    assert "…" not in table
+    assert all(len(line) <= 80 for line in table.splitlines())
