@@ -120,7 +120,7 @@ def produce(
         priority=priority,
         blocklist=blocklist,
     )
-    templates = load_templates(templates_path)
+    templates = load_templates(templates_path, default_model=default_model)
     source = open_catalogue(
         str(catalogue_path),
         encoding=encoding,

@@ -218,20 +218,26 @@ class ImageWriter:
         from worker.png import a1111_parameters
 
         job = self.job
+        cfg_scale, extra = job.guidance, self._a1111_extra()
+        if self.model.family is not None and self.model.family.name == "flux":
+            # As Forge writes FLUX.1's: the guidance the model takes as an input is its
+            # "Distilled CFG Scale", and "CFG scale" the true CFG scale (1: none ran).
+            cfg_scale = self.inputs.options.true_cfg or 1.0
+            extra = [("Distilled CFG Scale", str(float(job.guidance))), *extra]
         return a1111_parameters(
             prompt=job.prompt,
             negative_prompt=job.negative_prompt,
             steps=job.steps,
             sampler=self.sampler.name,
             schedule_type=self.sampler.schedule_type,
-            cfg_scale=job.guidance,
+            cfg_scale=cfg_scale,
             seed=seed,
             width=job.width,
             height=job.height,
             model_name=job.model,
             model_hash=short_hash(self.model.sha256),
             version=f"pixelmill {pixelmill.__version__}",
-            extra=self._a1111_extra(),
+            extra=extra,
         )
 
     def _a1111_extra(self) -> list[tuple[str, str]]:

@@ -74,13 +74,15 @@ def read_true_cfg(
     return float(value)
 
 
-def check_template_family(template: Template) -> None:
+def check_template_family(template: Template, default_model: str | None = None) -> None:
     """Raise pixelmill.families.FamilyInputError, naming the template's field, if the
     template's model is a diffusers folder here whose family cannot render the template.
-    Nothing is checked for a model that cannot be read here (the worker checks its jobs)."""
-    if template.model is None:
-        return  # the produce's default model; the worker checks
-    model = read_model_family(template.model)
+    A template that names no model renders with ``default_model`` (produce's). Nothing is
+    checked for a model that cannot be read here (the worker checks its jobs)."""
+    name = template.model or default_model
+    if name is None:
+        return
+    model = read_model_family(name)
     if model is None:
         return
     options = template.conditioning.options

@@ -119,8 +119,11 @@ class _TemplateNode:
 class _Loader:
     """Validates the composed YAML tree of one template file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, default_model: str | None = None) -> None:
         self.path = path
+        # The model of a template that names none (produce's --model): its family's rules
+        # hold for that template too.
+        self.default_model = default_model
         # Used only to turn scalar nodes into Python values with YAML 1.1 safe typing.
         self._constructor = yaml.constructor.SafeConstructor()
         # Kept so errors about a value inherited from defaults can point at its line.
@@ -314,14 +317,17 @@ class _Loader:
         """The model family's rules, where the template's model is a folder to read
         (producer.templates.families): refused here, not by every job in the workers."""
         try:
-            check_template_family(template)
+            check_template_family(template, self.default_model)
         except FamilyInputError as exc:
             field_name, node = self._locate(where, exc.field)
             if exc.field == "negative_prompt" and not template.negative_prompt.strip():
                 field_name, node = sources["preset_negative_prompt"]
             elif node is where.node:  # not set in the file: the built-in default is refused
                 field_name, node = f"{where.prefix}.{exc.field}", where.key_node
-            raise self.error(node, field_name, f"template {where.name!r}: {exc.reason}") from None
+            reason = exc.reason
+            if template.model is None:
+                reason += f" (the template names no model: it renders with {self.default_model})"
+            raise self.error(node, field_name, f"template {where.name!r}: {reason}") from None
 
     def _check_template_name(self, name: str, key_node: yaml.Node, prefix: str) -> None:
         if not _NAME_RE.fullmatch(name):
@@ -523,8 +529,10 @@ class _Loader:
         return entries
 
 
-def load_templates(path: Path) -> TemplateFile:
-    """Loads and fully validates a template file; raises TemplateError on any problem."""
+def load_templates(path: Path, *, default_model: str | None = None) -> TemplateFile:
+    """Loads and fully validates a template file; raises TemplateError on any problem.
+    ``default_model`` is the model of the templates that name none (its family's rules are
+    checked for them as for the others)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -532,4 +540,4 @@ def load_templates(path: Path) -> TemplateFile:
         raise TemplateError(path, None, None, f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise TemplateError(path, None, None, f"not valid UTF-8: {exc.reason}") from None
-    return _Loader(path).load(text)
+    return _Loader(path, default_model).load(text)

@@ -346,6 +346,39 @@ def test_produce_refuses_the_template_and_writes_nothing(
     assert table_counts(db_session) == before
 
 
+def test_a_template_without_a_model_is_checked_against_produces_default_model(
+    tmp_path: Path, db_session: Session, models: dict[str, str]
+) -> None:
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("sku,title\nA1,mug\n", encoding="utf-8")
+    no_model = BAD_FLUX.replace("    model: {flux}\n", "")
+    templates = write(tmp_path, no_model, models)
+    before = table_counts(db_session)
+    with pytest.raises(TemplateError) as err:
+        produce(
+            db_session,
+            catalogue_path=catalogue,
+            templates_path=templates,
+            run_name="bad",
+            default_model=models["flux"],
+        )
+    assert (err.value.line, err.value.field) == (5, "templates.studio.negative_prompt")
+    assert err.value.reason.startswith("template 'studio': FLUX.1 reads a negative prompt")
+    assert err.value.reason.endswith(
+        f"(the template names no model: it renders with {models['flux']})"
+    )
+    assert table_counts(db_session) == before
+    # The same file with an SD3 default model is fine: SD3 reads a negative prompt.
+    report = produce(
+        db_session,
+        catalogue_path=catalogue,
+        templates_path=templates,
+        run_name="good",
+        default_model=models["sd3"],
+    )
+    assert report.jobs_new == 1
+
+
 def test_the_cli_reports_it_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: dict[str, str]
 ) -> None:

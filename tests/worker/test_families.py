@@ -232,6 +232,11 @@ def test_a_flux_job_with_true_cfg_renders_its_negative_prompt(
     assert "true_cfg" not in plain_chunk and plain_chunk["classifier_free_guidance"] is False
     parameters = read_parameters(png)
     assert parameters is not None and "Negative prompt: blurry" in parameters
+    # As Forge writes FLUX.1's: the true CFG scale, and the model's own guidance input.
+    assert "CFG scale: 4.0, " in parameters
+    assert f"Distilled CFG Scale: {float(guided.guidance)}, " in parameters
+    plain_parameters = read_parameters(plain_png)
+    assert plain_parameters is not None and "CFG scale: 1.0, " in plain_parameters
 
 
 # --- the separate safety step -----------------------------------------------------------------
