@@ -74,16 +74,11 @@ def s3_floor(services: Services, jobs: int, upload_workers: int) -> float:
     """What the S3 server alone takes per job: the objects stored per job (PNGs and
     thumbnails, the warm-up job's too) times one PUT of their mean size, timed from here
     against the same server, as many at a time as the worker sends them."""
-    import boto3
+    from pixelmill.settings import get_settings
+    from pixelmill.storage import make_s3_client
 
     values = services.storage
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=values["s3_endpoint_url"],
-        region_name=values["s3_region"],
-        aws_access_key_id=values["s3_access_key_id"],
-        aws_secret_access_key=values["s3_secret_access_key"],
-    )
+    client = make_s3_client(get_settings(**values))  # the worker's own client and its config
     sizes = [
         entry["Size"]
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=values["s3_bucket"])

@@ -7,18 +7,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli import common
 from cli.common import EXIT_FAILED, console, fail
-from cli.demo_finish import export_channels_checked, finish_and_export, tiny_finishing
+from cli.demo_finish import (
+    export_channels_checked,
+    finish_and_export,
+    tiny_finishing,
+    wait_with_bar,
+)
 from cli.dispatch import dispatch_once
 from cli.produce import ProduceArguments, print_run, run_producer
 from cli.status import status
@@ -182,27 +185,25 @@ def _wait_for_render(
     from monitoring.status import run_status
 
     sessions = common.sessions(settings)
-    deadline = time.monotonic() + timeout
-    with Progress(
-        TextColumn("rendering"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("images", total=None)
-        while True:
-            with sessions() as session:
-                found = find_run(session, run_name)
-                assert found is not None
-                report = run_status(session, found)
-            progress.update(task, total=report.images_planned, completed=report.images)
-            if report.finished:
-                return report
-            # The dispatcher keeps a small window on the broker: top it up as jobs finish.
-            dispatch_once(settings, quiet=True)
-            check_worker()
-            if time.monotonic() > deadline:
-                fail(f"not finished after {timeout:.0f} s")
-            time.sleep(0.5)
+    latest: list[RunStatusReport] = []  # the last poll's report, what the demo prints
+
+    def poll() -> tuple[int, int | None, bool]:
+        with sessions() as session:
+            found = find_run(session, run_name)
+            assert found is not None
+            latest[:] = [run_status(session, found)]
+        return latest[0].images, latest[0].images_planned, latest[0].finished
+
+    def between() -> None:
+        # The dispatcher keeps a small window on the broker: top it up as jobs finish.
+        dispatch_once(settings, quiet=True)
+        check_worker()
+
+    wait_with_bar(
+        "rendering",
+        poll,
+        between=between,
+        timeout=timeout,
+        timed_out=f"not finished after {timeout:.0f} s",
+    )
+    return latest[0]

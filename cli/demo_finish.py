@@ -213,25 +213,50 @@ def _wait_for_finishing(
     worker_log: Path,
 ) -> None:
     sessions = common.sessions(settings)
+
+    def poll() -> tuple[int, int, bool]:
+        with sessions() as session:
+            finished, keepers = _finishing_counts(session, settings, run_id)
+        return finished, keepers, finished >= keepers
+
+    wait_with_bar(
+        "finishing",
+        poll,
+        between=check_worker,
+        timeout=timeout,
+        timed_out=f"finishing not done after {timeout:.0f} s; the worker's log: {worker_log}",
+    )
+
+
+def wait_with_bar(
+    label: str,
+    poll: Callable[[], tuple[int, int | None, bool]],
+    *,
+    between: Callable[[], None],
+    timeout: float,
+    timed_out: str,
+) -> None:
+    """A progress bar fed by ``poll`` (completed, total, done) every half second until it
+    says done; ``between`` runs after each poll that is not (it may end the command), and
+    ``timeout`` seconds without being done end the command with ``timed_out``."""
     deadline = time.monotonic() + timeout
     with Progress(
-        TextColumn("finishing"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("keepers", total=None)
+        task = progress.add_task(label, total=None)
         while True:
-            with sessions() as session:
-                finished, keepers = _finishing_counts(session, settings, run_id)
-            progress.update(task, total=keepers, completed=finished)
-            if finished >= keepers:
+            completed, total, done = poll()
+            progress.update(task, total=total, completed=completed)
+            if done:
                 return
-            check_worker()
+            between()
             if time.monotonic() > deadline:
-                fail(f"finishing not done after {timeout:.0f} s; the worker's log: {worker_log}")
+                fail(timed_out)
             time.sleep(0.5)
 
 

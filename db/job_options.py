@@ -93,6 +93,10 @@ class SamplingSpec(_Frozen):
 EXACT_FAST_PATH_OPTIONS = frozenset({"channels_last", "fuse_qkv", "compile"})
 
 
+# The largest true CFG scale a job may ask for (the template loader's bound too).
+MAX_TRUE_CFG = 50
+
+
 class FastPathSpec(_Frozen):
     """A template's fast-path choices (None: the worker's settings decide). ``fp8`` and
     ``deepcache_interval`` change pixels (the dedupe key covers them); the others do not."""
@@ -114,7 +118,7 @@ class JobOptions(_Frozen):
     fast_path: FastPathSpec | None = None
     # FLUX.1's true CFG scale (diffusers' true_cfg_scale): an unconditional pass on the
     # negative prompt per step; None: none. Other families refuse it (pixelmill.families).
-    true_cfg: float | None = Field(default=None, gt=1, le=50)
+    true_cfg: float | None = Field(default=None, gt=1, le=MAX_TRUE_CFG)
 
     def is_empty(self) -> bool:
         return self == JobOptions()

@@ -273,6 +273,21 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], Wor
         worker.stop()
 
 
+def no_open_jobs(engine: Engine) -> Callable[[], bool]:
+    """A condition for :func:`wait_for`: no job of the database is open (pending, queued or
+    running) any more."""
+    from sqlalchemy import func, select
+
+    from db.models import OPEN_JOB_STATUSES, Job
+
+    def ended() -> bool:
+        with Session(engine) as session:
+            count = select(func.count()).select_from(Job).where(Job.status.in_(OPEN_JOB_STATUSES))
+            return session.scalar(count) == 0
+
+    return ended
+
+
 def wait_for(
     condition: Callable[[], bool], *, timeout: float, what: str, worker: WorkerProcess | None
 ) -> None:

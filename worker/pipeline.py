@@ -335,14 +335,12 @@ def _render_metadata(
     """What the image's metadata records beyond the job's columns (worker.png)."""
     from worker.png import render_record
 
-    record = render_record(
+    return render_record(
         fast_path=fast_record,
         sampling=None if params.sampling is None else params.sampling.model_dump(mode="json"),
         classifier_free_guidance=classifier_free_guidance(pipe, params),
+        true_cfg=params.true_cfg,
     )
-    if params.true_cfg is not None:
-        record["true_cfg"] = params.true_cfg  # FLUX.1's true CFG scale (it changes pixels)
-    return record
 
 
 def _keep_masked(params: RenderParams, rendered: list[RenderedImage]) -> list[RenderedImage]:

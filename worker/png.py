@@ -152,11 +152,13 @@ def render_record(
     fast_path: dict[str, Any],
     sampling: dict[str, Any] | None,
     classifier_free_guidance: bool,
+    true_cfg: float | None = None,
 ) -> dict[str, Any]:
     """The "pixelmill" chunk's record of how an image was rendered beyond the job's columns:
     the fast path that ran (worker.fast_path.FastPath.record), the few-step sampling (method
-    and TCD's eta) and whether an unconditional pass ran. ``approximate`` is true when an
-    option changed pixels beyond rounding (FP8, DeepCache)."""
+    and TCD's eta), whether an unconditional pass ran, and FLUX.1's true CFG scale where the
+    job set one. ``approximate`` is true when an option changed pixels beyond rounding (FP8,
+    DeepCache)."""
     record: dict[str, Any] = {
         "fast_path": fast_path,
         "classifier_free_guidance": classifier_free_guidance,
@@ -164,6 +166,8 @@ def render_record(
     }
     if sampling is not None:
         record["sampling"] = {key: value for key, value in sampling.items() if value is not None}
+    if true_cfg is not None:
+        record["true_cfg"] = true_cfg  # FLUX.1's true CFG scale (it changes pixels)
     return record
 
 

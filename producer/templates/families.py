@@ -28,12 +28,12 @@ from typing import Any, Protocol
 
 import yaml
 
+from db.job_options import MAX_TRUE_CFG
 from pixelmill.errors import InputError
 from pixelmill.families import FamilyInputs, check_family_inputs, read_model_family
 from producer.templates.model import Template
 
 TRUE_CFG_KEY = "true_cfg"
-MAX_TRUE_CFG = 50  # as guidance's bound
 
 Entry = tuple[yaml.Node, yaml.Node]
 

@@ -16,14 +16,14 @@ from typing import Any
 import boto3
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus
 from pixelmill.settings import get_settings
 from producer.dispatch import celery_publisher, dispatch
 from producer.produce import produce
-from tests.conftest import WorkerProcess, settings_env, wait_for
+from tests.conftest import WorkerProcess, no_open_jobs, settings_env, wait_for
 from worker.celery_app import create_app
 from worker.png import read_parameters, read_pixelmill
 from worker.tiny_families import build_tiny_family
@@ -105,14 +105,7 @@ def test_sd3_and_flux_render_through_the_broker_into_s3(
         )
     assert published.published == 4
 
-    finished = [JobStatus.DONE, JobStatus.FAILED, JobStatus.DEAD]
-
-    def all_finished() -> bool:
-        with Session(engine) as session:
-            count = select(func.count()).where(Job.status.not_in(finished)).select_from(Job)
-            return session.scalar(count) == 0
-
-    wait_for(all_finished, timeout=240, what="every job to finish", worker=worker)
+    wait_for(no_open_jobs(engine), timeout=240, what="every job to finish", worker=worker)
 
     with Session(engine) as session:
         check_stored(session, s3_settings)

@@ -14,18 +14,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobStatus, Run
 from pixelmill.settings import get_settings
+from pixelmill.storage import storage_from_settings
 from producer.dispatch import celery_publisher, dispatch
 from producer.produce import produce
-from tests.conftest import WorkerProcess, settings_env, wait_for
+from tests.conftest import WorkerProcess, no_open_jobs, settings_env, wait_for
 from worker.celery_app import create_app
 from worker.png import read_pixelmill
 
@@ -107,14 +107,7 @@ def test_fast_path_options_and_few_step_samplings_render_through_the_broker_into
             celery_publisher(create_app(settings), render_queue),
             requeue_after=timedelta(minutes=10),
         )
-    ended = [JobStatus.DONE, JobStatus.FAILED, JobStatus.DEAD]
-
-    def all_ended() -> bool:
-        with Session(engine) as session:
-            count = select(func.count()).where(Job.status.not_in(ended)).select_from(Job)
-            return session.scalar(count) == 0
-
-    wait_for(all_ended, timeout=240, what="every job to end", worker=worker)
+    wait_for(no_open_jobs(engine), timeout=240, what="every job to end", worker=worker)
     with Session(engine) as session:
         stored = stored_images(session, s3_settings)
     engine.dispose()
@@ -127,13 +120,7 @@ def stored_images(
 ) -> dict[tuple[str, int], tuple[dict[str, Any], np.ndarray]]:
     """(template, seed) -> (the PNG's pixelmill chunk, its pixels), read back from S3; every
     job done and every seed stored once, its bytes those the row's sha256 names."""
-    s3 = boto3.session.Session().client(
-        "s3",
-        endpoint_url=s3_settings["s3_endpoint_url"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    storage = storage_from_settings(get_settings(**s3_settings))
     jobs = session.scalars(select(Job).order_by(Job.id)).all()
     runs = {run.id: run.name for run in session.scalars(select(Run))}
     assert [(job.template, job.status, job.error) for job in jobs] == [
@@ -144,8 +131,7 @@ def stored_images(
         images = session.scalars(select(Image).where(Image.job_id == job.id)).all()
         assert sorted(image.seed for image in images) == sorted(job.seeds)
         for image in images:
-            png = s3.get_object(Bucket=s3_settings["s3_bucket"], Key=image.storage_key)
-            data = png["Body"].read()
+            data = storage.get(image.storage_key)
             assert hashlib.sha256(data).hexdigest() == image.sha256
             chunk = read_pixelmill(data)
             assert chunk is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -96,3 +97,17 @@ def make_chain(folder: Path) -> Chain:
         )
     )
     return chain
+
+
+def actions_of(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The actions of a manifest as c2pa.Reader reports it (review.channels.marking.read_c2pa)."""
+    actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
+    found: list[dict[str, Any]] = actions["data"]["actions"]
+    return found
+
+
+def untrusted(manifest: dict[str, Any]) -> bool:
+    """Whether the reader's only complaint is that the signer is on no trust list, as for
+    this module's chains."""
+    failures = manifest["validation_results"]["activeManifest"]["failure"]
+    return [failure["code"] for failure in failures] == ["signingCredential.untrusted"]

@@ -34,7 +34,7 @@ from review.channels.marking import (
 )
 from review.channels.presets import Preset, load_presets
 from review.channels.sinks import FolderSink, S3Sink, ZipSink, open_sink
-from tests.review.c2pa_chain import SIGNER_NAME, make_chain
+from tests.review.c2pa_chain import SIGNER_NAME, actions_of, make_chain, untrusted
 from tests.review.keepers import noise_png, run_with_keepers
 
 FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
@@ -271,8 +271,7 @@ def test_signed_files_carry_a_c2pa_manifest_read_back_with_c2pa_reader(
         assert record["c2pa"] is True
         manifest = read_c2pa(data, preset.content_type)
         assert manifest is not None
-        actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
-        created, resized = actions["data"]["actions"]
+        created, resized = actions_of(manifest)
         assert created["action"] == "c2pa.created"
         assert created["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
         assert created["softwareAgent"]["name"] == "tiny"
@@ -284,11 +283,6 @@ def test_signed_files_carry_a_c2pa_manifest_read_back_with_c2pa_reader(
         # A test chain: the signature is sound, the signer is not on any trust list.
         assert manifest["validation_state"] == "Valid"
         assert untrusted(manifest)
-
-
-def untrusted(manifest: dict[str, Any]) -> bool:
-    failures = manifest["validation_results"]["activeManifest"]["failure"]
-    return [failure["code"] for failure in failures] == ["signingCredential.untrusted"]
 
 
 def test_bad_signing_credentials_stop_before_anything_is_written(tmp_path: Path) -> None:
