@@ -170,18 +170,14 @@ def _keepers(run_id: int) -> Select[Any]:
     """The kept images of the run's submitted items."""
     from sqlalchemy import select
 
-    from db.models import Decision, Image, ImageReview, ReviewItem, ReviewStatus
+    from db.finishing import submitted_keeper
+    from db.models import Image, ImageReview, ReviewItem
 
     return (
         select(ImageReview.image_id)
         .join(ReviewItem, ReviewItem.id == ImageReview.review_item_id)
         .join(Image, Image.id == ImageReview.image_id)
-        .where(
-            ImageReview.run_id == run_id,
-            ImageReview.decision == Decision.KEEP,
-            ReviewItem.status == ReviewStatus.DONE,
-            Image.storage_key != "",
-        )
+        .where(ImageReview.run_id == run_id, *submitted_keeper())
     )
 
 

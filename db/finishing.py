@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     CheckConstraint,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
@@ -27,7 +28,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from db.models import Base, JSONType, ReviewItem, utcnow
+from db.models import (
+    Base,
+    Decision,
+    Image,
+    ImageReview,
+    JSONType,
+    ReviewItem,
+    ReviewStatus,
+    utcnow,
+)
 
 
 class UpscaledImage(Base):
@@ -158,3 +168,15 @@ def run_filled_fields(session: Session, run_id: int) -> dict[int, dict[str, str]
     for item_id, field, value in rows:
         found.setdefault(item_id, {})[field] = value
     return found
+
+
+def submitted_keeper() -> list[ColumnElement[bool]]:
+    """What makes a kept image one to finish and export, in a query joining ImageReview, its
+    ReviewItem and its Image: kept, its item submitted, and a stored file (a flagged image
+    that was not stored has none: decide() refuses to keep one, and this guards decisions
+    recorded before it did)."""
+    return [
+        ImageReview.decision == Decision.KEEP,
+        ReviewItem.status == ReviewStatus.DONE,
+        Image.storage_key != "",
+    ]

@@ -16,10 +16,9 @@ from typing import Any, Literal
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from db.finishing import ImageCaption, latest_upscaled_key, run_filled_fields
+from db.finishing import ImageCaption, latest_upscaled_key, run_filled_fields, submitted_keeper
 from db.models import (
     CatalogueItem,
-    Decision,
     Image,
     ImageReview,
     Job,
@@ -119,11 +118,7 @@ def _keepers_query(run: Run) -> Select:
         .outerjoin(ImageCaption, ImageCaption.image_id == Image.id)
         .where(
             ImageReview.run_id == run.id,
-            ImageReview.decision == Decision.KEEP,
-            ReviewItem.status == ReviewStatus.DONE,
-            # A flagged image that was not stored has no file (decide() refuses to keep one;
-            # this guards decisions recorded before it did): it would break the export.
-            Image.storage_key != "",
+            *submitted_keeper(),
         )
         .order_by(CatalogueItem.external_key, Image.id)
         .execution_options(yield_per=5_000)

@@ -26,7 +26,7 @@ import PIL.PngImagePlugin
 from sqlalchemy import Select, exists, false, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.finishing import CatalogueFill, ImageCaption, UpscaledImage
+from db.finishing import CatalogueFill, ImageCaption, UpscaledImage, submitted_keeper
 from db.models import CatalogueItem, Decision, Image, ImageReview, ReviewItem, ReviewStatus
 from db.upsert import insert_ignoring_conflicts, insert_ignoring_conflicts_stmt
 from pixelmill.approved import upscaled_key
@@ -113,11 +113,7 @@ class Finisher:
             .select_from(ImageReview)
             .join(Image, Image.id == ImageReview.image_id)
             .join(ReviewItem, ReviewItem.id == ImageReview.review_item_id)
-            .where(
-                ImageReview.decision == Decision.KEEP,
-                ReviewItem.status == ReviewStatus.DONE,
-                Image.storage_key != "",
-            )
+            .where(*submitted_keeper())
             .order_by(Image.id)
         )
         if run_id is not None:
