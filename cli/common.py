@@ -69,6 +69,10 @@ class Commands(TyperGroup):
     - A service that cannot be reached (the database, the broker) is one line, exit status 1.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _one_line_listings(self)
+
     # Any: the Context class lives in click, or in typer's own copy of it (newer typers).
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -93,6 +97,16 @@ class Commands(TyperGroup):
             if answer is None:
                 raise
             fail(*answer)
+
+
+def _one_line_listings(group: Any) -> None:
+    """Each command's line in its group's listing: the first paragraph of its docstring as
+    flowing text. Typer's rich help keeps a docstring's line breaks there, which cut the
+    listing's lines in the middle (its full help flows the same paragraph as text)."""
+    for command in getattr(group, "commands", {}).values():
+        if command.short_help is None and command.help:
+            command.short_help = " ".join(command.help.split("\n\n", 1)[0].split())
+        _one_line_listings(command)
 
 
 def _known_failure(exc: Exception) -> tuple[str, int] | None:

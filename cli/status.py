@@ -107,7 +107,7 @@ def print_costs(costs: RunCosts) -> None:
     total = costs.total
     console.print(
         f"GPU-seconds: {total.gpu_seconds:.1f}, per keeper so far. Review-seconds (rev-s): "
-        f"{total.reviewer_seconds:.0f} (gaps between a reviewer's actions, each capped at "
+        f"{total.reviewer_seconds:.1f} (gaps between a reviewer's actions, each capped at "
         f"{REVIEW_GAP_CAP_SECONDS / 60:.0f} min). In top {costs.top_k}: kept images the model "
         f"ranked among their item's first {costs.top_k}. Auto-rej.: rejected by the model. "
         f"Early stop: {total.skipped_seeds} seeds skipped, {total.gpu_seconds_saved:.1f} "

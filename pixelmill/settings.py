@@ -61,10 +61,13 @@ class Settings(BaseSettings):
     # Seeds rendered together in one pipeline call. Larger batches use the GPU better; the
     # initial noise of each image still comes from its own seed alone.
     render_batch_size: int = Field(default=4, ge=1, le=64)
-    # Threads that encode PNGs and thumbnails and upload them while the next batch renders.
+    # Threads that encode PNGs (and thumbnails) and upload them while the next batch renders.
     upload_workers: int = Field(default=2, ge=1, le=32)
     # The longer side of the review thumbnail stored beside each image (pixels).
     thumbnail_size: int = Field(default=256, ge=32, le=2048)
+    # Thumbnails made by the worker at render time, one more object per image. Off: the review
+    # app makes each on the first view of its image, and a ranked grid shows about a fifth.
+    thumbnails_at_render: bool = False
     # Compile the UNet with torch.compile (slow first job per shape, faster after).
     torch_compile: bool = False
     # The fast path (worker.fast_path), for every model; a template's fast_path wins, and

@@ -43,19 +43,28 @@ def _check_key(key: str) -> str:
 class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Folders this object has made or found: a worker writes thousands of files into
+        # the same few, and a mkdir per file is a system call per file.
+        self._folders: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
         # Write to a temporary file in the same folder, then rename: atomic on POSIX.
         # Not mkstemp: its file is owner-only (0600). Created with 0666, the kernel applies the
         # umask, so an image is as readable as any file this process writes (by a web server
         # running as another user, say).
         tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:  # the folder was removed since: make it again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

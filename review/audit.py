@@ -81,7 +81,7 @@ def audit_rows(session: Session, run_id: int, size: int, urls: ImageUrls) -> lis
             probability=sample[image.id].probability,
             threshold=sample[image.id].threshold,
             model_version=int(version),
-            thumbnail_url=urls.url(image.thumbnail_key or image.storage_key),
+            thumbnail_url=urls.thumbnail_url(image),
         )
         for image, job, key, status, version in rows
     ]

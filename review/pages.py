@@ -22,6 +22,7 @@ from review.deps import (
     log_out,
 )
 from review.export import export_lines, open_items_left_out
+from review.images import ensure_thumbnail
 from review.queue import NotFoundError
 from review.reopen import reopen, reopenable
 from review.stats import MIN_RATE_SECONDS, reviewer_speeds, run_stats
@@ -188,3 +189,19 @@ def local_file(state: State, key: str) -> Response:
     if not path.is_file():
         raise NotFoundError(f"no image {key!r}")
     return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/thumbnails/{image_id}")
+def thumbnail(state: State, session: DB, image_id: RowId) -> Response:
+    """An image's thumbnail, made on its first view: a redirect to where it is stored. The
+    browser keeps the redirect for half the life of a presigned URL."""
+    try:
+        key = ensure_thumbnail(session, state.storage, image_id, size=state.settings.thumbnail_size)
+    except StorageError as exc:
+        raise NotFoundError(str(exc)) from exc
+    url = state.urls.url(key)
+    assert url is not None  # a key was just made
+    max_age = min(3600, state.urls.expires_in // 2)
+    return RedirectResponse(
+        url, status_code=302, headers={"Cache-Control": f"private, max-age={max_age}"}
+    )

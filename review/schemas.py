@@ -59,7 +59,9 @@ class ImageOut(BaseModel):
     height: int
     safety: str
     url: str | None = Field(description="full image (presigned or served); None if dropped")
-    thumbnail_url: str | None = Field(description="the worker's thumbnail, else the full image")
+    thumbnail_url: str | None = Field(
+        description="the image's thumbnail (made on its first view when it has none yet)"
+    )
     decision: DecisionValue | None
     decided_by: str | None
     probability: float | None = Field(

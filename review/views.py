@@ -94,7 +94,7 @@ def get_run(session: Session, run_id: int) -> Run:
 def image_out(
     image: Image, job: Job, decision: Any, decided_by: str | None, urls: ImageUrls
 ) -> ImageOut:
-    """One image as the pages and the API show it (the thumbnail falls back to the image)."""
+    """One image as the pages and the API show it."""
     url = urls.url(image.storage_key)
     return ImageOut(
         id=image.id,
@@ -112,7 +112,7 @@ def image_out(
         height=image.height,
         safety=image.safety,
         url=url,
-        thumbnail_url=urls.url(image.thumbnail_key) if image.thumbnail_key else url,
+        thumbnail_url=urls.thumbnail_url(image),
         decision=decision_value(decision),
         decided_by=decided_by,
     )

@@ -1,5 +1,5 @@
-"""Storing a job's rendered images: the PNG with its metadata, its thumbnail, the uploads, and
-the image rows.
+"""Storing a job's rendered images: the PNG with its metadata (and its review thumbnail where
+thumbnails are made at render time), the uploads, and the image rows.
 
 :class:`ImageWriter` runs in the worker's upload pool, so the GPU renders the next batch while
 this one is encoded and stored; the render loop (worker.render) then records the stored batch
@@ -30,6 +30,12 @@ from db.ranking import ImageScore, KeeperPrediction
 from db.upsert import insert_ignoring_conflicts, insert_ignoring_conflicts_stmt
 from pixelmill.settings import Settings
 from pixelmill.storage import Storage
+from pixelmill.thumbnails import (
+    QUARANTINE_PREFIX,
+    THUMBNAIL_CONTENT_TYPE,
+    encode_thumbnail,
+    thumbnail_key,
+)
 from worker import metrics
 from worker.claim import ClaimedJob, JobDetails, hold_lease
 from worker.errors import JobInputError, LeaseLostError
@@ -41,8 +47,6 @@ if TYPE_CHECKING:
     from worker.scoring.render_time import ScoredImage
 
 log = logging.getLogger(__name__)
-
-QUARANTINE_PREFIX = "quarantine/"
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,6 @@ def image_key(job: ClaimedJob, item_key: str, seed: int, sha256: str) -> str:
     # uploads its own object and the one recorded row always points at the bytes its sha256
     # describes. A retried upload of the same bytes overwrites the same key.
     return f"runs/{job.run_id}/{safe_key_part(item_key)}/{job.id}/{seed}-{sha256[:16]}.png"
-
-
-def thumbnail_key(key: str) -> str:
-    """The thumbnail beside an image: same path under ``thumbs/``, as JPEG."""
-    prefix = QUARANTINE_PREFIX if key.startswith(QUARANTINE_PREFIX) else ""
-    return f"{prefix}thumbs/{key.removeprefix(prefix).removesuffix('.png')}.jpg"
 
 
 @dataclass(frozen=True)
@@ -161,7 +159,7 @@ class ImageWriter:
         batch: Sequence[int] = (),
     ) -> StoredImage:
         """Encode and store one image; ``batch`` is the seeds rendered with it, in order."""
-        from worker.png import THUMBNAIL_CONTENT_TYPE, encode_png, encode_thumbnail
+        from worker.png import encode_png
 
         safety = _safety(rendered)
         batch_seeds = tuple(batch) or (rendered.seed,)
@@ -184,11 +182,12 @@ class ImageWriter:
             drop = self.settings.flagged_images == "drop"
             key = "" if drop else QUARANTINE_PREFIX + key
         thumb_key = None
-        if key:
+        if key and self.settings.thumbnails_at_render:
             thumb_key = thumbnail_key(key)
             thumbnail = encode_thumbnail(rendered.image, size=self.settings.thumbnail_size)
             # The thumbnail first: the image is what makes the seed count as stored.
             self._put(thumb_key, thumbnail, THUMBNAIL_CONTENT_TYPE)
+        if key:
             self._put(key, png, "image/png")
         return StoredImage(
             seed=rendered.seed,

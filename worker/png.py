@@ -1,4 +1,4 @@
-"""PNG encoding with AUTOMATIC1111-compatible generation metadata, and review thumbnails.
+"""PNG encoding with AUTOMATIC1111-compatible generation metadata.
 
 Tools that read A1111 images (the web UI's "PNG Info" tab, civitai, image browsers) look
 for a text chunk named "parameters" holding a prompt block followed by one settings line.
@@ -19,7 +19,6 @@ import PIL.PngImagePlugin
 
 PARAMETERS_KEY = "parameters"
 PIXELMILL_KEY = "pixelmill"
-THUMBNAIL_CONTENT_TYPE = "image/jpeg"
 
 
 def a1111_parameters(
@@ -210,16 +209,6 @@ def encode_png(
         info.add_itxt(PIXELMILL_KEY, json.dumps(pixelmill, ensure_ascii=False, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buffer.getvalue()
-
-
-def encode_thumbnail(image: PIL.Image.Image, *, size: int, quality: int = 80) -> bytes:
-    """A JPEG whose longer side is at most ``size`` pixels: a review grid of 16 loads in a
-    fraction of the PNGs' bytes. No metadata: the PNG is the record."""
-    thumbnail = image.convert("RGB")
-    thumbnail.thumbnail((size, size), PIL.Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    thumbnail.save(buffer, format="JPEG", quality=quality, optimize=False)
     return buffer.getvalue()
 
 

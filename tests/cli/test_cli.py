@@ -87,3 +87,23 @@ def test_status_of_unknown_run_fails(workdir: Path) -> None:
     assert invoke("db", "upgrade")[0] == 0
     code, out = invoke("status", "nope")
     assert code == 1 and "no run 'nope'" in out
+
+
+@pytest.mark.parametrize("group", [[], ["model"], ["run"], ["reviewer"], ["rank"], ["webhooks"]])
+def test_help_lists_each_command_on_one_line_of_a_wide_terminal(
+    group: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command's line in a listing holds its whole first paragraph as flowing text, wrapped
+    only at the terminal's width (docstrings' own line breaks used to cut it)."""
+    import typer.main
+
+    command = typer.main.get_command(app)
+    for name in group:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    monkeypatch.setenv("COLUMNS", "400")
+    code, output = invoke(*group, "--help")
+    assert code == 0
+    listing = output.split("Commands", 1)[1]
+    rows = [line.strip("│ ") for line in listing.splitlines() if line.startswith("│")]
+    rows = [row for row in rows if row]
+    assert [row.split()[0] for row in rows] == list(command.commands), output  # type: ignore[attr-defined]

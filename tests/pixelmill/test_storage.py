@@ -46,6 +46,17 @@ def test_local_storage_writes_atomically_and_leaves_no_temp_files(tmp_path: Path
     assert storage.url("a/b.png") == (tmp_path / "a" / "b.png").as_uri()
 
 
+def test_local_storage_makes_a_removed_folder_again(tmp_path: Path) -> None:
+    import shutil
+
+    storage = LocalStorage(tmp_path)
+    storage.put("runs/1/a.png", b"first", content_type="image/png")
+    shutil.rmtree(tmp_path / "runs")  # an operator clearing old runs under a live worker
+    storage.put("runs/1/b.png", b"second", content_type="image/png")
+    assert storage.get("runs/1/b.png") == b"second"
+    assert sorted(p.name for p in (tmp_path / "runs" / "1").iterdir()) == ["b.png"]
+
+
 def test_local_files_are_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     previous = os.umask(0o022)

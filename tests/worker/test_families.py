@@ -23,11 +23,11 @@ from db.models import Image, Job, JobStatus
 from pixelmill.identity import dedupe_key
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage
+from pixelmill.thumbnails import QUARANTINE_PREFIX
 from tests import factories
 from tests.worker.flagging_model import make_flagging_model
 from tests.worker.test_render_kinds import png_bytes, product_png, stage
 from worker.families import FamilyOptions
-from worker.image_writer import QUARANTINE_PREFIX
 from worker.loading import PipelineCache
 from worker.png import read_parameters, read_pixelmill
 from worker.render import WorkerRuntime, render_job

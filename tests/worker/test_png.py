@@ -8,7 +8,6 @@ import pytest
 from worker.png import (
     a1111_parameters,
     encode_png,
-    encode_thumbnail,
     read_parameters,
     read_pixelmill,
 )
@@ -95,14 +94,3 @@ def test_pixelmill_chunk_round_trips_as_json() -> None:
     assert read_pixelmill(png) == chunk
     assert read_parameters(png) == "a teapot"  # the A1111 chunk is untouched
     assert read_pixelmill(encode_png(image, parameters="a teapot")) is None
-
-
-def test_thumbnail_is_a_small_jpeg_keeping_the_aspect_ratio() -> None:
-    image = PIL.Image.new("RGB", (512, 256), (200, 100, 50))
-    data = encode_thumbnail(image, size=128)
-    with PIL.Image.open(io.BytesIO(data)) as thumbnail:
-        assert thumbnail.format == "JPEG"
-        assert thumbnail.size == (128, 64)
-    # Smaller images are not enlarged.
-    with PIL.Image.open(io.BytesIO(encode_thumbnail(image, size=1024))) as thumbnail:
-        assert thumbnail.size == (512, 256)

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Image, Job, JobStatus, RunStatus, SafetyStatus, utcnow
 from pixelmill.settings import Settings
 from pixelmill.storage import LocalStorage, S3Storage, Storage, storage_from_settings
+from pixelmill.thumbnails import thumbnail_key
 from tests.worker.support import PROMPT, STEPS, images_of, make_job, make_settings, reload_job
 from worker.claim import ClaimedJob, claim_job
-from worker.image_writer import image_key, safe_key_part, thumbnail_key
+from worker.image_writer import image_key, safe_key_part
 from worker.loading import PipelineCache
 from worker.png import read_parameters, read_pixelmill
 from worker.render import WorkerRuntime, render_job
@@ -64,8 +65,11 @@ def assert_same_render(a: np.ndarray, b: np.ndarray) -> None:
     assert np.count_nonzero(difference) <= difference.size // 200
 
 
-def check_images(session: Session, storage: Storage, job: Job, seeds: list[int]) -> list[Image]:
-    """Exactly one valid image row per seed, each matching its stored PNG."""
+def check_images(
+    session: Session, storage: Storage, job: Job, seeds: list[int], *, thumbnails: bool = False
+) -> list[Image]:
+    """Exactly one valid image row per seed, each matching its stored PNG (and its thumbnail,
+    where ``thumbnails`` says they were made at render time)."""
     rows = images_of(session, job.id)
     assert sorted(row.seed for row in rows) == sorted(seeds)
     for row in rows:
@@ -74,13 +78,15 @@ def check_images(session: Session, storage: Storage, job: Job, seeds: list[int])
         assert row.storage_key == (
             f"runs/{job.run_id}/{item_key}/{job.id}/{row.seed}-{row.sha256[:16]}.png"
         )
-        # A JPEG thumbnail beside it, no larger than the setting allows.
-        assert row.thumbnail_key == (
-            f"thumbs/runs/{job.run_id}/{item_key}/{job.id}/{row.seed}-{row.sha256[:16]}.jpg"
-        )
-        with PIL.Image.open(io.BytesIO(storage.get(row.thumbnail_key))) as thumbnail:
-            assert thumbnail.format == "JPEG"
-            assert thumbnail.size == (64, 64)  # already within the 256 px bound
+        if thumbnails:  # a JPEG beside it, no larger than the setting allows
+            assert row.thumbnail_key == (
+                f"thumbs/runs/{job.run_id}/{item_key}/{job.id}/{row.seed}-{row.sha256[:16]}.jpg"
+            )
+            with PIL.Image.open(io.BytesIO(storage.get(row.thumbnail_key))) as thumbnail:
+                assert thumbnail.format == "JPEG"
+                assert thumbnail.size == (64, 64)  # already within the 256 px bound
+        else:  # the review app makes it on first view
+            assert row.thumbnail_key is None
         # What rendered it: the model's weights and the libraries.
         assert row.model_sha256 is not None and len(row.model_sha256) == 64
         assert row.versions is not None and {"torch", "diffusers", "pixelmill"} <= set(row.versions)
@@ -283,7 +289,7 @@ def test_renders_to_s3(
     db_session: Session,
     pipelines: PipelineCache,
 ) -> None:
-    settings = make_settings(tiny_model_dir, tmp_path, **s3_settings)
+    settings = make_settings(tiny_model_dir, tmp_path, **s3_settings, thumbnails_at_render=True)
     storage = storage_from_settings(settings)
     assert isinstance(storage, S3Storage)
     runtime = WorkerRuntime(
@@ -299,7 +305,7 @@ def test_renders_to_s3(
     assert render_job(runtime, job.id) == "done"
 
     assert reload_job(db_session, job.id).status == JobStatus.DONE
-    images = check_images(db_session, storage, job, seeds)
+    images = check_images(db_session, storage, job, seeds, thumbnails=True)
     listed = storage.client.list_objects_v2(Bucket=s3_settings["s3_bucket"])
     objects = {obj["Key"]: obj for obj in listed.get("Contents", [])}
     assert set(objects) == {image.storage_key for image in images} | {

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Job, JobStatus, RunStatus, SafetyStatus
 from pixelmill.blocklist import Blocklist
 from pixelmill.storage import LocalStorage
+from pixelmill.thumbnails import QUARANTINE_PREFIX
 from tests.worker.flagging_model import make_flagging_model
 from tests.worker.support import images_of, make_job, make_settings, reload_job
-from worker.image_writer import QUARANTINE_PREFIX, image_key
+from worker.image_writer import image_key
 from worker.loading import PipelineCache
 from worker.render import WorkerRuntime, render_job
 
@@ -154,7 +155,9 @@ def test_flagged_images_go_to_quarantine(
     db_session: Session,
     pipelines: PipelineCache,
 ) -> None:
-    runtime = make_runtime(tmp_path, tiny_model_dir, pg_sessions, pipelines)
+    runtime = make_runtime(
+        tmp_path, tiny_model_dir, pg_sessions, pipelines, thumbnails_at_render=True
+    )
     assert runtime.settings.flagged_images == "quarantine"
     job = make_job(db_session, model=str(flagging_model_dir), seeds=[5, 6])
 
@@ -174,7 +177,7 @@ def test_flagged_images_go_to_quarantine(
     # Nothing outside the quarantine prefix.
     assert not (root / "runs").exists()
     assert {p.relative_to(root).parts[0] for p in root.rglob("*.png")} == {"quarantine"}
-    # The thumbnails too.
+    # The thumbnails made at render time too.
     assert {p.relative_to(root).parts[:2] for p in root.rglob("*.jpg")} == {
         ("quarantine", "thumbs")
     }
