@@ -19,6 +19,7 @@ from cli.common import EXIT_FAILED, console, fail
 from cli.demo_finish import (
     export_channels_checked,
     finish_and_export,
+    finishing_models_checked,
     tiny_finishing,
     wait_with_bar,
 )
@@ -49,8 +50,11 @@ def demo(
     from worker.models import resolve_model
 
     catalogue, templates = _example_files(examples)
-    # The presets and any signing credentials, checked before anything is written.
-    channels = export_channels_checked(common.load_settings())
+    # The presets, any signing credentials and the finishing models, checked before anything
+    # is written.
+    loaded = common.load_settings()
+    channels = export_channels_checked(loaded)
+    finishing_models_checked(loaded)
     settings = tiny_finishing(common.settings())
     # A fresh database's migrations, one log line each, are not what the demo is about.
     logging.getLogger("alembic").setLevel(logging.WARNING)

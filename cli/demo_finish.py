@@ -47,6 +47,15 @@ def tiny_finishing(settings: Settings) -> Settings:
     return settings.model_copy(update=chosen) if chosen else settings
 
 
+def finishing_models_checked(settings: Settings) -> None:
+    """The upscale and caption models the demo's worker will finish with, checked before
+    anything is rendered: a bad one would otherwise only be logged by the worker while the
+    demo waits for finishing that never comes."""
+    from worker.finishing.configured import check_finishing_models
+
+    check_finishing_models(settings)
+
+
 def export_channels_checked(settings: Settings) -> list[str]:
     """The channels the demo exports for (every one of the presets), with the presets file
     and any C2PA signing credentials checked: a bad one stops the demo before it starts."""

@@ -118,6 +118,34 @@ def test_a_bad_presets_file_stops_the_demo_before_anything_is_written(tmp_path: 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["channels.yaml"]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        ("PIXELMILL_UPSCALE_MODEL", "nope.pth", "nope.pth: no such file"),
+        ("PIXELMILL_CAPTION_MODEL", "./no-captioner", "./no-captioner: no such folder"),
+    ],
+)
+def test_a_bad_finishing_model_stops_the_demo_before_anything_is_written(
+    tmp_path: Path, variable: str, value: str, error: str
+) -> None:
+    """Before, the worker only logged it and the demo waited out its timeout for finishing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
+    env[variable] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "demo", "--examples", str(REPO / "examples")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {variable} "), lines
+    assert error in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def eval_seeds(raw: str) -> list[int]:
     import json
 

@@ -140,6 +140,17 @@ def _read(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any
     return model.eval(), processor
 
 
+def check_caption_source(name: str) -> Path:
+    """The folder ``name`` names; :class:`CaptionerError` if it is neither a folder nor a hub
+    id (a hub id is only known to exist once loaded)."""
+    folder = Path(name).expanduser()
+    if not folder.exists() and not is_hub_id(name):
+        raise CaptionerError(name, "no such folder (and not a hub id)")
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise CaptionerError(name, "no config.json in the folder (not a transformers model)")
+    return folder
+
+
 def load_captioner(
     name: str,
     *,
@@ -151,9 +162,7 @@ def load_captioner(
 ) -> Captioner:
     """The BLIP captioner in the folder ``name`` (or the hub id), on ``device`` (float16 on
     CUDA). :class:`CaptionerError` names it when it cannot be loaded."""
-    folder = Path(name).expanduser()
-    if not folder.exists() and not is_hub_id(name):
-        raise CaptionerError(name, "no such folder (and not a hub id)")
+    folder = check_caption_source(name)
     device = torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     source = str(folder) if folder.exists() else name

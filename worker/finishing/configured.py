@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.settings import Settings
+from pixelmill.settings import TINY_MODEL, Settings
 from pixelmill.storage import Storage, storage_from_settings
-from worker.finishing.caption import Captioner, load_captioner
+from worker.finishing.caption import Captioner, check_caption_source, load_captioner
 from worker.finishing.finish import Finisher
 from worker.finishing.tiny import resolve_caption_model, resolve_upscale_model
 from worker.finishing.upscale import Upscaler, load_upscaler
@@ -40,6 +40,18 @@ def captioner_from_settings(settings: Settings) -> Captioner | None:
         device=resolve_device(settings.device),
         cache_file=settings.model_hash_cache,
     )
+
+
+def check_finishing_models(settings: Settings) -> None:
+    """A configured upscale or caption model the workers could not use, refused before any
+    work starts (a BadInputError naming the setting): the upscaler is loaded (a small file,
+    read on the CPU), the captioner's folder or hub id checked without reading its weights.
+    The built-in tiny ones are not built here: they are always usable, and a refusal writes
+    nothing."""
+    if settings.upscale_model and settings.upscale_model != TINY_MODEL:
+        load_upscaler(settings.upscale_model, scale=settings.upscale_scale, device="cpu")
+    if settings.caption_model and settings.caption_model != TINY_MODEL:
+        check_caption_source(settings.caption_model)
 
 
 def finisher_from_settings(

@@ -58,10 +58,27 @@ def test_models_that_cannot_caption_are_named(tmp_path: Path) -> None:
     with pytest.raises(CaptionerError, match=r"PIXELMILL_CAPTION_MODEL .*missing: no such folder"):
         load_captioner(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CaptionerError, match="cannot load a BLIP captioner") as caught:
+    with pytest.raises(CaptionerError, match=r"no config\.json in the folder") as caught:
         load_captioner(str(tmp_path / "empty"))
     assert isinstance(caught.value, BadInputError)
     assert str(tmp_path / "empty") in str(caught.value)
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "blip"}')
+    with pytest.raises(CaptionerError, match="cannot load a BLIP captioner"):
+        load_captioner(str(tmp_path / "empty"))
+
+
+def test_finishing_models_are_checked_without_building_the_tiny_ones(tmp_path: Path) -> None:
+    from pixelmill.settings import Settings
+    from worker.finishing.configured import check_finishing_models
+
+    check_finishing_models(
+        Settings(data_dir=tmp_path / "data", upscale_model="tiny", caption_model="tiny")
+    )
+    assert not (tmp_path / "data").exists()  # nothing built, nothing written
+    with pytest.raises(BadInputError, match=r"PIXELMILL_CAPTION_MODEL .*: no such folder"):
+        check_finishing_models(Settings(caption_model=str(tmp_path / "gone")))
+    with pytest.raises(BadInputError, match=r"PIXELMILL_UPSCALE_MODEL .*: no such file"):
+        check_finishing_models(Settings(upscale_model=str(tmp_path / "gone.pth")))
 
 
 def test_a_model_of_another_kind_is_refused(tmp_path: Path) -> None:
