@@ -392,10 +392,12 @@ def scoring_figures(
     print(f"render loop: {plain:.3f} images/s unscored, {with_scores:.3f} scored (same batches)")
     verdict = "met" if slower <= 0.03 else "NOT met"
     print(f"scoring ({args.scorer}, {args.device}): {slower:.2%} slower (goal <= 3%): {verdict}")
-    print(
-        "scoring (ViT-L/14, GPU): not measured here (no GPU; on one: --device cuda --scorer "
-        "openai/clip-vit-large-patch14 with a real model)"
-    )
+    if not args.device.startswith("cuda"):
+        print(
+            "scoring (ViT-L/14, GPU): not measured here (no GPU; on one: --device cuda "
+            "--scorer DIR, a real CLIP ViT-L/14 or `pixelmill model synthetic --arch "
+            "clip-vit-l14`)"
+        )
 
 
 def device_name(device: str) -> str:

@@ -40,8 +40,8 @@ def model_synthetic(
         str,
         typer.Option(
             "--arch",
-            help="Architecture: sd15, sdxl, sd35 (SD3.5 Large), sd35-medium, flux-dev or "
-            "flux-schnell.",
+            help="Architecture: sd15, sdxl, sd35 (SD3.5 Large), sd35-medium, flux-dev, "
+            "flux-schnell, or clip-vit-l14 (a scorer: PIXELMILL_SCORER).",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model to.")],
@@ -54,7 +54,8 @@ def model_synthetic(
 ) -> None:
     """Write a full-size pipeline with random weights (for GPU benchmarks without a download):
     the released architectures of SD 1.5, SDXL, SD3.5 (Large, Medium) and FLUX.1 (dev,
-    schnell), text encoders included."""
+    schnell), text encoders included; or the CLIP ViT-L/14 scorer with an aesthetic head."""
+    from worker.scoring.synthetic import SCORER_ARCH, build_synthetic_scorer
     from worker.synthetic_model import (
         ARCHES,
         FAMILY_ARCHES,
@@ -62,13 +63,17 @@ def model_synthetic(
         parse_dtype,
     )
 
-    known = next((name for name in ARCHES if name == arch), None)
+    known = next((name for name in (*ARCHES, SCORER_ARCH) if name == arch), None)
     if known is None:
-        fail(f"--arch: unknown architecture {arch!r}; known: {', '.join(ARCHES)}", EXIT_BAD_INPUT)
-    # The released precision: fp16 for SD 1.5/SDXL, bf16 for SD3.5 and FLUX.1.
+        names = ", ".join((*ARCHES, SCORER_ARCH))
+        fail(f"--arch: unknown architecture {arch!r}; known: {names}", EXIT_BAD_INPUT)
+    # The released precision: fp16 for SD 1.5/SDXL and CLIP, bf16 for SD3.5 and FLUX.1.
     dtype = dtype or ("bf16" if known in FAMILY_ARCHES else "fp16")
     try:
-        path = build_synthetic_pipeline(out, arch=known, dtype=parse_dtype(dtype), seed=seed)
+        if known == SCORER_ARCH:
+            path = build_synthetic_scorer(out, dtype=parse_dtype(dtype), seed=seed)
+        else:
+            path = build_synthetic_pipeline(out, arch=known, dtype=parse_dtype(dtype), seed=seed)
     except (ValueError, OSError) as exc:
         # An unknown --dtype, or an --out folder that is in use or on a disk too small.
         fail(str(exc), EXIT_BAD_INPUT)
