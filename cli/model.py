@@ -73,7 +73,10 @@ def model_synthetic(
         if known == SCORER_ARCH:
             path = build_synthetic_scorer(out, dtype=parse_dtype(dtype), seed=seed)
         else:
-            path = build_synthetic_pipeline(out, arch=known, dtype=parse_dtype(dtype), seed=seed)
+            pipeline_arch = next(name for name in ARCHES if name == known)
+            path = build_synthetic_pipeline(
+                out, arch=pipeline_arch, dtype=parse_dtype(dtype), seed=seed
+            )
     except (ValueError, OSError) as exc:
         # An unknown --dtype, or an --out folder that is in use or on a disk too small.
         fail(str(exc), EXIT_BAD_INPUT)

@@ -77,5 +77,6 @@ def build_synthetic_scorer(
             model = CLIPModel(chosen)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-    save_file(random_aesthetic_head(chosen.projection_dim, seed=seed), str(out_dir / HEAD_FILE))
+    projection = int(chosen.projection_dim or PROJECTION_DIM)
+    save_file(random_aesthetic_head(projection, seed=seed), str(out_dir / HEAD_FILE))
     return out_dir
