@@ -98,21 +98,26 @@ def test_demo_on_embedded_defaults(tmp_path: Path, examples: str, signed: bool) 
     assert f"manifest: {(exports / 'manifest.csv').as_uri()}" in result.stdout
 
 
-def test_a_bad_presets_file_stops_the_demo_before_anything_is_written(tmp_path: Path) -> None:
-    presets = tmp_path / "channels.yaml"
-    presets.write_text("channels:\n  shop:\n    size: 800\n    format: gif\n")
+def refused_demo(folder: Path, **variables: str) -> list[str]:
+    """The output lines of `pixelmill demo` run in ``folder`` with these settings, which it
+    must refuse (exit status 2)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
-    env["PIXELMILL_CHANNEL_PRESETS_PATH"] = str(presets)
     result = subprocess.run(
         [sys.executable, "-m", "cli", "demo", "--examples", str(REPO / "examples")],
-        cwd=tmp_path,
-        env=env,
+        cwd=folder,
+        env={**env, **variables},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    lines = (result.stdout + result.stderr).strip().splitlines()
+    return (result.stdout + result.stderr).strip().splitlines()
+
+
+def test_a_bad_presets_file_stops_the_demo_before_anything_is_written(tmp_path: Path) -> None:
+    presets = tmp_path / "channels.yaml"
+    presets.write_text("channels:\n  shop:\n    size: 800\n    format: gif\n")
+    lines = refused_demo(tmp_path, PIXELMILL_CHANNEL_PRESETS_PATH=str(presets))
     assert lines == [f"error: {presets}:4: field 'channels.shop.format': 'gif': use one of "
                      "jpeg, webp, png"]  # fmt: skip
     assert sorted(path.name for path in tmp_path.iterdir()) == ["channels.yaml"]
@@ -129,18 +134,7 @@ def test_a_bad_finishing_model_stops_the_demo_before_anything_is_written(
     tmp_path: Path, variable: str, value: str, error: str
 ) -> None:
     """Before, the worker only logged it and the demo waited out its timeout for finishing."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
-    env[variable] = value
-    result = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", "--examples", str(REPO / "examples")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = (result.stdout + result.stderr).strip().splitlines()
+    lines = refused_demo(tmp_path, **{variable: value})
     assert len(lines) == 1 and lines[0].startswith(f"error: {variable} "), lines
     assert error in lines[0]
     assert list(tmp_path.iterdir()) == []
