@@ -14,7 +14,9 @@ cancel update only pending and queued jobs; the dispatcher skips locked rows).
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from typing import Any
+
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.models import OPEN_JOB_STATUSES, Job, Run, RunStatus, utcnow
@@ -28,10 +30,27 @@ def lock_run(session: Session, run_id: int) -> str | None:
     dispatcher's FOR SHARE) but not the key-share lock a job insert takes on its run's row,
     so a long produce adding jobs to the run does not hold up a worker finishing one.
     SQLite ignores it; it runs one writer at a time anyway."""
-    status: str | None = session.scalar(
-        select(Run.status).where(Run.id == run_id).with_for_update(key_share=True)
-    )
+    status: str | None = _core_scalar(session, _LOCK_RUN, {"lock_run_id": run_id})
     return status
+
+
+# Built once, the run's id a parameter: a worker locks its run's row for every job it ends, and
+# building and hashing the statement each time cost more than running it.
+_LOCK_RUN = (
+    select(Run.status).where(Run.id == bindparam("lock_run_id")).with_for_update(key_share=True)
+)
+_OPEN_JOB = (
+    select(Job.id)
+    .where(Job.run_id == bindparam("open_run_id"), Job.status.in_(OPEN_JOB_STATUSES))
+    .limit(1)
+)
+
+
+def _core_scalar(session: Session, statement: Select[Any], parameters: dict[str, Any]) -> Any:
+    """``session.scalar`` without the ORM's layer, which these plain column reads do not need
+    (the session's pending changes are flushed first, as its autoflush would)."""
+    session.flush()
+    return session.connection().scalar(statement, parameters)
 
 
 def lock_loaded_run(session: Session, run: Run) -> None:
@@ -50,9 +69,7 @@ def finish_run_if_complete(session: Session, run_id: int) -> bool:
     count, which sees what was committed before it started, includes them."""
     if lock_run(session, run_id) != RunStatus.ACTIVE:
         return False
-    open_job = session.scalar(
-        select(Job.id).where(Job.run_id == run_id, Job.status.in_(OPEN_JOB_STATUSES)).limit(1)
-    )
+    open_job = _core_scalar(session, _OPEN_JOB, {"open_run_id": run_id})
     if open_job is not None:
         return False
     session.execute(

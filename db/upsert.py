@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session
 from db.models import Base
 
 
-def _dialect(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
+def _dialect(session: Session | str) -> Any:
+    """The dialect module whose ``insert`` has ON CONFLICT, for a session or a dialect name."""
+    dialect = session if isinstance(session, str) else session.get_bind().dialect.name
     if dialect == "postgresql":
         return postgresql
     if dialect == "sqlite":
@@ -21,7 +22,7 @@ def _dialect(session: Session) -> Any:
     raise NotImplementedError(f"database {dialect!r} is not supported (use Postgres or SQLite)")
 
 
-def insert_ignoring_conflicts_stmt(session: Session, model: type[Base]) -> Insert:
+def insert_ignoring_conflicts_stmt(session: Session | str, model: type[Base]) -> Insert:
     result: Insert = _dialect(session).insert(model).on_conflict_do_nothing()
     return result
 

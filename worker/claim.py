@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ClauseElement,
     ColumnElement,
     String,
     Update,
@@ -354,9 +355,39 @@ def _fenced(job: ClaimedJob) -> list[ColumnElement[bool]]:
 
 def _fenced_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
     """Update the job's row if the job is still ours (Core: no ORM synchronisation); whether
-    it was."""
-    result = session.connection().execute(update(Job).where(*_fenced(job)).values(**values))
+    it was. Plain values go through a statement built once per set of columns (a heartbeat,
+    a job done); SQL expressions (``Job.outages + 1``) through one built for the call."""
+    if any(_is_sql(value) for value in values.values()):
+        statement = update(Job).where(*_fenced(job)).values(**values)
+        result = session.connection().execute(statement)
+    else:
+        parameters = {f"set_{column}": value for column, value in values.items()}
+        parameters |= {"fence_job_id": job.id, "fence_attempt": job.attempt}
+        statement = _fenced_statement(tuple(sorted(values)))
+        result = session.connection().execute(statement, parameters)
     return bool(result.rowcount)
+
+
+def _is_sql(value: Any) -> bool:
+    """An expression or a column (``Job.outages``), not a plain value to bind."""
+    return isinstance(value, ClauseElement) or hasattr(value, "__clause_element__")
+
+
+@functools.cache
+def _fenced_statement(columns: tuple[str, ...]) -> Update:
+    """The fenced UPDATE of ``columns``, its values and fence as parameters: as for the claim,
+    building and hashing the statement for each job cost more than running it."""
+    table = Job.__table__
+    values = {column: bindparam(f"set_{column}", type_=table.c[column].type) for column in columns}
+    return (
+        update(Job)
+        .where(
+            Job.id == bindparam("fence_job_id"),
+            Job.status == JobStatus.RUNNING,
+            Job.attempts == bindparam("fence_attempt"),
+        )
+        .values(values)
+    )
 
 
 def extend_lease(session: Session, job: ClaimedJob, lease: timedelta) -> bool:

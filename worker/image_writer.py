@@ -9,6 +9,7 @@ is stored before its row is written, so a row never points to a missing object.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import pathlib
@@ -21,6 +22,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pydantic
+from sqlalchemy import Insert
 from sqlalchemy.orm import Session
 
 import pixelmill
@@ -337,13 +339,20 @@ def insert_images(
         for image in stored
     ]
     # On the session's connection: one Core executemany, without the ORM's bulk-insert layer.
-    statement = insert_ignoring_conflicts_stmt(session, Image).returning(Image.id, Image.seed)
-    inserted = session.connection().execute(statement, rows).all()
+    connection = session.connection()
+    inserted = connection.execute(_insert_images_statement(connection.dialect.name), rows).all()
     ids = {int(seed): int(image_id) for image_id, seed in inserted}
     _insert_scores(session, [(ids[s.seed], s.scored) for s in stored if s.seed in ids and s.scored])
     if commit:
         session.commit()
         count_images(stored)
+
+
+@functools.cache
+def _insert_images_statement(dialect: str) -> Insert:
+    """The images' INSERT ... ON CONFLICT DO NOTHING RETURNING, built once per dialect: every
+    job records its images with it."""
+    return insert_ignoring_conflicts_stmt(dialect, Image).returning(Image.id, Image.seed)
 
 
 def count_images(stored: list[StoredImage]) -> None:
