@@ -357,7 +357,7 @@ def _fenced_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
     """Update the job's row if the job is still ours (Core: no ORM synchronisation); whether
     it was. Plain values go through a statement built once per set of columns (a heartbeat,
     a job done); SQL expressions (``Job.outages + 1``) through one built for the call."""
-    if any(_is_sql(value) for value in values.values()):
+    if any(isinstance(value, ClauseElement) for value in values.values()):
         statement = update(Job).where(*_fenced(job)).values(**values)
         result = session.connection().execute(statement)
     else:
@@ -366,11 +366,6 @@ def _fenced_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
         statement = _fenced_statement(tuple(sorted(values)))
         result = session.connection().execute(statement, parameters)
     return bool(result.rowcount)
-
-
-def _is_sql(value: Any) -> bool:
-    """An expression or a column (``Job.outages``), not a plain value to bind."""
-    return isinstance(value, ClauseElement) or hasattr(value, "__clause_element__")
 
 
 @functools.cache
@@ -466,6 +461,7 @@ def release_job(
     unreachable) this attempt is not counted against max_attempts. Images already recorded
     stay: the next attempt renders the rest. If its run was cancelled meanwhile, the job is
     ``cancelled`` instead. False if the job is no longer ours."""
+    counted: dict[str, Any] = {"outages": Job.outages + 1} if outage else {}
     ours = _fenced_update(
         session,
         job,
@@ -474,7 +470,7 @@ def release_job(
         lease_expires_at=None,
         queued_at=None,
         retry_at=None if retry_in is None else utcnow() + retry_in,
-        outages=Job.outages + 1 if outage else Job.outages,
+        **counted,
     )
     if ours:
         _cancel_if_run_cancelled(session, job.run_id, [job.id])
